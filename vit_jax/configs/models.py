@@ -1,0 +1,163 @@
+"""Named model presets (ViT-Ti ... ViT-g, R50+ViT hybrid, BiT ResNets) and `build_model`.
+
+A preset is a `ml_collections.ConfigDict` of pure data; `build_model` is the one
+place that turns it into a Flax module. Names follow the published checkpoint
+files (`ViT-B_16`); the paper's spelling `ViT-B/16` is accepted too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import ml_collections
+
+_PRESETS: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
+
+
+def _register(name: str):
+  def decorator(fn):
+    _PRESETS[name] = fn
+    return fn
+  return decorator
+
+
+def vit_config(name: str, *, hidden_size: int, patch: int, mlp_dim: int,
+               num_heads: int, num_layers: int,
+               representation_size: Optional[int] = None,
+               classifier: str = 'token') -> ml_collections.ConfigDict:
+  """A ViT config; dropout rates default to the fine-tuning recipe's 0.0."""
+  return ml_collections.ConfigDict(dict(
+      model_type='vit',
+      name=name,
+      patches=ml_collections.ConfigDict(dict(size=(patch, patch))),
+      hidden_size=hidden_size,
+      transformer=ml_collections.ConfigDict(dict(
+          mlp_dim=mlp_dim, num_heads=num_heads, num_layers=num_layers,
+          attention_dropout_rate=0.0, dropout_rate=0.0, stochastic_depth=0.0)),
+      classifier=classifier,
+      representation_size=representation_size,
+      resnet=None,
+      remat=False,
+      attention_implementation=None,
+  ))
+
+
+def hybrid_config(name: str, vit: ml_collections.ConfigDict, num_layers: tuple[int, ...],
+                  width_factor: float = 1.0) -> ml_collections.ConfigDict:
+  config = vit
+  config.name = name
+  # The ResNet stem already downsamples 16x: one "patch" is one stem output.
+  config.patches.size = (1, 1)
+  config.resnet = ml_collections.ConfigDict(dict(
+      num_layers=num_layers, width_factor=width_factor))
+  return config
+
+
+def resnet_config(name: str, num_layers: tuple[int, ...], width_factor: int,
+                  width: int = 64) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      model_type='resnet', name=name, num_layers=num_layers,
+      width_factor=width_factor, width=width))
+
+
+# (hidden size, MLP size, heads, layers) from the paper's Table 1, plus Ti/S
+# from DeiT/AugReg and g from Zhai et al. (2021).
+_VIT_SIZES = {
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+    'g': (1408, 6144, 16, 40),
+}
+_VIT_PRESETS = [('Ti', 16), ('S', 16), ('S', 32), ('B', 8), ('B', 16), ('B', 32),
+                ('L', 16), ('L', 32), ('H', 14), ('g', 14)]
+
+
+def _make_vit(size: str, patch: int) -> Callable[[], ml_collections.ConfigDict]:
+  hidden, mlp, heads, layers = _VIT_SIZES[size]
+  name = f'ViT-{size}_{patch}'
+  return lambda: vit_config(name, hidden_size=hidden, patch=patch, mlp_dim=mlp,
+                            num_heads=heads, num_layers=layers)
+
+
+for _size, _patch in _VIT_PRESETS:
+  _register(f'ViT-{_size}_{_patch}')(_make_vit(_size, _patch))
+
+
+@_register('R50+ViT-B_16')
+def _r50_vit_b16():
+  return hybrid_config('R50+ViT-B_16', _PRESETS['ViT-B_16'](), num_layers=(3, 4, 9))
+
+
+_BIT_PRESETS = {
+    'BiT-R50x1': ((3, 4, 6, 3), 1), 'BiT-R50x3': ((3, 4, 6, 3), 3),
+    'BiT-R101x1': ((3, 4, 23, 3), 1), 'BiT-R101x3': ((3, 4, 23, 3), 3),
+    'BiT-R152x2': ((3, 8, 36, 3), 2), 'BiT-R152x4': ((3, 8, 36, 3), 4),
+}
+for _name, (_layers, _wf) in _BIT_PRESETS.items():
+  _register(_name)(lambda n=_name, l=_layers, w=_wf: resnet_config(n, l, w))
+
+
+# Tiny sizes for tests, CI and the embedded digits dataset.
+@_register('ViT-Test_4')
+def _vit_test():
+  return vit_config('ViT-Test_4', hidden_size=32, patch=4, mlp_dim=64,
+                    num_heads=2, num_layers=2)
+
+
+@_register('ViT-Digits_4')
+def _vit_digits():
+  """The default run's model: about 0.2M parameters, 64 tokens at 32x32."""
+  return vit_config('ViT-Digits_4', hidden_size=64, patch=4, mlp_dim=128,
+                    num_heads=4, num_layers=4)
+
+
+@_register('R-Test+ViT-Test_1')
+def _hybrid_test():
+  config = hybrid_config('R-Test+ViT-Test_1', _vit_test(), num_layers=(1, 1),
+                         width_factor=0.5)
+  return config
+
+
+@_register('BiT-Test')
+def _bit_test():
+  return resnet_config('BiT-Test', (1, 1, 1, 1), 1, width=32)
+
+
+def names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def canonical_name(name: str) -> str:
+  """'ViT-B/16' and 'ViT-B_16' name the same preset."""
+  return name.replace('/', '_')
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+  """The preset called `name`; an unknown name lists the valid ones."""
+  key = canonical_name(name)
+  if key not in _PRESETS:
+    raise ValueError(f'Unknown model {name!r}. Valid model names: {", ".join(names())}')
+  return _PRESETS[key]()
+
+
+def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
+                **overrides: Any):
+  """A Flax module for a preset name or config; `overrides` set module fields (dtype, ...)."""
+  # Imported here so configs stay importable as plain data.
+  from vit_jax import models_resnet, models_vit
+
+  if isinstance(config, str):
+    config = get_config(config)
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+  fields = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  model_type = fields.pop('model_type', 'vit')
+  fields.pop('name', None)
+  if model_type == 'vit':
+    fields['patches'] = tuple(fields['patches']['size'])
+    return models_vit.VisionTransformer(num_classes=num_classes, **fields, **overrides)
+  if model_type == 'resnet':
+    return models_resnet.ResNetV2(num_classes=num_classes, **fields, **overrides)
+  raise ValueError(f"model_type must be 'vit' or 'resnet', got {model_type!r}")
