@@ -1,0 +1,58 @@
+"""Installs the `vit_jax` package.
+
+Version ranges say what the code supports; `constraints.txt` pins one set that
+installs together on Python 3.11 (`pip install -c constraints.txt -e .`).
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    'absl-py>=2.1',
+    'chex>=0.1.90',
+    'flax>=0.12.0,<0.13',
+    'jax>=0.10.0,<0.12',
+    'ml_collections>=1.0',
+    'numpy>=1.26',
+    'optax>=0.2.5',
+    'orbax-checkpoint>=0.12.0',
+    'pillow>=10.0',
+    'matplotlib>=3.8',
+    'scikit-learn>=1.5',  # ships the embedded default dataset (digits)
+    'tensorboard>=2.16',  # event files; its writer needs no TensorFlow
+    'tensorflow-cpu>=2.18; platform_machine == "x86_64"',
+    'tensorflow>=2.18; platform_machine != "x86_64"',
+    'tensorflow-datasets>=4.9.6',
+]
+
+EXTRAS_REQUIRE = {
+    # Test-time references only: the package never imports torch.
+    'test': [
+        'pytest>=8.0',
+        'scikit-image>=0.24',
+        'torch>=2.6',
+        'torchvision>=0.21',
+        'timm>=1.0',
+        'transformers>=4.45',
+        'nbclient>=0.10',
+        'nbformat>=5.10',
+        'ipykernel>=6.29',
+        'psutil>=5.9',
+    ],
+    # Accelerator builds of jaxlib; install one of these instead of the CPU default.
+    'gpu': ['jax[cuda12]>=0.10.0,<0.12'],
+    'tpu': ['jax[tpu]>=0.10.0,<0.12'],
+}
+
+setup(
+    name='vit_jax',
+    version='0.1.0',
+    description='Vision Transformer (ViT) and BiT ResNet in JAX/Flax: train, fine-tune, load published checkpoints.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=find_packages(include=['vit_jax', 'vit_jax.*']),
+    package_data={'vit_jax': ['data/*.txt']},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
