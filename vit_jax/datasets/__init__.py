@@ -1,0 +1,24 @@
+"""Dataset builders that ship with vit_jax.
+
+The builders are imported lazily so that importing this package does not pull
+in TensorFlow: only :mod:`vit_jax.input_pipeline` and the modules of this
+package import TensorFlow / TFDS.
+
+Available builders:
+
+* ``digits`` (:mod:`vit_jax.datasets.digits`): scikit-learn's bundled 8x8
+  handwritten digits, upsampled to 32x32x3. Prepared locally from files that
+  come with scikit-learn, so it works without network access; it is the
+  default dataset of the configs and of the tests.
+"""
+
+EMBEDDED_DATASETS = ('digits',)
+
+
+def get_builder(name: str, data_dir: str | None = None):
+  """Returns a TFDS builder for one of :data:`EMBEDDED_DATASETS`."""
+  if name == 'digits':
+    from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+    return digits.Digits(data_dir=data_dir)
+  raise ValueError(
+      f'Unknown embedded dataset {name!r}; known: {EMBEDDED_DATASETS}.')
