@@ -1,0 +1,171 @@
+"""Throughput of the tf.data input pipelines (images/s), offline.
+
+Measures `vit_jax.input_pipeline` on this machine's CPU with two sources that
+need no download:
+
+* ``digits``: the embedded 32x32 dataset (tiny PNGs: mostly resize/augment
+  cost), prepared in a temporary data_dir unless --data_dir is given;
+* ``folder``: a temporary image folder of synthetic JPEGs of ImageNet-like
+  size (default 500x375; decode cost dominates, as for real photos).
+
+For each, it times the training pipeline with the fine-tuning recipe
+(`pp.train='finetune'`: resize to image_size + crop_pad, random crop, flip)
+and, unless --quick, the pre-training recipe (Inception crop) and the eval
+pipeline (`resize_crop`), at --image_size (224 by default).
+
+Usage:
+  python benchmarks/input_pipeline_benchmark.py [--json] [--image_size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from vit_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def make_config(dataset, data_dir, image_size, batch_size, pp_train, pp_eval):
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset,
+      data_dir=data_dir,
+      train_split='train',
+      eval_split='test' if dataset == 'digits' else 'train',
+      image_size=image_size,
+      pp=ml_collections.ConfigDict(
+          dict(train=pp_train, eval=pp_eval, crop_pad=None)),
+      mixup_alpha=0.0,
+      shuffle_buffer=10_000,
+      cache=True,
+      batch_size=batch_size,
+      eval_batch_size=batch_size,
+      seed=0,
+  ))
+
+
+def write_jpeg_folder(root, num_images, width, height, num_classes=10):
+  """Synthetic photos: smooth colour gradients plus noise, saved as JPEG."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  for i in range(num_images):
+    folder = os.path.join(root, f'class_{i % num_classes:02d}')
+    os.makedirs(folder, exist_ok=True)
+    a, b, c = rng.uniform(0.2, 1.0, 3)
+    base = np.stack([xx / width * 255 * a, yy / height * 255 * b,
+                     (xx + yy) / (width + height) * 255 * c], -1)
+    noise = rng.normal(0, 20, (height, width, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f'{i:05d}.jpg'),
+                                 quality=90)
+
+
+def time_dataset(ds, num_batches, warmup):
+  """Images/s over num_batches batches after `warmup` batches."""
+  it = ip.iterate_numpy(ds)
+  for _ in range(warmup):
+    next(it)
+  n = 0
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    n += batch['image'].shape[0]
+  return n / (time.perf_counter() - start), n
+
+
+def eval_throughput(config, repeats):
+  """Images/s of the eval pipeline, whole split, `repeats` passes."""
+  ds = ip.get_eval_dataset(config, process_index=0, process_count=1)
+  for _ in ip.iterate_numpy(ds):  # Warm-up pass fills the cache.
+    pass
+  n = 0
+  start = time.perf_counter()
+  for _ in range(repeats):
+    for batch in ip.iterate_numpy(ds):
+      n += int(batch['mask'].sum())
+  return n / (time.perf_counter() - start), n
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch_size', type=int, default=128)
+  parser.add_argument('--num_batches', type=int, default=15)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--eval_repeats', type=int, default=3,
+                      help='timed passes over the eval split')
+  parser.add_argument('--num_images', type=int, default=512,
+                      help='synthetic JPEGs in the image folder')
+  parser.add_argument('--jpeg_size', type=int, nargs=2, default=(500, 375),
+                      metavar=('W', 'H'))
+  parser.add_argument('--data_dir', default=None,
+                      help='TFDS data_dir for digits (default: a temp dir)')
+  parser.add_argument('--sources', default='digits,folder')
+  parser.add_argument('--quick', action='store_true',
+                      help='fine-tuning recipe only')
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON object instead of a table')
+  args = parser.parse_args(argv)
+
+  tmp = tempfile.mkdtemp(prefix='vit_jax_pipeline_bench_')
+  results = []
+  try:
+    data_dir = args.data_dir or os.path.join(tmp, 'tfds')
+    os.makedirs(data_dir, exist_ok=True)
+    datasets = {}
+    for source in args.sources.split(','):
+      if source == 'digits':
+        datasets['digits (32x32 PNG)'] = 'digits'
+      elif source == 'folder':
+        root = os.path.join(tmp, 'images')
+        write_jpeg_folder(root, args.num_images, *args.jpeg_size)
+        w, h = args.jpeg_size
+        datasets[f'folder ({w}x{h} JPEG)'] = f'image_folder:{root}'
+      else:
+        parser.error(f'unknown source {source!r}')
+    recipes = ['finetune'] if args.quick else ['finetune', 'pretrain']
+    for label, dataset in datasets.items():
+      for recipe in recipes:
+        config = make_config(dataset, data_dir, args.image_size,
+                             args.batch_size, recipe, 'resize_crop')
+        ds = ip.get_train_dataset(config, process_index=0, process_count=1)
+        rate, n = time_dataset(ds, args.num_batches, args.warmup)
+        results.append(dict(source=label, pipeline=f'train/{recipe}',
+                            images_per_s=round(rate, 1), images=n))
+      if not args.quick:
+        config = make_config(dataset, data_dir, args.image_size,
+                             args.batch_size, 'finetune', 'resize_crop')
+        rate, n = eval_throughput(config, repeats=args.eval_repeats)
+        results.append(dict(source=label, pipeline='eval/resize_crop',
+                            images_per_s=round(rate, 1), images=n))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+  meta = dict(image_size=args.image_size, batch_size=args.batch_size,
+              cpu_count=os.cpu_count(), machine=platform.machine(),
+              python=platform.python_version())
+  if args.json:
+    print(json.dumps(dict(meta, results=results), indent=2))
+    return
+  print(f"input pipeline throughput, {args.image_size}x{args.image_size}, "
+        f"batch {args.batch_size}, {meta['cpu_count']} CPU cores")
+  print(f"{'source':<26} {'pipeline':<20} {'images/s':>10}")
+  for r in results:
+    print(f"{r['source']:<26} {r['pipeline']:<20} {r['images_per_s']:>10.1f}")
+
+
+if __name__ == '__main__':
+  main()
