@@ -1,0 +1,694 @@
+"""Converting ViT weights to and from PyTorch: timm and Hugging Face transformers.
+
+Our tree (the published layout) and the two PyTorch models compute the same
+function once the arrays are laid out their way:
+
+| ours                                   | timm `VisionTransformer`   | HF `ViTForImageClassification`            |
+|----------------------------------------|----------------------------|-------------------------------------------|
+| cls (1,1,D)                            | cls_token                  | vit.embeddings.cls_token                  |
+| embedding/kernel (P,P,3,D) HWIO        | patch_embed.proj (OIHW)    | vit.embeddings.patch_embeddings.projection |
+| Transformer/posembed_input/pos_embedding | pos_embed                | vit.embeddings.position_embeddings        |
+| encoderblock_i/LayerNorm_0             | blocks.i.norm1             | layernorm_before                          |
+| .../{query,key,value} (D,H,d)          | blocks.i.attn.qkv (fused)  | q_proj/k_proj/v_proj (or attention.attention.query...) |
+| .../out (H,d,D)                        | blocks.i.attn.proj         | o_proj (or attention.output.dense)        |
+| encoderblock_i/LayerNorm_2             | blocks.i.norm2             | layernorm_after                           |
+| MlpBlock_3/Dense_0, Dense_1 (in,out)   | blocks.i.mlp.fc1, fc2      | mlp.fc1/fc2 (or intermediate/output.dense) |
+| Transformer/encoder_norm               | norm                       | vit.layernorm                             |
+| head (D,C)                             | head (C,D)                 | classifier                                |
+
+A torch Linear stores (out, in), so dense kernels are transposed. Both
+libraries need LayerNorm eps 1e-6 and the exact GELU, which `build_timm_model`
+and `hf_config_dict` set. Transformers 5 renamed the per-layer modules
+(`vit.layers.i.attention.q_proj`); the Hub's files keep the classic names
+(`vit.encoder.layer.i.attention.attention.query`). Both are read; exports use
+the names of the installed transformers unless `layout` says otherwise.
+
+What the PyTorch models cannot express is refused with a ValueError: the
+representation layer (`pre_logits`; current timm and HF have none), the
+R50 hybrid, and 'gap' pooling in HF (its classifier always reads token 0).
+'gap' in timm is `class_token=False, global_pool='avg', fc_norm=False`.
+
+State dicts may hold torch tensors or numpy arrays; exports return numpy
+arrays (`torch_state_dict` turns them into tensors). torch, timm and
+transformers are imported only inside the functions that need them.
+
+CLI:
+  python -m vit_jax.convert --from timm --to npz --model ViT-B_16 --input vit.pth --output vit.npz
+  python -m vit_jax.convert --from npz --to hf --model ViT-B_16 --input ViT-B_16.npz --output hf_dir/
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from vit_jax import checkpoint
+
+LAYER_NORM_EPSILON = 1e-6
+HF_LAYOUTS = ('modern', 'classic')
+
+_HF_COMMON = {
+    'cls': 'vit.embeddings.cls_token',
+    'posemb': 'vit.embeddings.position_embeddings',
+    'embedding': 'vit.embeddings.patch_embeddings.projection',
+    'encoder_norm': 'vit.layernorm',
+    'head': 'classifier',
+}
+_HF_BLOCK = {
+    'modern': {
+        'ln1': 'vit.layers.{i}.layernorm_before',
+        'query': 'vit.layers.{i}.attention.q_proj',
+        'key': 'vit.layers.{i}.attention.k_proj',
+        'value': 'vit.layers.{i}.attention.v_proj',
+        'out': 'vit.layers.{i}.attention.o_proj',
+        'ln2': 'vit.layers.{i}.layernorm_after',
+        'fc1': 'vit.layers.{i}.mlp.fc1',
+        'fc2': 'vit.layers.{i}.mlp.fc2',
+    },
+    'classic': {
+        'ln1': 'vit.encoder.layer.{i}.layernorm_before',
+        'query': 'vit.encoder.layer.{i}.attention.attention.query',
+        'key': 'vit.encoder.layer.{i}.attention.attention.key',
+        'value': 'vit.encoder.layer.{i}.attention.attention.value',
+        'out': 'vit.encoder.layer.{i}.attention.output.dense',
+        'ln2': 'vit.encoder.layer.{i}.layernorm_after',
+        'fc1': 'vit.encoder.layer.{i}.intermediate.dense',
+        'fc2': 'vit.encoder.layer.{i}.output.dense',
+    },
+}
+_OURS_BLOCK = 'Transformer/encoderblock_{i}/'
+_ATTN = 'MultiHeadDotProductAttention_1/'
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def _numpy_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  sd = {str(k): checkpoint._to_numpy(v) for k, v in state_dict.items()}  # pylint: disable=protected-access
+  # Checkpoints saved from DistributedDataParallel / torch.compile wrappers.
+  for prefix in ('module.', '_orig_mod.'):
+    if sd and all(k.startswith(prefix) for k in sd):
+      sd = {k[len(prefix):]: v for k, v in sd.items()}
+  return sd
+
+
+def _resolve(model_config: Any) -> Any:
+  return checkpoint._resolve_config(model_config)  # pylint: disable=protected-access
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+  return checkpoint._config_get(config, name, default)  # pylint: disable=protected-access
+
+
+def _check_plain_vit(flat: Mapping[str, Any], target: str) -> None:
+  family = checkpoint.model_family(flat)
+  if family != 'vit':
+    raise ValueError(f'{target} conversion supports plain ViTs only; these params are a '
+                     f'{family!r} model')
+  if any(k.startswith('pre_logits/') for k in flat):
+    raise ValueError(
+        f'{target} has no representation layer (pre_logits {flat["pre_logits/kernel"].shape}); '
+        'fine-tune without it (checkpoint.load_pretrained drops it) before exporting')
+
+
+def _num_layers(flat: Mapping[str, Any]) -> int:
+  n = 0
+  while f'{_OURS_BLOCK.format(i=n)}LayerNorm_0/scale' in flat:
+    n += 1
+  return n
+
+
+def _count_indices(keys, template: str) -> int:
+  n = 0
+  while any(k.startswith(template.format(i=n) + '.') for k in keys):
+    n += 1
+  return n
+
+
+class _Taker:
+  """Pops keys from a state dict; remembers what was missing."""
+
+  def __init__(self, sd: dict[str, np.ndarray], source: str):
+    self.sd = dict(sd)
+    self.source = source
+    self.missing: list[str] = []
+
+  def __call__(self, key: str) -> Optional[np.ndarray]:
+    if key not in self.sd:
+      self.missing.append(key)
+      return None
+    return self.sd.pop(key)
+
+  def optional(self, key: str) -> Optional[np.ndarray]:
+    return self.sd.pop(key, None)
+
+  def finish(self) -> None:
+    if self.missing or self.sd:
+      parts = [f'{self.source} state dict does not fit a ViT:']
+      if self.missing:
+        parts.append(f'missing keys ({len(self.missing)}):\n  ' + '\n  '.join(self.missing))
+      if self.sd:
+        parts.append(f'unexpected keys ({len(self.sd)}):\n  ' + '\n  '.join(
+            f'{k} {tuple(v.shape)}' for k, v in sorted(self.sd.items())))
+      raise ValueError('\n'.join(parts))
+
+
+def _dense_from_torch(weight: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(weight.T)
+
+
+def _conv_from_torch(weight: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+
+
+def _conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+
+
+def _heads_from_config(config: Any, hidden: int) -> int:
+  transformer = _get(config, 'transformer')
+  heads = _get(transformer, 'num_heads')
+  if not heads:
+    raise ValueError('model config has no transformer.num_heads (needed to split attention heads)')
+  if hidden % heads:
+    raise ValueError(f'hidden size {hidden} is not divisible by num_heads {heads}')
+  return int(heads)
+
+
+def _qkv_kernel(weight: np.ndarray, bias: np.ndarray, heads: int) -> tuple[np.ndarray, np.ndarray]:
+  """torch Linear (H*d, D) -> our DenseGeneral (D, H, d) kernel and (H, d) bias."""
+  inner, hidden = weight.shape
+  if inner % heads:
+    raise ValueError(f'projection of {inner} features cannot be split into {heads} heads')
+  kernel = weight.T.reshape(hidden, heads, inner // heads)
+  return np.ascontiguousarray(kernel), bias.reshape(heads, inner // heads)
+
+
+def _out_kernel(weight: np.ndarray, heads: int) -> np.ndarray:
+  """torch Linear (D, H*d) -> our (H, d, D)."""
+  hidden, inner = weight.shape
+  return np.ascontiguousarray(weight.T.reshape(heads, inner // heads, hidden))
+
+
+def _finish_params(flat: dict[str, np.ndarray], config: Any, source: str) -> dict:
+  """Checks converted params against the model built from `config`; returns the tree."""
+  params = checkpoint.unflatten(flat)
+  if config is not None:
+    num_classes = int(flat['head/kernel'].shape[-1])
+    image_size = checkpoint.infer_image_size(flat, config)
+    expected = checkpoint.abstract_params(config, num_classes, image_size)
+    checkpoint.check_params(params, expected, source=f'converted {source} weights')
+  return params
+
+
+def _check_dims(config: Any, hidden: int, num_layers: int, mlp_dim: int, source: str) -> None:
+  if config is None:
+    return
+  want = (_get(config, 'hidden_size'), _get(_get(config, 'transformer'), 'num_layers'),
+          _get(_get(config, 'transformer'), 'mlp_dim'))
+  have = (hidden, num_layers, mlp_dim)
+  if tuple(want) != have:
+    raise ValueError(
+        f'{source} weights have (hidden_size, num_layers, mlp_dim) = {have}, but the model '
+        f'config {_get(config, "name", "")!r} has {tuple(want)}')
+  if _get(config, 'resnet'):
+    raise ValueError(f'{source} conversion supports plain ViTs only, not the ResNet hybrid')
+
+
+# ---------------------------------------------------------------------------
+# timm
+# ---------------------------------------------------------------------------
+
+def to_timm(params: Mapping) -> dict[str, np.ndarray]:
+  """Our params -> a timm `VisionTransformer` state dict (numpy arrays)."""
+  flat = {k: checkpoint._to_numpy(v) for k, v in checkpoint.flatten(params).items()}  # pylint: disable=protected-access
+  _check_plain_vit(flat, 'timm')
+  sd = {}
+  if 'cls' in flat:
+    sd['cls_token'] = flat['cls']
+  sd['pos_embed'] = flat[checkpoint.POSEMB_KEY]
+  sd['patch_embed.proj.weight'] = _conv_to_torch(flat['embedding/kernel'])
+  sd['patch_embed.proj.bias'] = flat['embedding/bias']
+  for i in range(_num_layers(flat)):
+    p, t = _OURS_BLOCK.format(i=i), f'blocks.{i}.'
+    sd[t + 'norm1.weight'] = flat[p + 'LayerNorm_0/scale']
+    sd[t + 'norm1.bias'] = flat[p + 'LayerNorm_0/bias']
+    qkv_w, qkv_b = [], []
+    for name in ('query', 'key', 'value'):
+      kernel = flat[f'{p}{_ATTN}{name}/kernel']
+      qkv_w.append(kernel.reshape(kernel.shape[0], -1).T)
+      qkv_b.append(flat[f'{p}{_ATTN}{name}/bias'].reshape(-1))
+    sd[t + 'attn.qkv.weight'] = np.ascontiguousarray(np.concatenate(qkv_w, axis=0))
+    sd[t + 'attn.qkv.bias'] = np.concatenate(qkv_b, axis=0)
+    out = flat[f'{p}{_ATTN}out/kernel']
+    sd[t + 'attn.proj.weight'] = np.ascontiguousarray(out.reshape(-1, out.shape[-1]).T)
+    sd[t + 'attn.proj.bias'] = flat[f'{p}{_ATTN}out/bias']
+    sd[t + 'norm2.weight'] = flat[p + 'LayerNorm_2/scale']
+    sd[t + 'norm2.bias'] = flat[p + 'LayerNorm_2/bias']
+    for j in range(2):
+      sd[t + f'mlp.fc{j + 1}.weight'] = _dense_from_torch(flat[f'{p}MlpBlock_3/Dense_{j}/kernel'])
+      sd[t + f'mlp.fc{j + 1}.bias'] = flat[f'{p}MlpBlock_3/Dense_{j}/bias']
+  sd['norm.weight'] = flat['Transformer/encoder_norm/scale']
+  sd['norm.bias'] = flat['Transformer/encoder_norm/bias']
+  sd['head.weight'] = _dense_from_torch(flat['head/kernel'])
+  sd['head.bias'] = flat['head/bias']
+  return sd
+
+
+def from_timm(state_dict: Mapping[str, Any], model_config: Any) -> dict:
+  """A timm `VisionTransformer` state dict -> our params, checked against `model_config`.
+
+  `model_config` (a config or preset name) supplies the head count, which a fused
+  qkv matrix does not reveal; the result is checked against the model it builds.
+  """
+  config = _resolve(model_config)
+  take = _Taker(_numpy_dict(state_dict), 'timm')
+  flat = {}
+  cls = take.optional('cls_token')
+  if cls is not None:
+    flat['cls'] = cls
+  if 'fc_norm.weight' in take.sd:
+    raise ValueError('timm model has fc_norm (LayerNorm after average pooling), which this '
+                     "ViT does not have; build it with global_pool='avg', fc_norm=False")
+  for extra in ('reg_token', 'attn_pool.latent'):
+    if extra in take.sd:
+      raise ValueError(f'timm model has {extra!r}, which this ViT does not support')
+  flat[checkpoint.POSEMB_KEY] = take('pos_embed')
+  patch_w = take('patch_embed.proj.weight')
+  if patch_w is None:
+    take.finish()
+  flat['embedding/kernel'] = _conv_from_torch(patch_w)
+  flat['embedding/bias'] = take('patch_embed.proj.bias')
+  hidden = flat['embedding/kernel'].shape[-1]
+  heads = _heads_from_config(config, hidden)
+  num_layers = _count_indices(take.sd, 'blocks.{i}')
+  mlp_dim = None
+  for i in range(num_layers):
+    p, t = _OURS_BLOCK.format(i=i), f'blocks.{i}.'
+    flat[p + 'LayerNorm_0/scale'] = take(t + 'norm1.weight')
+    flat[p + 'LayerNorm_0/bias'] = take(t + 'norm1.bias')
+    qkv_w, qkv_b = take(t + 'attn.qkv.weight'), take(t + 'attn.qkv.bias')
+    if qkv_w is not None and qkv_b is not None:
+      if qkv_w.shape[0] % 3:
+        raise ValueError(f'{t}attn.qkv.weight has shape {qkv_w.shape}: not 3 stacked projections')
+      for name, w, b in zip(('query', 'key', 'value'), np.split(qkv_w, 3, axis=0),
+                            np.split(qkv_b, 3, axis=0)):
+        kernel, bias = _qkv_kernel(w, b, heads)
+        flat[f'{p}{_ATTN}{name}/kernel'] = kernel
+        flat[f'{p}{_ATTN}{name}/bias'] = bias
+    proj = take(t + 'attn.proj.weight')
+    if proj is not None:
+      flat[f'{p}{_ATTN}out/kernel'] = _out_kernel(proj, heads)
+    flat[f'{p}{_ATTN}out/bias'] = take(t + 'attn.proj.bias')
+    flat[p + 'LayerNorm_2/scale'] = take(t + 'norm2.weight')
+    flat[p + 'LayerNorm_2/bias'] = take(t + 'norm2.bias')
+    for j in range(2):
+      w = take(t + f'mlp.fc{j + 1}.weight')
+      if w is not None:
+        flat[f'{p}MlpBlock_3/Dense_{j}/kernel'] = _dense_from_torch(w)
+        mlp_dim = w.shape[0] if j == 0 else mlp_dim
+      flat[f'{p}MlpBlock_3/Dense_{j}/bias'] = take(t + f'mlp.fc{j + 1}.bias')
+  flat['Transformer/encoder_norm/scale'] = take('norm.weight')
+  flat['Transformer/encoder_norm/bias'] = take('norm.bias')
+  # Old timm versions had a representation layer.
+  pre_w = take.optional('pre_logits.fc.weight')
+  if pre_w is not None:
+    flat['pre_logits/kernel'] = _dense_from_torch(pre_w)
+    flat['pre_logits/bias'] = take('pre_logits.fc.bias')
+  head_w = take('head.weight')
+  if head_w is not None:
+    flat['head/kernel'] = _dense_from_torch(head_w)
+  flat['head/bias'] = take('head.bias')
+  take.finish()
+  _check_dims(config, hidden, num_layers, mlp_dim, 'timm')
+  return _finish_params(flat, config, 'timm')
+
+
+def timm_kwargs(model_config: Any, num_classes: int,
+                image_size: Sequence[int]) -> dict[str, Any]:
+  """Keyword arguments of timm's `VisionTransformer` computing the same function as ours."""
+  config = _resolve(model_config)
+  if _get(config, 'resnet'):
+    raise ValueError('timm conversion supports plain ViTs only, not the ResNet hybrid')
+  if _get(config, 'representation_size'):
+    raise ValueError('timm VisionTransformer has no representation (pre_logits) layer')
+  hidden = int(_get(config, 'hidden_size'))
+  transformer = _get(config, 'transformer')
+  mlp_dim = int(_get(transformer, 'mlp_dim'))
+  token = _get(config, 'classifier', 'token') == 'token'
+  return dict(
+      img_size=tuple(int(s) for s in image_size),
+      patch_size=tuple(int(s) for s in _get(_get(config, 'patches'), 'size')),
+      embed_dim=hidden,
+      depth=int(_get(transformer, 'num_layers')),
+      num_heads=int(_get(transformer, 'num_heads')),
+      mlp_ratio=mlp_dim / hidden,
+      num_classes=int(num_classes),
+      qkv_bias=True,
+      class_token=token,
+      global_pool='token' if token else 'avg',
+      fc_norm=False,
+  )
+
+
+def build_timm_model(model_config: Any, num_classes: int, image_size: Sequence[int]):
+  """A randomly initialised timm `VisionTransformer` (eval mode) matching our model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+  kwargs = timm_kwargs(model_config, num_classes, image_size)
+  model = vision_transformer.VisionTransformer(
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=LAYER_NORM_EPSILON),
+      act_layer=torch.nn.GELU, **kwargs)
+  mlp_dim = int(_get(_get(_resolve(model_config), 'transformer'), 'mlp_dim'))
+  if model.blocks and model.blocks[0].mlp.fc1.out_features != mlp_dim:
+    raise ValueError(f'timm rounded the MLP size to {model.blocks[0].mlp.fc1.out_features}, '
+                     f'not {mlp_dim}')
+  return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face transformers
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def installed_hf_layout() -> str:
+  """'modern' (transformers >= 5 module names) or 'classic' (Hub file names).
+
+  Read off a one-layer model of the installed transformers; 'classic' when it
+  is not installed.
+  """
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 'classic'
+  config = transformers.ViTConfig(hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                                  intermediate_size=4, image_size=4, patch_size=4, num_labels=1)
+  keys = transformers.ViTForImageClassification(config).state_dict().keys()
+  for layout, names in _HF_BLOCK.items():
+    if f'{names["query"].format(i=0)}.weight' in keys:
+      return layout
+  raise ValueError(f'Unrecognised transformers ViT layout: {sorted(keys)}')
+
+
+def _detect_hf_layout(keys) -> str:
+  return 'modern' if any(k.startswith('vit.layers.') for k in keys) else 'classic'
+
+
+def to_hf(params: Mapping, layout: str = 'auto') -> dict[str, np.ndarray]:
+  """Our params -> a HF `ViTForImageClassification` state dict (numpy arrays).
+
+  `layout`: 'modern' (transformers >= 5 module names), 'classic' (the Hub's file
+  names, which every version's `from_pretrained` reads) or 'auto' (what the
+  installed transformers' `load_state_dict` expects).
+  """
+  if layout == 'auto':
+    layout = installed_hf_layout()
+  if layout not in HF_LAYOUTS:
+    raise ValueError(f'layout must be one of {HF_LAYOUTS} or "auto", got {layout!r}')
+  flat = {k: checkpoint._to_numpy(v) for k, v in checkpoint.flatten(params).items()}  # pylint: disable=protected-access
+  _check_plain_vit(flat, 'Hugging Face ViT')
+  if 'cls' not in flat:
+    raise ValueError("Hugging Face ViTForImageClassification classifies the class token; "
+                     "a 'gap' model (no cls) cannot be exported to it")
+  names = _HF_BLOCK[layout]
+  sd = {
+      _HF_COMMON['cls']: flat['cls'],
+      _HF_COMMON['posemb']: flat[checkpoint.POSEMB_KEY],
+      _HF_COMMON['embedding'] + '.weight': _conv_to_torch(flat['embedding/kernel']),
+      _HF_COMMON['embedding'] + '.bias': flat['embedding/bias'],
+  }
+  for i in range(_num_layers(flat)):
+    p = _OURS_BLOCK.format(i=i)
+    n = {k: v.format(i=i) for k, v in names.items()}
+    sd[n['ln1'] + '.weight'] = flat[p + 'LayerNorm_0/scale']
+    sd[n['ln1'] + '.bias'] = flat[p + 'LayerNorm_0/bias']
+    for name in ('query', 'key', 'value'):
+      kernel = flat[f'{p}{_ATTN}{name}/kernel']
+      sd[n[name] + '.weight'] = np.ascontiguousarray(kernel.reshape(kernel.shape[0], -1).T)
+      sd[n[name] + '.bias'] = flat[f'{p}{_ATTN}{name}/bias'].reshape(-1)
+    out = flat[f'{p}{_ATTN}out/kernel']
+    sd[n['out'] + '.weight'] = np.ascontiguousarray(out.reshape(-1, out.shape[-1]).T)
+    sd[n['out'] + '.bias'] = flat[f'{p}{_ATTN}out/bias']
+    sd[n['ln2'] + '.weight'] = flat[p + 'LayerNorm_2/scale']
+    sd[n['ln2'] + '.bias'] = flat[p + 'LayerNorm_2/bias']
+    for j, fc in enumerate(('fc1', 'fc2')):
+      sd[n[fc] + '.weight'] = _dense_from_torch(flat[f'{p}MlpBlock_3/Dense_{j}/kernel'])
+      sd[n[fc] + '.bias'] = flat[f'{p}MlpBlock_3/Dense_{j}/bias']
+  sd[_HF_COMMON['encoder_norm'] + '.weight'] = flat['Transformer/encoder_norm/scale']
+  sd[_HF_COMMON['encoder_norm'] + '.bias'] = flat['Transformer/encoder_norm/bias']
+  sd[_HF_COMMON['head'] + '.weight'] = _dense_from_torch(flat['head/kernel'])
+  sd[_HF_COMMON['head'] + '.bias'] = flat['head/bias']
+  return sd
+
+
+def from_hf(state_dict: Mapping[str, Any], model_config: Any) -> dict:
+  """A HF `ViTForImageClassification` state dict (either layout) -> our params.
+
+  `model_config` supplies the head count; the result is checked against it.
+  """
+  config = _resolve(model_config)
+  sd = _numpy_dict(state_dict)
+  if 'vit.embeddings.mask_token' in sd:
+    logging.info('from_hf: dropping vit.embeddings.mask_token (unused by classification)')
+    del sd['vit.embeddings.mask_token']
+  layout = _detect_hf_layout(sd.keys())
+  names = _HF_BLOCK[layout]
+  take = _Taker(sd, f'Hugging Face ({layout} layout)')
+  flat = {
+      'cls': take(_HF_COMMON['cls']),
+      checkpoint.POSEMB_KEY: take(_HF_COMMON['posemb']),
+  }
+  patch_w = take(_HF_COMMON['embedding'] + '.weight')
+  if patch_w is None:
+    take.finish()
+  flat['embedding/kernel'] = _conv_from_torch(patch_w)
+  flat['embedding/bias'] = take(_HF_COMMON['embedding'] + '.bias')
+  hidden = flat['embedding/kernel'].shape[-1]
+  heads = _heads_from_config(config, hidden)
+  num_layers = _count_indices(take.sd, names['ln1'].rsplit('.', 1)[0])
+  mlp_dim = None
+  for i in range(num_layers):
+    p = _OURS_BLOCK.format(i=i)
+    n = {k: v.format(i=i) for k, v in names.items()}
+    flat[p + 'LayerNorm_0/scale'] = take(n['ln1'] + '.weight')
+    flat[p + 'LayerNorm_0/bias'] = take(n['ln1'] + '.bias')
+    for name in ('query', 'key', 'value'):
+      w, b = take(n[name] + '.weight'), take(n[name] + '.bias')
+      if w is not None and b is not None:
+        kernel, bias = _qkv_kernel(w, b, heads)
+        flat[f'{p}{_ATTN}{name}/kernel'] = kernel
+        flat[f'{p}{_ATTN}{name}/bias'] = bias
+    w = take(n['out'] + '.weight')
+    if w is not None:
+      flat[f'{p}{_ATTN}out/kernel'] = _out_kernel(w, heads)
+    flat[f'{p}{_ATTN}out/bias'] = take(n['out'] + '.bias')
+    flat[p + 'LayerNorm_2/scale'] = take(n['ln2'] + '.weight')
+    flat[p + 'LayerNorm_2/bias'] = take(n['ln2'] + '.bias')
+    for j, fc in enumerate(('fc1', 'fc2')):
+      w = take(n[fc] + '.weight')
+      if w is not None:
+        flat[f'{p}MlpBlock_3/Dense_{j}/kernel'] = _dense_from_torch(w)
+        mlp_dim = w.shape[0] if j == 0 else mlp_dim
+      flat[f'{p}MlpBlock_3/Dense_{j}/bias'] = take(n[fc] + '.bias')
+  flat['Transformer/encoder_norm/scale'] = take(_HF_COMMON['encoder_norm'] + '.weight')
+  flat['Transformer/encoder_norm/bias'] = take(_HF_COMMON['encoder_norm'] + '.bias')
+  head_w = take(_HF_COMMON['head'] + '.weight')
+  if head_w is not None:
+    flat['head/kernel'] = _dense_from_torch(head_w)
+  flat['head/bias'] = take(_HF_COMMON['head'] + '.bias')
+  take.finish()
+  if _get(config, 'classifier', 'token') != 'token':
+    raise ValueError("Hugging Face ViT classifies the class token; the model config says "
+                     f"classifier={_get(config, 'classifier')!r}")
+  _check_dims(config, hidden, num_layers, mlp_dim, 'Hugging Face')
+  return _finish_params(flat, config, 'Hugging Face')
+
+
+def hf_config_dict(model_config: Any, num_classes: int, image_size: Sequence[int],
+                   labels: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """`transformers.ViTConfig` fields of a HF ViT computing the same function as ours."""
+  config = _resolve(model_config)
+  if _get(config, 'resnet'):
+    raise ValueError('Hugging Face conversion supports plain ViTs only, not the ResNet hybrid')
+  if _get(config, 'representation_size'):
+    raise ValueError('Hugging Face ViTForImageClassification has no representation layer')
+  if _get(config, 'classifier', 'token') != 'token':
+    raise ValueError("Hugging Face ViTForImageClassification supports classifier='token' only")
+  transformer = _get(config, 'transformer')
+  patch = tuple(int(s) for s in _get(_get(config, 'patches'), 'size'))
+  image = tuple(int(s) for s in image_size)
+  fields = dict(
+      model_type='vit',
+      architectures=['ViTForImageClassification'],
+      hidden_size=int(_get(config, 'hidden_size')),
+      num_hidden_layers=int(_get(transformer, 'num_layers')),
+      num_attention_heads=int(_get(transformer, 'num_heads')),
+      intermediate_size=int(_get(transformer, 'mlp_dim')),
+      hidden_act='gelu',  # the exact (erf) form
+      layer_norm_eps=LAYER_NORM_EPSILON,
+      hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0,
+      qkv_bias=True,
+      num_channels=3,
+      image_size=image[0] if image[0] == image[1] else list(image),
+      patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+      num_labels=int(num_classes),
+  )
+  if labels is not None:
+    if len(labels) != num_classes:
+      raise ValueError(f'{len(labels)} labels for {num_classes} classes')
+    fields['id2label'] = {str(i): name for i, name in enumerate(labels)}
+    fields['label2id'] = {name: i for i, name in enumerate(labels)}
+  return fields
+
+
+def build_hf_model(model_config: Any, num_classes: int, image_size: Sequence[int]):
+  """A randomly initialised HF `ViTForImageClassification` (eval mode) matching our model."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  fields = hf_config_dict(model_config, num_classes, image_size)
+  fields.pop('model_type')
+  config = transformers.ViTConfig(**fields)
+  return transformers.ViTForImageClassification(config).eval()
+
+
+def torch_state_dict(state_dict: Mapping[str, np.ndarray]):
+  """numpy state dict -> torch tensors (for `load_state_dict` / `torch.save`)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  # A copy: arrays from jax are read-only, which torch tensors must not alias.
+  return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------
+# Files and CLI
+# ---------------------------------------------------------------------------
+
+def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
+  if isinstance(obj, Mapping):
+    for key in ('state_dict', 'model', 'module'):
+      if key in obj and isinstance(obj[key], Mapping):
+        return obj[key]
+    return obj
+  raise ValueError(f'{path!r} does not hold a state dict (got {type(obj).__name__})')
+
+
+def read_torch_file(path: str) -> dict[str, np.ndarray]:
+  """A state dict from a .safetensors file, a torch.save file, or a HF model directory."""
+  if os.path.isdir(path):
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+      candidate = os.path.join(path, name)
+      if os.path.exists(candidate):
+        return read_torch_file(candidate)
+    raise ValueError(f'{path!r} holds neither model.safetensors nor pytorch_model.bin')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No such file: {path!r}')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Cannot read torch file {path!r}: {type(e).__name__}: {e}') from None
+  return _numpy_dict(_unwrap(obj, path))
+
+
+def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """.safetensors when the name says so, else torch.save of tensors."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save(torch_state_dict(state_dict), path)
+
+
+def write_hf_directory(params: Mapping, model_config: Any, path: str,
+                       labels: Optional[Sequence[str]] = None) -> None:
+  """A directory `ViTForImageClassification.from_pretrained` reads: config.json + model.safetensors."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  config = _resolve(model_config)
+  flat = checkpoint.flatten(params)
+  num_classes = int(flat['head/kernel'].shape[-1])
+  image_size = checkpoint.infer_image_size(flat, config)
+  fields = hf_config_dict(config, num_classes, image_size, labels)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(fields, f, indent=2)
+  sd = to_hf(params, layout='classic')
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
+            os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+def convert_file(source: str, target: str, model: str, input_path: str, output_path: str,
+                 classifier: Optional[str] = None) -> dict:
+  """Reads `input_path` in format `source`, writes `output_path` in `target`; returns our params."""
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  config = models_config.get_config(model)
+  if classifier:
+    config.classifier = classifier
+  if source == 'npz':
+    params = checkpoint.load(input_path)
+  elif source == 'timm':
+    params = from_timm(read_torch_file(input_path), config)
+  elif source == 'hf':
+    params = from_hf(read_torch_file(input_path), config)
+  else:
+    raise ValueError(f'Unknown source format {source!r}')
+
+  if target == 'npz':
+    checkpoint.save(params, output_path)
+  elif target == 'timm':
+    write_torch_file(to_timm(params), output_path)
+  elif target == 'hf':
+    if output_path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
+      write_torch_file(to_hf(params), output_path)
+    else:
+      labels = None
+      if int(checkpoint.flatten(params)['head/kernel'].shape[-1]) == 1000:
+        from vit_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
+        labels = labels_lib.imagenet1k_labels()
+      write_hf_directory(params, config, output_path, labels)
+  else:
+    raise ValueError(f'Unknown target format {target!r}')
+  return params
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.convert',
+      description='Convert ViT weights between our .npz layout, timm and Hugging Face.')
+  parser.add_argument('--from', dest='source', required=True, choices=('timm', 'hf', 'npz'))
+  parser.add_argument('--to', dest='target', required=True, choices=('npz', 'timm', 'hf'))
+  parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--input', required=True,
+                      help='.npz, torch file (.pth/.bin), .safetensors, or a HF model directory')
+  parser.add_argument('--output', required=True,
+                      help='.npz; timm: .pth or .safetensors; hf: a directory (config.json + '
+                           'model.safetensors) or a .safetensors/.bin file')
+  parser.add_argument('--classifier', choices=('token', 'gap'), default=None,
+                      help="override the preset's classifier (timm 'gap' models)")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    params = convert_file(args.source, args.target, args.model, args.input, args.output,
+                          args.classifier)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  n = sum(int(np.prod(v.shape)) for v in checkpoint.flatten(params).values())
+  print(f'Wrote {args.output} ({args.target}, {n:,} parameters)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

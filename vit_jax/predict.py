@@ -1,0 +1,181 @@
+"""Classify images with a checkpoint: `python -m vit_jax.predict`.
+
+  python -m vit_jax.predict --model ViT-B_16 \
+      --checkpoint imagenet21k+imagenet2012_ViT-B_16.npz --image photo.jpg --top_k 5
+
+The input resolution is the checkpoint's own (position-embedding grid times the
+patch size), the image is resized to it (no crop) and scaled to [-1, 1], as in
+the published fine-tuning. 1000-class checkpoints get the ImageNet-1k class
+names; other class counts print indices unless `--labels FILE` is given.
+
+The functions here (`load_image`, `load_model`, `predict`, `top_k`) are the
+building blocks other modules (the visualisations) reuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional, Sequence, Union
+
+from absl import logging
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import labels as labels_lib
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
+
+
+def load_image(image: ImageLike, image_size: Union[int, Sequence[int]]) -> np.ndarray:
+  """An RGB image resized to `image_size` and scaled to [-1, 1]: float32 (H, W, 3).
+
+  `image` is a file path, a PIL image, or an (H, W[, C]) array: uint8 in
+  [0, 255] or float in [0, 1]. Grey and RGBA images become RGB.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(image_size, int):
+    image_size = (image_size, image_size)
+  height, width = int(image_size[0]), int(image_size[1])
+  if isinstance(image, (str, os.PathLike)):
+    try:
+      with Image.open(image) as f:
+        pil = f.convert('RGB')
+    except (OSError, Image.UnidentifiedImageError) as e:
+      raise ValueError(f'Cannot read image {os.fspath(image)!r}: {e}') from None
+  elif isinstance(image, np.ndarray):
+    array = image
+    if array.dtype.kind == 'f':
+      array = np.clip(np.rint(array * 255.0), 0, 255)
+    array = array.astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+      array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+      raise ValueError(f'image array must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}')
+    pil = Image.fromarray(array).convert('RGB')
+  else:
+    pil = image.convert('RGB')
+  pil = pil.resize((width, height), Image.BILINEAR)
+  return np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+
+
+def _config_for_checkpoint(model_name: str, flat: dict) -> Any:
+  """The preset, with classifier and representation size read off the checkpoint."""
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  config = models_config.get_config(model_name)
+  if config.get('model_type', 'vit') != 'vit':
+    return config
+  classifier = 'token' if 'cls' in flat else 'gap'
+  if config.classifier != classifier:
+    logging.info('Checkpoint has %s class token: classifier=%r', 'a' if 'cls' in flat else 'no',
+                 classifier)
+    config.classifier = classifier
+  representation = (int(flat['pre_logits/kernel'].shape[-1])
+                    if 'pre_logits/kernel' in flat else None)
+  if config.representation_size != representation:
+    logging.info('Checkpoint representation layer: %s', representation)
+    config.representation_size = representation
+  return config
+
+
+def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
+               image_size: Optional[Sequence[int]] = None):
+  """(model, params, image_size) for a checkpoint, its shapes checked against the model.
+
+  The class count comes from the head, the resolution from the position
+  embeddings (or `image_size` for models without them, the BiT ResNets).
+  """
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  flat = checkpoint.load_flat(checkpoint_path)
+  if 'head/kernel' not in flat:
+    raise ValueError(f'Checkpoint {os.fspath(checkpoint_path)!r} has no classification head')
+  config = _config_for_checkpoint(model_name, flat)
+  num_classes = int(flat['head/kernel'].shape[-1])
+  if image_size is None:
+    if checkpoint.POSEMB_KEY in flat:
+      image_size = checkpoint.infer_image_size(flat, config)
+    else:
+      image_size = (224, 224)
+  image_size = tuple(int(s) for s in image_size)
+  params = checkpoint.unflatten(flat)
+  expected = checkpoint.abstract_params(config, num_classes, image_size)
+  checkpoint.check_params(params, expected, source=f'checkpoint {os.fspath(checkpoint_path)!r}')
+  model = models_config.build_model(config, num_classes)
+  return model, params, image_size
+
+
+def predict(model, params, images: np.ndarray) -> np.ndarray:
+  """Class probabilities (softmax of the logits) for one (H, W, 3) image or a batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images, np.float32)
+  single = images.ndim == 3
+  if single:
+    images = images[None]
+  logits, _ = model.apply({'params': params}, images, train=False)
+  probs = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
+  return probs[0] if single else probs
+
+
+def class_names(num_classes: int, labels_path: Optional[str] = None) -> list[str]:
+  """Names for class indices: a label file, ImageNet-1k for 1000 classes, else 'class i'."""
+  if labels_path:
+    names = labels_lib.load_labels(labels_path)
+    if len(names) != num_classes:
+      raise ValueError(f'{labels_path} has {len(names)} labels but the model has '
+                       f'{num_classes} classes')
+    return list(names)
+  if num_classes == 1000:
+    return list(labels_lib.imagenet1k_labels())
+  return [f'class {i}' for i in range(num_classes)]
+
+
+def top_k(probs: np.ndarray, k: int = 5,
+          labels: Optional[Sequence[str]] = None) -> list[tuple[int, str, float]]:
+  """The k most probable classes of one probability vector: (index, label, prob), best first."""
+  probs = np.asarray(probs)
+  if probs.ndim != 1:
+    raise ValueError(f'top_k takes one probability vector, got shape {probs.shape}')
+  k = max(1, min(int(k), probs.shape[0]))
+  order = np.argsort(-probs, kind='stable')[:k]
+  return [(int(i), labels[i] if labels is not None else str(int(i)), float(probs[i]))
+          for i in order]
+
+
+def format_top_k(rows: Sequence[tuple[int, str, float]]) -> list[str]:
+  return [f'{rank:2d}. {prob * 100:6.2f}%  [{index:4d}] {label}'
+          for rank, (index, label, prob) in enumerate(rows, 1)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.predict',
+      description='Print the top-k classes of images under a checkpoint.')
+  parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
+  parser.add_argument('--image', required=True, nargs='+', help='image file(s)')
+  parser.add_argument('--top_k', type=int, default=5)
+  parser.add_argument('--labels', default=None,
+                      help='class names, one per line (default: ImageNet-1k for 1000 classes)')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help='override the resolution read off the checkpoint')
+  args = parser.parse_args(argv)
+  try:
+    size = (args.image_size,) * 2 if args.image_size else None
+    model, params, image_size = load_model(args.model, args.checkpoint, size)
+    num_classes = int(params['head']['kernel'].shape[-1])
+    names = class_names(num_classes, args.labels)
+    images = np.stack([load_image(path, image_size) for path in args.image])
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  probs = predict(model, params, images)
+  for path, p in zip(args.image, probs):
+    print(f'{path} ({image_size[0]}x{image_size[1]}, {args.model}): top-{args.top_k}')
+    for line in format_top_k(top_k(p, args.top_k, names)):
+      print(line)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
