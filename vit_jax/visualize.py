@@ -1,0 +1,806 @@
+"""What a Vision Transformer looks at: the pictures of the paper's Section 4.5.
+
+Two layers, kept apart so the numbers can be tested without drawing anything:
+
+* pure numpy functions that compute what each figure shows
+  (`patch_grid`, `position_embedding_similarity`, `class_token_attention`,
+  `attention_rollout`, `mean_attention_distance`, `top_k`);
+* `plot_*` functions that each return a `matplotlib.figure.Figure` built with
+  the object-oriented API (no pyplot state, any backend; files are written
+  with Agg).
+
+`analyze` runs a model once and collects every number; `write_figures`
+turns an `Analysis` into PNG files. The command line does both:
+
+  python -m vit_jax.visualize --model ViT-B_16 --checkpoint ViT-B_16.npz \
+      --image cat.jpg --out /tmp/vis
+  python -m vit_jax.visualize --workdir /tmp/default_run --image digits:test:0 \
+      --out /tmp/vis                  # a `vit_jax.train` run (config from the workdir)
+  python -m vit_jax.visualize --model ViT-Test_4 --random-init --image-size 32 \
+      --image skimage:chelsea --out /tmp/vis
+
+`--image` takes a file, `skimage:NAME` (a photo shipped with scikit-image,
+e.g. `skimage:chelsea`, `skimage:astronaut`) or `digits:SPLIT:INDEX` (an image
+of the embedded digits dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# Files written by `write_figures`, in order.
+FIGURE_FILES = {
+    'patches': 'patches.png',
+    'position_embedding_similarity': 'position_embedding_similarity.png',
+    'attention_maps': 'attention_maps.png',
+    'attention_rollout': 'attention_rollout.png',
+    'attention_distance': 'attention_distance.png',
+    'top_k': 'top5.png',
+}
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+# ----------------------------------------------------------------------------
+# Numbers.
+# ----------------------------------------------------------------------------
+
+def patch_grid(image: np.ndarray, patch_size: Sequence[int] | int) -> np.ndarray:
+  """Cuts an (H, W, C) image into (rows, cols, ph, pw, C) non-overlapping patches.
+
+  `rows * cols` is the number of tokens the patch embedding makes (without the
+  class token). H and W must be multiples of the patch size.
+  """
+  image = np.asarray(image)
+  ph, pw = _pair(patch_size)
+  height, width = image.shape[:2]
+  if height % ph or width % pw:
+    raise ValueError(f'image size {height}x{width} is not divisible by the patch '
+                     f'size {ph}x{pw}')
+  rows, cols = height // ph, width // pw
+  patches = image.reshape(rows, ph, cols, pw, *image.shape[2:])
+  return np.swapaxes(patches, 1, 2)
+
+
+def position_embedding_similarity(pos_embedding: np.ndarray,
+                                  grid_shape: Optional[Sequence[int]] = None
+                                  ) -> np.ndarray:
+  """Cosine similarity of every patch's position embedding with every other's.
+
+  Args:
+    pos_embedding: (1, tokens, D) or (tokens, D); leading tokens beyond
+      rows*cols (the class token) are dropped.
+    grid_shape: (rows, cols) of the patch grid; default: a square grid.
+
+  Returns:
+    (rows, cols, rows, cols) array: `sim[i, j]` is the map of patch (i, j)'s
+    similarity with all patches, as in the paper's Fig. 7 (centre). Flattened
+    to (rows*cols, rows*cols) it is symmetric with a unit diagonal.
+  """
+  emb = np.asarray(pos_embedding, np.float64)
+  if emb.ndim == 3:
+    emb = emb[0]
+  if grid_shape is None:
+    side = int(round(np.sqrt(emb.shape[0] - 1)))  # with a class token?
+    if emb.shape[0] > 1 and side * side == emb.shape[0] - 1:
+      grid_shape = (side, side)
+  rows, cols = _grid_shape(emb.shape[0], grid_shape)
+  emb = emb[emb.shape[0] - rows * cols:]
+  unit = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  sim = np.clip(unit @ unit.T, -1.0, 1.0)
+  return sim.reshape(rows, cols, rows, cols)
+
+
+def _stack_attention(attentions: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+  """(layers, batch, heads, tokens, tokens) float64 from the model's tuple."""
+  stacked = np.stack([np.asarray(a, np.float64) for a in attentions])
+  if stacked.ndim == 4:  # a single example without its batch axis
+    stacked = stacked[:, None]
+  if stacked.ndim != 5 or stacked.shape[-1] != stacked.shape[-2]:
+    raise ValueError('attentions must be per-layer (batch, heads, tokens, tokens) '
+                     f'arrays, got stacked shape {stacked.shape}')
+  return stacked
+
+
+def attention_rollout(attentions: Sequence[np.ndarray], *,
+                      add_residual: bool = True) -> np.ndarray:
+  """Attention rollout (Abnar & Zuidema, 2020) through all layers.
+
+  Per layer the heads are averaged, the identity is added for the residual
+  connection and rows are renormalised; the layer matrices are then multiplied
+  from the first layer up: R = A_L ... A_2 A_1.
+
+  Args:
+    attentions: per layer, (batch, heads, tokens, tokens) with rows summing to 1.
+    add_residual: add the identity before renormalising (the paper's variant).
+
+  Returns:
+    (batch, tokens, tokens); row q is how much each input token flows into
+    output token q. Every row sums to 1.
+  """
+  stacked = _stack_attention(attentions)
+  num_tokens = stacked.shape[-1]
+  rollout = np.broadcast_to(np.eye(num_tokens), stacked.shape[1:2] + (num_tokens,) * 2)
+  for layer in stacked:
+    a = layer.mean(axis=1)
+    if add_residual:
+      a = a + np.eye(num_tokens)
+    a = a / a.sum(axis=-1, keepdims=True)
+    rollout = a @ rollout
+  return rollout
+
+
+def _query_rows(matrix: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
+  """Attention of the class token (prefix 1) or, without one, of the mean query."""
+  if num_prefix_tokens > 0:
+    return matrix[..., 0, :]
+  return matrix.mean(axis=-2)
+
+
+def class_token_attention(attentions: Sequence[np.ndarray],
+                          grid_shape: Optional[Sequence[int]] = None,
+                          num_prefix_tokens: int = 1) -> np.ndarray:
+  """Each layer's and head's attention from the class token to the patches.
+
+  Returns (layers, batch, heads, rows, cols); each map is the class token's
+  attention row restricted to the patch tokens (so it sums to at most 1).
+  With `num_prefix_tokens=0` (global-average-pool models) the mean over all
+  queries stands in for the class token.
+  """
+  stacked = _stack_attention(attentions)
+  rows, cols = _grid_shape(stacked.shape[-1] - num_prefix_tokens, grid_shape)
+  maps = _query_rows(stacked, num_prefix_tokens)[..., num_prefix_tokens:]
+  return maps.reshape(maps.shape[:-1] + (rows, cols))
+
+
+def rollout_map(rollout: np.ndarray, grid_shape: Optional[Sequence[int]] = None,
+                num_prefix_tokens: int = 1) -> np.ndarray:
+  """The rollout row of the class token over the patch grid: (batch, rows, cols)."""
+  rollout = np.asarray(rollout)
+  rows, cols = _grid_shape(rollout.shape[-1] - num_prefix_tokens, grid_shape)
+  m = _query_rows(rollout, num_prefix_tokens)[..., num_prefix_tokens:]
+  return m.reshape(m.shape[:-1] + (rows, cols))
+
+
+def patch_distances(grid_shape: Sequence[int], patch_size: Sequence[int] | int
+                    ) -> np.ndarray:
+  """(N, N) Euclidean distances in pixels between patch centres, N = rows*cols."""
+  rows, cols = grid_shape
+  ph, pw = _pair(patch_size)
+  yy, xx = np.meshgrid((np.arange(rows) + 0.5) * ph, (np.arange(cols) + 0.5) * pw,
+                       indexing='ij')
+  centres = np.stack([yy.ravel(), xx.ravel()], axis=-1)
+  return np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+
+
+def mean_attention_distance(attentions: Sequence[np.ndarray],
+                            patch_size: Sequence[int] | int,
+                            grid_shape: Optional[Sequence[int]] = None,
+                            num_prefix_tokens: int = 1) -> np.ndarray:
+  """The paper's "attention distance" (Fig. 7 right), in pixels, per layer and head.
+
+  For each patch query, the distances in image space to all patch keys are
+  averaged with the attention weights as weights; the result is averaged over
+  queries and images. Attention to the class token is left out and the
+  patch-to-patch weights renormalised, so each value lies between 0 and the
+  largest distance between two patch centres (less than the image diagonal).
+
+  Returns (layers, heads).
+  """
+  stacked = _stack_attention(attentions)
+  rows, cols = _grid_shape(stacked.shape[-1] - num_prefix_tokens, grid_shape)
+  a = stacked[..., num_prefix_tokens:, num_prefix_tokens:]
+  a = a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12)
+  dist = patch_distances((rows, cols), patch_size)
+  per_query = np.einsum('lbhqk,qk->lbhq', a, dist)
+  return per_query.mean(axis=(1, 3))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return z / z.sum(axis=-1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, probabilities) of the k most likely classes of one logits vector."""
+  probs = softmax(np.asarray(logits).reshape(-1))
+  k = min(k, probs.shape[0])
+  order = np.argsort(-probs, kind='stable')[:k]
+  return order, probs[order]
+
+
+def _pair(x: Sequence[int] | int) -> tuple[int, int]:
+  if isinstance(x, (int, np.integer)):
+    return int(x), int(x)
+  a, b = x
+  return int(a), int(b)
+
+
+def _grid_shape(num_patches: int, grid_shape: Optional[Sequence[int]]
+                ) -> tuple[int, int]:
+  if grid_shape is not None:
+    rows, cols = _pair(grid_shape)
+    if rows * cols > num_patches:
+      raise ValueError(f'grid {rows}x{cols} needs {rows * cols} tokens, have {num_patches}')
+    return rows, cols
+  side = int(round(np.sqrt(num_patches)))
+  if side * side != num_patches:
+    raise ValueError(f'{num_patches} patch tokens do not form a square grid; '
+                     'pass grid_shape')
+  return side, side
+
+
+# ----------------------------------------------------------------------------
+# Running a model.
+# ----------------------------------------------------------------------------
+
+def to_model_input(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) or (B, H, W, 3) in 0..255 -> float32 in [-1, 1] with a batch axis."""
+  x = np.asarray(image, np.float32)
+  if x.ndim == 3:
+    x = x[None]
+  return x / 127.5 - 1.0
+
+
+def square_crop(image: np.ndarray) -> np.ndarray:
+  """The largest centred square of an (H, W, C) image."""
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  return image[top:top + s, left:left + s]
+
+
+def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+  """uint8 (H, W, 3) resized to (size, size) (or (h, w)) with bilinear filtering."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = _pair(size)
+  image = np.asarray(image)
+  if image.shape[:2] == (h, w):
+    return image.astype(np.uint8)
+  return np.asarray(Image.fromarray(image.astype(np.uint8)).resize(
+      (w, h), Image.BILINEAR))
+
+
+def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a 2-D float array (PIL's 32-bit float mode)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = size
+  return np.asarray(Image.fromarray(np.asarray(values, np.float32)).resize(
+      (w, h), Image.BILINEAR))
+
+
+@dataclasses.dataclass
+class Analysis:
+  """Everything the figures show, for one image (batch axis dropped)."""
+  image: np.ndarray                  # uint8 (H, W, 3): the model's input
+  patch_size: tuple[int, int]        # pixels per token
+  grid_shape: tuple[int, int]
+  num_prefix_tokens: int
+  logits: np.ndarray                 # (classes,)
+  attentions: np.ndarray             # (layers, heads, tokens, tokens)
+  position_similarity: Optional[np.ndarray]  # (rows, cols, rows, cols)
+  class_attention: np.ndarray        # (layers, heads, rows, cols)
+  rollout: np.ndarray                # (tokens, tokens)
+  rollout_map: np.ndarray            # (rows, cols)
+  attention_distance: np.ndarray     # (layers, heads), pixels
+  labels: Optional[Sequence[str]] = None
+  display_image: Optional[np.ndarray] = None  # same view, higher resolution
+
+  def top_k(self, k: int = 5) -> list[tuple[str, float]]:
+    idx, probs = top_k(self.logits, k)
+    return [(label_name(self.labels, int(i)), float(p)) for i, p in zip(idx, probs)]
+
+  def summary(self) -> dict[str, Any]:
+    return {
+        'image_size': list(self.image.shape[:2]),
+        'patch_size': list(self.patch_size),
+        'grid_shape': list(self.grid_shape),
+        'num_layers': int(self.attentions.shape[0]),
+        'num_heads': int(self.attentions.shape[1]),
+        'top5': [{'label': l, 'probability': p} for l, p in self.top_k(5)],
+        'mean_attention_distance_px': self.attention_distance.round(3).tolist(),
+    }
+
+
+def label_name(labels: Optional[Sequence[str]], index: int) -> str:
+  if labels is not None and 0 <= index < len(labels):
+    return str(labels[index])
+  return f'class {index}'
+
+
+def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = None,
+            display_image: Optional[np.ndarray] = None) -> Analysis:
+  """Runs a `VisionTransformer` on one uint8 image and computes every figure's numbers.
+
+  `image` must already have the model's input size (see `prepare_image`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  image = np.asarray(image)
+  if not hasattr(model, 'patch_stride'):
+    raise ValueError(f'{type(model).__name__} has no attention to visualise; '
+                     'use a VisionTransformer')
+  logits, out = jax.jit(
+      lambda p, x: model.apply({'params': p}, x, train=False, return_attention=True)
+  )(params, to_model_input(image))
+  attentions = _stack_attention([np.asarray(a) for a in out['attention_weights']])
+  patch_size = tuple(int(s) for s in model.patch_stride)
+  grid = (image.shape[0] // patch_size[0], image.shape[1] // patch_size[1])
+  prefix = attentions.shape[-1] - grid[0] * grid[1]
+  pos = _find_pos_embedding(params)
+  rollout = attention_rollout(attentions)
+  return Analysis(
+      image=image.astype(np.uint8),
+      patch_size=patch_size,
+      grid_shape=grid,
+      num_prefix_tokens=prefix,
+      logits=np.asarray(logits[0]),
+      attentions=attentions[:, 0],
+      position_similarity=(None if pos is None
+                           else position_embedding_similarity(pos, grid)),
+      class_attention=class_token_attention(attentions, grid, prefix)[:, 0],
+      rollout=rollout[0],
+      rollout_map=rollout_map(rollout, grid, prefix)[0],
+      attention_distance=mean_attention_distance(attentions, patch_size, grid, prefix),
+      labels=labels,
+      display_image=display_image,
+  )
+
+
+def _find_pos_embedding(params) -> Optional[np.ndarray]:
+  try:
+    return np.asarray(params['Transformer']['posembed_input']['pos_embedding'])
+  except (KeyError, TypeError):
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(figsize=(width, height), dpi=100, layout='constrained')
+
+
+def _shown(image: np.ndarray, display_image: Optional[np.ndarray]) -> np.ndarray:
+  return image if display_image is None else display_image
+
+
+def _overlay(ax, background: np.ndarray, heat: np.ndarray, title: str = '',
+             alpha: float = 0.6, cmap: str = 'inferno') -> None:
+  """Draws `heat` (rows, cols), scaled to its own maximum, over the image."""
+  h, w = background.shape[:2]
+  ax.imshow(background, extent=(0, w, h, 0), interpolation='nearest')
+  peak = float(np.max(heat))
+  ax.imshow(heat / peak if peak > 0 else heat, extent=(0, w, h, 0), cmap=cmap,
+            alpha=alpha, vmin=0.0, vmax=1.0, interpolation='bilinear')
+  ax.set_title(title, fontsize=8)
+  ax.set_axis_off()
+
+
+def plot_patch_grid(image: np.ndarray, patch_size: Sequence[int] | int,
+                    display_image: Optional[np.ndarray] = None, max_tiles: int = 16):
+  """Left: the image with the patch grid; right: the patches pulled apart."""
+  patches = patch_grid(image, patch_size)
+  rows, cols = patches.shape[:2]
+  shown = _shown(image, display_image)
+  fig = _figure(9, 4.5)
+  left, right = fig.subfigures(1, 2)
+  ax = left.add_subplot()
+  h, w = shown.shape[:2]
+  ax.imshow(shown, extent=(0, w, h, 0), interpolation='nearest')
+  for r in range(1, rows):
+    ax.axhline(r * h / rows, color='white', lw=0.8)
+  for c in range(1, cols):
+    ax.axvline(c * w / cols, color='white', lw=0.8)
+  ax.set_title(f'{image.shape[0]}x{image.shape[1]} image, '
+               f'{rows}x{cols} = {rows * cols} patches of '
+               f'{_pair(patch_size)[0]}x{_pair(patch_size)[1]}', fontsize=9)
+  ax.set_axis_off()
+  # Pulled apart: one small axis per patch, subsampled for very fine grids.
+  step = max(1, int(np.ceil(max(rows, cols) / max_tiles)))
+  sub_rows, sub_cols = range(0, rows, step), range(0, cols, step)
+  axes = right.subplots(len(sub_rows), len(sub_cols), squeeze=False,
+                        gridspec_kw=dict(wspace=0.06, hspace=0.06))
+  ph = h / rows
+  pw = w / cols
+  for i, r in enumerate(sub_rows):
+    for j, c in enumerate(sub_cols):
+      tile = shown[int(round(r * ph)):int(round((r + 1) * ph)),
+                   int(round(c * pw)):int(round((c + 1) * pw))]
+      axes[i, j].imshow(tile, interpolation='nearest')
+      axes[i, j].set_axis_off()
+  right.suptitle('patches' + (f' (every {step}th)' if step > 1 else ''), fontsize=9)
+  return fig
+
+
+def _mosaic(tiles: np.ndarray, pad: int = 1) -> np.ndarray:
+  """(R, C, h, w) tiles -> one (R*(h+pad)-pad, C*(w+pad)-pad) array, NaN between tiles."""
+  rows, cols, h, w = tiles.shape
+  out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), np.nan)
+  for r in range(rows):
+    for c in range(cols):
+      out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[r, c]
+  return out
+
+
+def plot_position_embedding_similarity(similarity: np.ndarray):
+  """Paper Fig. 7 (centre): tile (i, j) shows patch (i, j)'s similarity to all patches."""
+  rows, cols = similarity.shape[:2]
+  fig = _figure(5.6, 5)
+  ax = fig.add_subplot()
+  pad = 1 if max(rows, cols) > 1 else 0
+  image = ax.imshow(_mosaic(similarity, pad), cmap='viridis', vmin=-1, vmax=1,
+                    interpolation='nearest')
+  step_r, step_c = rows + pad, cols + pad
+  ax.set_xticks(np.arange(cols) * step_c + (cols - 1) / 2)
+  ax.set_xticklabels([str(c + 1) for c in range(cols)], fontsize=6)
+  ax.set_yticks(np.arange(rows) * step_r + (rows - 1) / 2)
+  ax.set_yticklabels([str(r + 1) for r in range(rows)], fontsize=6)
+  ax.set_xlabel('input patch column')
+  ax.set_ylabel('input patch row')
+  ax.set_title('Position embedding similarity')
+  ax.tick_params(length=0)
+  for side in ax.spines.values():
+    side.set_visible(False)
+  fig.colorbar(image, ax=ax, shrink=0.8, label='cosine similarity')
+  return fig
+
+
+def plot_attention_maps(image: np.ndarray, class_attention: np.ndarray,
+                        display_image: Optional[np.ndarray] = None):
+  """Class-token attention of every layer (rows) and head (columns) over the image."""
+  layers, heads = class_attention.shape[:2]
+  shown = _shown(image, display_image)
+  size = 1.6
+  fig = _figure(size * heads + 0.6, size * layers + 0.5)
+  axes = fig.subplots(layers, heads, squeeze=False)
+  for l in range(layers):
+    for h in range(heads):
+      _overlay(axes[l, h], shown, class_attention[l, h], f'layer {l + 1}, head {h + 1}')
+  fig.suptitle('Attention of the class token (each map scaled to its maximum)',
+               fontsize=10)
+  return fig
+
+
+def plot_attention_rollout(image: np.ndarray, rollout_grid: np.ndarray,
+                           display_image: Optional[np.ndarray] = None,
+                           title: Optional[str] = None):
+  """The image, the rollout map over it, and the image masked by the map."""
+  shown = _shown(image, display_image)
+  fig = _figure(9, 3.3)
+  axes = fig.subplots(1, 3)
+  axes[0].imshow(shown, interpolation='nearest')
+  axes[0].set_title('input', fontsize=9)
+  axes[0].set_axis_off()
+  _overlay(axes[1], shown, rollout_grid, 'attention rollout (all layers)')
+  # Mask: upsample the map to the shown image and multiply.
+  h, w = shown.shape[:2]
+  rows, cols = rollout_grid.shape
+  mask = rollout_grid / max(float(rollout_grid.max()), 1e-12)
+  mask = np.asarray(_resize_float(mask, (h, w)))[..., None]
+  axes[2].imshow((shown.astype(np.float32) * mask).astype(np.uint8),
+                 interpolation='nearest')
+  axes[2].set_title('image x rollout', fontsize=9)
+  axes[2].set_axis_off()
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence[int]] = None):
+  """Paper Fig. 7 (right): mean attention distance of each head against depth."""
+  distances = np.asarray(distances)
+  layers, heads = distances.shape
+  fig = _figure(5, 4)
+  ax = fig.add_subplot()
+  depth = np.arange(1, layers + 1)
+  colors = _colors(heads)
+  for h in range(heads):
+    ax.scatter(depth, distances[:, h], s=18, color=colors[h], label=f'head {h + 1}')
+  ax.set_xlabel('network depth (layer)')
+  ax.set_ylabel('mean attention distance (pixels)')
+  ax.set_xticks(depth)
+  ax.set_ylim(bottom=0)
+  if image_size is not None:
+    ax.set_ylim(top=float(np.hypot(*_pair(image_size))) / np.sqrt(2))
+  if heads <= 16:
+    ax.legend(fontsize=7, ncol=2 if heads > 6 else 1, loc='lower right')
+  ax.grid(alpha=0.3)
+  ax.set_title('Mean attention distance per head')
+  return fig
+
+
+def _colors(n: int):
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  cmap = colormaps['viridis']
+  return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_top_k(predictions: Sequence[tuple[str, float]], title: str = 'Top-5 predictions'):
+  """Horizontal bar chart of (label, probability) pairs, most likely on top."""
+  labels = [l for l, _ in predictions]
+  probs = [p for _, p in predictions]
+  fig = _figure(5.5, 0.45 * len(labels) + 1.2)
+  ax = fig.add_subplot()
+  y = np.arange(len(labels))
+  ax.barh(y, probs, color='tab:blue')
+  ax.set_yticks(y)
+  ax.set_yticklabels([_shorten(l) for l in labels], fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlim(0, 1.12)
+  for yi, p in zip(y, probs):
+    ax.text(p + 0.01, yi, f'{p:.1%}', va='center', fontsize=8)
+  ax.set_xlabel('probability')
+  ax.set_title(title, fontsize=10)
+  return fig
+
+
+def _shorten(label: str, width: int = 28) -> str:
+  return label if len(label) <= width else label[:width - 1] + '…'
+
+
+def figures(analysis: Analysis) -> dict[str, Any]:
+  """Every figure of an `Analysis`, keyed like `FIGURE_FILES`."""
+  a = analysis
+  out = {'patches': plot_patch_grid(a.image, a.patch_size, a.display_image)}
+  if a.position_similarity is not None:
+    out['position_embedding_similarity'] = plot_position_embedding_similarity(
+        a.position_similarity)
+  out['attention_maps'] = plot_attention_maps(a.image, a.class_attention, a.display_image)
+  out['attention_rollout'] = plot_attention_rollout(a.image, a.rollout_map,
+                                                    a.display_image)
+  out['attention_distance'] = plot_attention_distance(a.attention_distance,
+                                                      a.image.shape[:2])
+  out['top_k'] = plot_top_k(a.top_k(5))
+  return out
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+  """Writes a Figure as PNG with the Agg canvas (no pyplot, no display needed)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  FigureCanvasAgg(fig)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, format='png', dpi=dpi)
+  return path
+
+
+def write_figures(analysis: Analysis, out_dir: str, dpi: int = 100) -> dict[str, str]:
+  """Writes every figure as PNG plus `analysis.json`; returns {name: path}."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {}
+  for name, fig in figures(analysis).items():
+    paths[name] = save_figure(fig, os.path.join(out_dir, FIGURE_FILES[name]), dpi)
+  with open(os.path.join(out_dir, 'analysis.json'), 'w') as f:
+    json.dump(analysis.summary(), f, indent=2)
+  return paths
+
+
+# ----------------------------------------------------------------------------
+# Inputs for the command line and the notebooks.
+# ----------------------------------------------------------------------------
+
+def load_image_spec(spec: str) -> np.ndarray:
+  """uint8 (H, W, 3) from a file path, `skimage:NAME` or `digits:SPLIT:INDEX`."""
+  if spec.startswith('skimage:'):
+    import skimage.data  # pylint: disable=g-import-not-at-top
+    name = spec.split(':', 1)[1]
+    loader = getattr(skimage.data, name, None)
+    if loader is None:
+      raise ValueError(f'skimage.data has no image {name!r}')
+    image = np.asarray(loader())
+  elif spec.startswith('digits:'):
+    parts = spec.split(':')
+    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
+    index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+    image = digits_images(split, [index])[0][0]
+  else:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(spec) as im:
+      image = np.asarray(im.convert('RGB'))
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.shape[-1] == 4:
+    image = image[..., :3]
+  if image.dtype != np.uint8:
+    image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+  return image
+
+
+def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset."""
+  from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+  images, labels = digits.load_arrays(split)
+  if indices is not None:
+    indices = list(indices)
+    images, labels = images[indices], labels[indices]
+  return images, labels
+
+
+def prepare_image(image: np.ndarray, size: int | Sequence[int],
+                  display_size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+  """(model input, display image): a centred square crop, resized both ways.
+
+  The display image is the same crop at `display_size` (never smaller than the
+  model input), so overlays computed at the model's resolution are drawn on a
+  sharper picture.
+  """
+  crop = square_crop(np.asarray(image))
+  model_input = resize(crop, size)
+  display = max(display_size, model_input.shape[0])
+  if crop.shape[0] < display:  # small source: enlarge by repeating pixels
+    factor = int(np.ceil(display / crop.shape[0]))
+    shown = np.kron(crop, np.ones((factor, factor, 1), crop.dtype))
+  else:
+    shown = resize(crop, display)
+  return model_input, shown
+
+
+def read_labels(path: Optional[str], num_classes: int,
+                dataset: Optional[str] = None) -> list[str]:
+  """Class names: a file (one per line), the digits' 0..9, ImageNet's 1000, or numbers."""
+  if path:
+    with open(path, encoding='utf-8') as f:
+      return [line.strip() for line in f if line.strip()]
+  if dataset == 'digits' or (dataset is None and num_classes == 10):
+    if num_classes == 10:
+      return [str(i) for i in range(10)]
+  if num_classes == 1000:
+    imagenet = os.path.join(os.path.dirname(__file__), 'data', 'imagenet1k_labels.txt')
+    if os.path.exists(imagenet):
+      return read_labels(imagenet, num_classes)
+  return [f'class {i}' for i in range(num_classes)]
+
+
+def load_params(path: str) -> dict:
+  """Parameters (nested dict) from a published-format `.npz`."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load(path)
+
+
+def image_size_from_params(params, patch_stride: Sequence[int]) -> Optional[int]:
+  """Square input size implied by the position embeddings, if it is unambiguous."""
+  pos = _find_pos_embedding(params)
+  if pos is None:
+    return None
+  tokens = pos.shape[1]
+  for prefix in (1, 0):
+    side = int(round(np.sqrt(tokens - prefix)))
+    if side * side == tokens - prefix:
+      return side * int(patch_stride[0])
+  return None
+
+
+def _config_from_workdir(workdir: str, config_path: Optional[str]):
+  """(experiment config, params) of a `vit_jax.train` run in `workdir`."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  config = None
+  if config_path:
+    config = _load_config_file(config_path)
+  for name in ('restore_params', 'load_params', 'restore_checkpoint'):
+    fn = getattr(train, name, None)
+    if fn is not None:
+      break
+  else:
+    raise RuntimeError('vit_jax.train offers no way to restore parameters from a workdir')
+  result = fn(workdir) if config is None else _call_restore(fn, workdir, config)
+  if isinstance(result, tuple):
+    params, restored_config = result[0], result[1] if len(result) > 1 else None
+    config = config or restored_config
+  else:
+    params = result
+  return config, params
+
+
+def _call_restore(fn, workdir, config):
+  try:
+    return fn(workdir, config)
+  except TypeError:
+    return fn(workdir)
+
+
+def _load_config_file(path: str):
+  """`get_config()` of a Python config file such as `configs/default.py`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('_vit_jax_vis_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def build_from_args(args) -> tuple[Any, dict, int, Optional[str]]:
+  """(model, params, image size, dataset name) from the command-line flags."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import models as model_configs  # pylint: disable=g-import-not-at-top
+
+  dataset = None
+  image_size = args.image_size
+  model_name = args.model
+  params = None
+  if args.workdir:
+    config, params = _config_from_workdir(args.workdir, args.config)
+    if config is not None:
+      model_name = model_name or config.get('model_name')
+      image_size = image_size or config.get('image_size')
+      dataset = config.get('dataset')
+  elif args.config:
+    config = _load_config_file(args.config)
+    model_name = model_name or config.get('model_name')
+    image_size = image_size or config.get('image_size')
+    dataset = config.get('dataset')
+  if not model_name:
+    raise SystemExit('--model is required (or --workdir/--config naming one)')
+  if args.checkpoint:
+    params = load_params(args.checkpoint)
+  if params is not None:
+    params = params.get('params', params) if 'head' not in params else params
+    num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
+  else:
+    num_classes = args.num_classes or 1000
+  model = model_configs.build_model(model_name, num_classes)
+  if not hasattr(model, 'patch_stride'):
+    raise SystemExit(f'{model_name} is not a Vision Transformer: nothing to visualise')
+  if image_size is None and params is not None:
+    image_size = image_size_from_params(params, model.patch_stride)
+  image_size = image_size or 224
+  if params is None:
+    if not args.random_init:
+      raise SystemExit('give --checkpoint, --workdir or --random-init')
+    dummy = np.zeros((1, image_size, image_size, 3), np.float32)
+    params = jax.jit(lambda r, x: model.init(r, x, train=False))(
+        jax.random.PRNGKey(args.seed), dummy)['params']
+  return model, params, int(image_size), dataset
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog='python -m vit_jax.visualize',
+      description='Writes PNGs of what a Vision Transformer attends to: patch grid, '
+                  'position-embedding similarity, class-token attention per layer and '
+                  'head, attention rollout, mean attention distance and top-5 predictions.')
+  p.add_argument('--model', help="preset name, e.g. 'ViT-B_16' or 'ViT-Digits_4'")
+  p.add_argument('--checkpoint', help='published-format .npz parameters')
+  p.add_argument('--workdir', help='a vit_jax.train working directory to take the params from')
+  p.add_argument('--config', help='experiment config file (e.g. configs/default.py)')
+  p.add_argument('--random-init', action='store_true',
+                 help='use randomly initialised parameters (for smoke tests)')
+  p.add_argument('--num-classes', type=int, help='classes for --random-init (default 1000)')
+  p.add_argument('--image', default='skimage:chelsea',
+                 help='image file, skimage:NAME or digits:SPLIT:INDEX (default skimage:chelsea)')
+  p.add_argument('--image-size', type=int,
+                 help='model input size (default: from the config or position embeddings)')
+  p.add_argument('--display-size', type=int, default=224,
+                 help='pixels of the images drawn under the overlays')
+  p.add_argument('--labels', help='class names file, one per line')
+  p.add_argument('--dpi', type=int, default=100)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', required=True, help='output directory for the PNGs')
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
+  args = parse_args(argv)
+  model, params, image_size, dataset = build_from_args(args)
+  num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
+  labels = read_labels(args.labels, num_classes, dataset)
+  model_input, shown = prepare_image(load_image_spec(args.image), image_size,
+                                     args.display_size)
+  analysis = analyze(model, params, model_input, labels, shown)
+  paths = write_figures(analysis, args.out, args.dpi)
+  for name, path in paths.items():
+    print(f'{name}: {path}')
+  print('top-5: ' + ', '.join(f'{l} {p:.1%}' for l, p in analysis.top_k(5)))
+  return paths
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
