@@ -128,12 +128,16 @@ def test_train_batches(data_dir, pp, size):
 def test_plain_train_images_are_the_split(data_dir, digits_arrays):
   # Plain at the native size changes no pixel: one epoch of batches is a
   # permutation of the train split. 1442 = 7 * 206.
+  # The second epoch too, in another order.
   config = make_config(data_dir=data_dir, batch_size=206)
   got = batches(ip.get_train_dataset(config, process_index=0,
-                                     process_count=1), 7)
+                                     process_count=1), 14)
   images = np.concatenate([b['image'] for b in got])
   labels = np.concatenate([b['label'].argmax(-1) for b in got])
-  assert rows(images, labels) == expected_rows(digits_arrays['train'])
+  n = len(labels) // 2
+  assert rows(images[:n], labels[:n]) == expected_rows(digits_arrays['train'])
+  assert rows(images[n:], labels[n:]) == expected_rows(digits_arrays['train'])
+  assert not np.array_equal(labels[:n], labels[n:])
 
 
 def test_train_deterministic_given_seed(data_dir):
@@ -150,25 +154,29 @@ def test_train_deterministic_given_seed(data_dir):
   c = batches(ip.get_train_dataset(config, process_index=0,
                                    process_count=1), 1)
   assert not np.array_equal(a[0]['image'], c[0]['image'])
+  # Without explicit process arguments, JAX's process index/count are used.
+  (d,) = batches(ip.get_train_dataset(make_config(**{**config, 'seed': 0})), 1)
+  np.testing.assert_array_equal(d['image'], a[0]['image'])
 
 
 @pytest.mark.parametrize('pp,alpha', [('finetune', 0.0), ('pretrain', 0.2)])
 def test_train_resume(data_dir, pp, alpha):
-  # 1442 train images / 128 = 11.3 batches per epoch: resuming at 10 and 12
-  # covers a batch spanning two epochs and a start in the second epoch.
-  config = make_config(data_dir=data_dir, pp=dict(train=pp),
-                       mixup_alpha=alpha, shuffle_buffer=500)
+  # 300 images / 64 = 4.7 batches per epoch: resuming at 4 and 5 covers a
+  # batch spanning two epochs and a start inside the second epoch.
+  config = make_config(data_dir=data_dir, pp=dict(train=pp), batch_size=64,
+                       mixup_alpha=alpha, shuffle_buffer=100,
+                       train_split='train[:300]')
   full = batches(ip.get_train_dataset(config, process_index=0,
-                                      process_count=1), 15)
-  for start in (10, 12):
+                                      process_count=1), 8)
+  for start in (4, 5):
     resumed = batches(ip.get_train_dataset(config, start_step=start,
                                            process_index=0, process_count=1),
-                      15 - start)
+                      8 - start)
     for k, b in enumerate(resumed):
       np.testing.assert_array_equal(b['image'], full[start + k]['image'])
       np.testing.assert_array_equal(b['label'], full[start + k]['label'])
-  # Epochs are shuffled differently.
-  assert not np.array_equal(full[0]['label'], full[12]['label'])
+  # Resuming did not just replay the first batches.
+  assert not np.array_equal(full[0]['label'], full[5]['label'])
 
 
 def test_mixup_soft_labels(data_dir):

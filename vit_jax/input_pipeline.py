@@ -209,7 +209,7 @@ class _TfdsSource(_Source):
       if not builder.is_prepared():
         builder.download_and_prepare()  # Local: reads scikit-learn's files.
     else:
-      if data_dir is not None and not os.path.isdir(data_dir):
+      if data_dir is not None and not _tf().io.gfile.isdir(data_dir):
         raise FileNotFoundError(
             f'config.data_dir={data_dir!r} (for dataset {name!r}) does not '
             'exist or is not a directory.')
@@ -295,7 +295,7 @@ class _FolderSource(_Source):
   def __init__(self, root: str):
     root = os.path.expanduser(root)
     self.name = IMAGE_FOLDER_PREFIX + root
-    if not root or not os.path.isdir(root):
+    if not root or not _tf().io.gfile.isdir(root):
       raise FileNotFoundError(
           f'Image folder {root!r} (config.dataset={self.name!r}) does not '
           'exist or is not a directory.')
@@ -325,17 +325,21 @@ class _FolderSource(_Source):
       self.examples[split] = ([paths[i] for i in order],
                               [labels[i] for i in order])
 
+  # tf.io.gfile rather than os: folders may also live on GCS (gs://...).
+
   @staticmethod
   def _images_in(folder: str) -> list[str]:
+    gfile = _tf().io.gfile
     return sorted(
-        os.path.join(folder, f) for f in os.listdir(folder)
+        os.path.join(folder, f) for f in gfile.listdir(folder)
         if f.lower().endswith(IMAGE_EXTENSIONS)
-        and os.path.isfile(os.path.join(folder, f)))
+        and not gfile.isdir(os.path.join(folder, f)))
 
   @classmethod
   def _subdirs(cls, folder: str) -> list[str]:
-    return sorted(d for d in os.listdir(folder)
-                  if os.path.isdir(os.path.join(folder, d))
+    gfile = _tf().io.gfile
+    return sorted(d.rstrip('/') for d in gfile.listdir(folder)
+                  if gfile.isdir(os.path.join(folder, d))
                   and not d.startswith('.'))
 
   @classmethod
