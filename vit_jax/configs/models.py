@@ -155,9 +155,10 @@ def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
   fields = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   model_type = fields.pop('model_type', 'vit')
   fields.pop('name', None)
+  fields.update(overrides)
   if model_type == 'vit':
     fields['patches'] = tuple(fields['patches']['size'])
-    return models_vit.VisionTransformer(num_classes=num_classes, **fields, **overrides)
+    return models_vit.VisionTransformer(num_classes=num_classes, **fields)
   if model_type == 'resnet':
-    return models_resnet.ResNetV2(num_classes=num_classes, **fields, **overrides)
+    return models_resnet.ResNetV2(num_classes=num_classes, **fields)
   raise ValueError(f"model_type must be 'vit' or 'resnet', got {model_type!r}")
