@@ -105,6 +105,18 @@ def test_digits_dataset(data_dir, digits_arrays):
   assert builder.info.features['image'].shape == (32, 32, 3)
 
 
+def test_prepared_tfds_dataset_by_name(data_dir, digits_arrays):
+  # With a version, 'digits' goes through the path of any other prepared TFDS
+  # dataset (tfds.builder on data_dir, two processes via even_splits).
+  config = make_config(dataset='digits:1.0.0', data_dir=data_dir,
+                       eval_batch_size=200)
+  info = ip.get_dataset_info(config)
+  assert (info.num_classes, info.num_eval_examples) == (10, 355)
+  got = [batches(ip.get_eval_dataset(config, process_index=pi,
+                                     process_count=2)) for pi in range(2)]
+  assert masked_rows(got[0] + got[1]) == expected_rows(digits_arrays['test'])
+
+
 # ----------------------------------------------------------------- train ----
 
 

@@ -93,6 +93,8 @@ def _tf():
 @functools.cache
 def _tfds():
   _tf()
+  from vit_jax import datasets  # pylint: disable=g-import-not-at-top
+  datasets.ensure_importlib_resources()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
@@ -201,10 +203,9 @@ class _TfdsSource(_Source):
     base_name = name.split(':')[0].split('/')[0]
     if data_dir is not None:
       data_dir = os.path.expanduser(str(data_dir))
-    if base_name in datasets.EMBEDDED_DATASETS:
-      if ':' in name or '/' in name:
-        raise ValueError(f'The embedded dataset {base_name!r} has no '
-                         f'versions or configs to pick; got {name!r}.')
+    if name in datasets.EMBEDDED_DATASETS:
+      # With a version ('digits:1.0.0'), the generic path below reads an
+      # already prepared copy instead.
       builder = datasets.get_builder(base_name, data_dir=data_dir)
       if not builder.is_prepared():
         builder.download_and_prepare()  # Local: reads scikit-learn's files.

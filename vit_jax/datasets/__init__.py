@@ -12,7 +12,25 @@ Available builders:
   default dataset of the configs and of the tests.
 """
 
+import importlib.util
+import sys
+
 EMBEDDED_DATASETS = ('digits',)
+
+
+def ensure_importlib_resources() -> None:
+  """Lets TFDS work when the `importlib_resources` backport is not installed.
+
+  TFDS 4.9.x looks up `importlib_resources.abc.Traversable` while locating a
+  builder's source code (every `download_and_prepare` does), but recent
+  `etils` releases no longer install that backport. The standard library's
+  `importlib.resources` (Python >= 3.11) has the same class, so it stands in
+  for the backport when the latter is missing. Call before using TFDS.
+  """
+  if importlib.util.find_spec('importlib_resources') is None:
+    from importlib import resources  # pylint: disable=g-import-not-at-top
+    from importlib.resources import abc  # pylint: disable=g-import-not-at-top,unused-import
+    sys.modules.setdefault('importlib_resources', resources)
 
 
 def get_builder(name: str, data_dir: str | None = None):

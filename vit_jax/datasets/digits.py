@@ -11,34 +11,17 @@ rescales it to 0..255 and repeats it over three channels (uint8, 32x32x3), so
 that it looks like a tiny RGB image-classification dataset to the rest of the
 code. The train/test split is fixed and stratified: within each class, in the
 order scikit-learn returns the images, every fifth image (positions 4, 9, 14,
-...) goes to ``test`` and the others to ``train`` (1,438 / 359 images).
+...) goes to ``test`` and the others to ``train`` (1,442 / 355 images).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vit_jax import datasets
 
-def _ensure_importlib_resources() -> None:
-  """Lets TFDS prepare datasets when the `importlib_resources` backport is absent.
-
-  TFDS 4.9.x looks up `importlib_resources.abc.Traversable` while locating a
-  builder's source (every `download_and_prepare` does), but recent `etils`
-  releases no longer install that backport. The standard library's
-  `importlib.resources` (Python >= 3.11) provides the same class, so it stands
-  in for the backport when the latter is not installed.
-  """
-  if importlib.util.find_spec('importlib_resources') is None:
-    from importlib import resources  # pylint: disable=g-import-not-at-top
-    from importlib.resources import abc  # pylint: disable=g-import-not-at-top,unused-import
-    sys.modules.setdefault('importlib_resources', resources)
-
-
-_ensure_importlib_resources()
+datasets.ensure_importlib_resources()
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
