@@ -331,10 +331,8 @@ class _FolderSource(_Source):
   @staticmethod
   def _images_in(folder: str) -> list[str]:
     gfile = _tf().io.gfile
-    return sorted(
-        os.path.join(folder, f) for f in gfile.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-        and not gfile.isdir(os.path.join(folder, f)))
+    return sorted(os.path.join(folder, f) for f in gfile.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
 
   @classmethod
   def _subdirs(cls, folder: str) -> list[str]:
@@ -419,9 +417,8 @@ def _get_source(config) -> _Source:
     raise ValueError(f'config.dataset must be a non-empty string, got '
                      f'{dataset!r}.')
   data_dir = _get(config, 'data_dir')
-  if dataset.startswith(IMAGE_FOLDER_PREFIX):
-    # Re-scan folders each time (their content may change between calls).
-    return _FolderSource(dataset[len(IMAGE_FOLDER_PREFIX):])
+  # Cached: a folder is listed once per process, so that the counts of
+  # get_dataset_info and the datasets agree.
   return _cached_source(dataset, None if data_dir is None else str(data_dir))
 
 
