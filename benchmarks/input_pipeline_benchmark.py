@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -99,6 +100,38 @@ def eval_throughput(config, repeats):
   return n / (time.perf_counter() - start), n
 
 
+def run(args, parser, tmp, results):
+  """Prepares the sources in `tmp` and appends one dict per measurement."""
+  data_dir = args.data_dir or os.path.join(tmp, 'tfds')
+  os.makedirs(data_dir, exist_ok=True)
+  datasets = {}
+  for source in args.sources.split(','):
+    if source == 'digits':
+      datasets['digits (32x32 PNG)'] = 'digits'
+    elif source == 'folder':
+      root = os.path.join(tmp, 'images')
+      write_jpeg_folder(root, args.num_images, *args.jpeg_size)
+      w, h = args.jpeg_size
+      datasets[f'folder ({w}x{h} JPEG)'] = f'image_folder:{root}'
+    else:
+      parser.error(f'unknown source {source!r}')
+  recipes = ['finetune'] if args.quick else ['finetune', 'pretrain']
+  for label, dataset in datasets.items():
+    for recipe in recipes:
+      config = make_config(dataset, data_dir, args.image_size,
+                           args.batch_size, recipe, 'resize_crop')
+      ds = ip.get_train_dataset(config, process_index=0, process_count=1)
+      rate, n = time_dataset(ds, args.num_batches, args.warmup)
+      results.append(dict(source=label, pipeline=f'train/{recipe}',
+                          images_per_s=round(rate, 1), images=n))
+    if not args.quick:
+      config = make_config(dataset, data_dir, args.image_size,
+                           args.batch_size, 'finetune', 'resize_crop')
+      rate, n = eval_throughput(config, repeats=args.eval_repeats)
+      results.append(dict(source=label, pipeline='eval/resize_crop',
+                          images_per_s=round(rate, 1), images=n))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--image_size', type=int, default=224)
@@ -122,46 +155,23 @@ def main(argv=None):
 
   tmp = tempfile.mkdtemp(prefix='vit_jax_pipeline_bench_')
   results = []
-  try:
-    data_dir = args.data_dir or os.path.join(tmp, 'tfds')
-    os.makedirs(data_dir, exist_ok=True)
-    datasets = {}
-    for source in args.sources.split(','):
-      if source == 'digits':
-        datasets['digits (32x32 PNG)'] = 'digits'
-      elif source == 'folder':
-        root = os.path.join(tmp, 'images')
-        write_jpeg_folder(root, args.num_images, *args.jpeg_size)
-        w, h = args.jpeg_size
-        datasets[f'folder ({w}x{h} JPEG)'] = f'image_folder:{root}'
-      else:
-        parser.error(f'unknown source {source!r}')
-    recipes = ['finetune'] if args.quick else ['finetune', 'pretrain']
-    for label, dataset in datasets.items():
-      for recipe in recipes:
-        config = make_config(dataset, data_dir, args.image_size,
-                             args.batch_size, recipe, 'resize_crop')
-        ds = ip.get_train_dataset(config, process_index=0, process_count=1)
-        rate, n = time_dataset(ds, args.num_batches, args.warmup)
-        results.append(dict(source=label, pipeline=f'train/{recipe}',
-                            images_per_s=round(rate, 1), images=n))
-      if not args.quick:
-        config = make_config(dataset, data_dir, args.image_size,
-                             args.batch_size, 'finetune', 'resize_crop')
-        rate, n = eval_throughput(config, repeats=args.eval_repeats)
-        results.append(dict(source=label, pipeline='eval/resize_crop',
-                            images_per_s=round(rate, 1), images=n))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  # TFDS prints progress to stdout; keep stdout for the results (--json).
+  with contextlib.redirect_stdout(sys.stderr):
+    try:
+      run(args, parser, tmp, results)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
 
   meta = dict(image_size=args.image_size, batch_size=args.batch_size,
               cpu_count=os.cpu_count(), machine=platform.machine(),
-              python=platform.python_version())
+              python=platform.python_version(),
+              load_average_1min=round(os.getloadavg()[0], 2))
   if args.json:
     print(json.dumps(dict(meta, results=results), indent=2))
     return
   print(f"input pipeline throughput, {args.image_size}x{args.image_size}, "
-        f"batch {args.batch_size}, {meta['cpu_count']} CPU cores")
+        f"batch {args.batch_size}, {meta['cpu_count']} CPU cores, "
+        f"load average {meta['load_average_1min']}")
   print(f"{'source':<26} {'pipeline':<20} {'images/s':>10}")
   for r in results:
     print(f"{r['source']:<26} {r['pipeline']:<20} {r['images_per_s']:>10.1f}")
