@@ -1,0 +1,1 @@
+"""Benchmarks: model throughput, memory and FLOPs (`benchmark.py`), input pipeline."""

@@ -1,0 +1,564 @@
+"""ViT throughput, memory and FLOPs: vit_jax (JAX/Flax) against timm (PyTorch).
+
+Prints three tables, optionally writes everything as JSON:
+
+1. images/s for inference and for one training step (AdamW, softmax
+   cross-entropy), ours and timm's for the same shapes, and the ratio ours/timm;
+2. FLOPs per image, XLA's cost analysis next to the analytic count
+   (`vit_jax.flops`), achieved FLOP/s, MFU (on a GPU with a known peak) and
+   peak memory (process RSS on CPU; device memory on an accelerator);
+3. weak scaling of the training step over 1, 2, 4, 8 devices (fake CPU devices
+   via `--xla_force_host_platform_device_count` when there are no real ones).
+
+Each measured cell runs in its own worker process (so memory peaks do not mix),
+compiles and warms up first, then times `--repeats` repeats of enough steps to
+last `--min-repeat-seconds`; the median repeat is reported. On CPU the repeats
+of the contenders of one cell (ours and timm's, or the device counts of the
+scaling table) are interleaved ABBA-style: on a machine shared with other jobs
+every contender then sees the same load, which keeps the ratios honest.
+
+    python benchmarks/benchmark.py --preset quick            # < 5 min on 2 CPU cores
+    python benchmarks/benchmark.py --preset full --json out.json
+    python benchmarks/benchmark.py --models ViT-S_16 --batch-size 8 --dtypes fp32 \
+        --no-scaling
+
+Synthetic data only; TensorFlow is never imported. timm is optional: without
+torch/timm its columns say why they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+from benchmarks import measure  # noqa: E402
+
+# Dense bf16 peak FLOP/s of accelerators we can quote MFU against (paper specs).
+PEAK_FLOPS = {
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+}
+
+PRESETS = {
+    # CI: a seconds-long run of every code path.
+    'smoke': dict(models=['ViT-Test_4@32'], batch_size=[8], dtypes=['fp32'],
+                  repeats=2, min_repeat_seconds=0.1,
+                  scaling_model='ViT-Test_4@32', scaling_batch_per_device=4,
+                  scaling_devices=[1, 2]),
+    # A few minutes on 2 CPU cores.
+    'quick': dict(models=['ViT-Test_4@32', 'ViT-Ti_16@224'], batch_size=[8],
+                  dtypes=['fp32', 'bf16'], repeats=3, min_repeat_seconds=1.0,
+                  scaling_model='ViT-Test_4@32', scaling_batch_per_device=16,
+                  scaling_devices=[1, 2, 4, 8]),
+    # The paper sizes at 224; long on a CPU (ViT-B/16 training dominates).
+    'full': dict(models=['ViT-Ti_16@224', 'ViT-S_16@224', 'ViT-B_16@224'], batch_size=[8],
+                 dtypes=['fp32', 'bf16'], repeats=5, min_repeat_seconds=2.0,
+                 scaling_model='ViT-Ti_16@224', scaling_batch_per_device=4,
+                 scaling_devices=[1, 2, 4, 8]),
+}
+
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+
+
+# ---------------------------------------------------------------------------
+# Worker side.
+# ---------------------------------------------------------------------------
+
+
+def _probe() -> int:
+  """Reports platform, devices and versions (run in a child process)."""
+  import jax
+  import jaxlib
+  import flax
+  info = dict(platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+              device_count=jax.device_count(), cores=measure.num_cores(),
+              python=sys.version.split()[0], jax=jax.__version__, jaxlib=jaxlib.__version__,
+              flax=flax.__version__, torch=None, timm=None, torch_cuda=False)
+  # Cheap check here (importing torch takes seconds); the timm workers import it.
+  import importlib.metadata
+  import importlib.util
+  missing = [m for m in ('torch', 'timm') if importlib.util.find_spec(m) is None]
+  info['timm_missing'] = f'{", ".join(missing)} not installed' if missing else None
+  if not missing:
+    info.update(torch=importlib.metadata.version('torch'),
+                timm=importlib.metadata.version('timm'))
+    if info['platform'] != 'cpu':
+      import torch
+      info['torch_cuda'] = bool(torch.cuda.is_available())
+  measure.emit('RESULT', info)
+  return 0
+
+
+def _worker(spec: dict[str, Any]) -> int:
+  measure.claim_stdout()
+  if spec['kind'] == 'probe':
+    return _probe()
+  if spec['framework'] == 'jax':
+    from benchmarks import jax_bench
+    return measure.serve(lambda: jax_bench.setup(spec))
+  from benchmarks import timm_bench
+  return measure.serve(lambda: timm_bench.setup(spec))
+
+
+# ---------------------------------------------------------------------------
+# Parent side: processes.
+# ---------------------------------------------------------------------------
+
+
+def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  flags += extra_xla_flags.split()
+  # Only affects the CPU platform: N fake CPU devices.
+  flags.append(f'{_DEVICE_COUNT_FLAG}={num_devices}')
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if share_accelerator:
+    # Several workers hold the same GPU at once: allocate on demand.
+    env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  env['PYTHONPATH'] = os.pathsep.join(
+      [_REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+  return env
+
+
+class Worker:
+  """One measuring child process and its end of the protocol in `measure`."""
+
+  def __init__(self, spec: dict, env: dict):
+    self.spec = spec
+    self.stderr = tempfile.TemporaryFile(mode='w+')
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--worker', measure.dumps_spec(spec)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+        env=env, cwd=_REPO_ROOT)
+    self.error: Optional[str] = None
+    self.ready: Optional[dict] = None
+    self.times: list[dict] = []
+    self.result: Optional[dict] = None
+
+  def _read(self, want: str) -> Optional[dict]:
+    """Next protocol message; records an error (and returns None) on failure."""
+    for line in self.proc.stdout:
+      if not line.startswith(measure.PREFIX):
+        continue
+      tag, _, payload = line[len(measure.PREFIX):].partition(' ')
+      data = json.loads(payload)
+      if tag == 'ERROR':
+        self._fail(data['error'])
+        return None
+      if tag == want:
+        return data
+    self._fail(f'worker exited (rc={self.proc.wait()})')
+    return None
+
+  def _fail(self, message: str) -> None:
+    self.stderr.seek(0)
+    tail = self.stderr.read()[-2000:]
+    self.error = message if not tail.strip() else f'{message}\n{tail}'
+    self.proc.kill()
+    self.proc.wait()
+
+  def _send(self, command: str) -> bool:
+    try:
+      self.proc.stdin.write(command + '\n')
+      self.proc.stdin.flush()
+      return True
+    except (BrokenPipeError, OSError):
+      self._fail('worker pipe closed')
+      return False
+
+  def wait_ready(self) -> None:
+    if self.error is None and self.ready is None:
+      self.ready = self._read('READY')
+
+  def repeat(self) -> None:
+    if self.error is None and self._send('run'):
+      timing = self._read('TIME')
+      if timing is not None:
+        self.times.append(timing)
+
+  def finish(self) -> dict:
+    if self.error is None and self._send('done'):
+      self.result = self._read('RESULT')
+      if self.error is None:
+        self.proc.wait()
+    self.stderr.close()
+    return self.summary()
+
+  def summary(self) -> dict:
+    out = dict(spec=self.spec)
+    if self.error is not None:
+      out['error'] = self.error
+      return out
+    rates = [self.spec['batch'] * t['steps'] / t['seconds'] for t in self.times]
+    out.update(self.result or {})
+    out.update(ready=self.ready, images_per_s=statistics.median(rates),
+               repeats_images_per_s=rates, steps_per_repeat=self.times[0]['steps'],
+               seconds_per_step=statistics.median(t['seconds'] / t['steps'] for t in self.times))
+    return out
+
+
+def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: bool,
+              settle_s: float, log) -> list[dict]:
+  """Measures the specs; interleaved ABBA when `interleave`, else one after another."""
+  if not interleave:
+    results = []
+    for spec, env in zip(specs, envs):
+      worker = Worker(spec, env)
+      worker.wait_ready()
+      for _ in range(repeats):
+        worker.repeat()
+      results.append(worker.finish())
+      log(_describe(results[-1]))
+    return results
+  workers = [Worker(spec, env) for spec, env in zip(specs, envs)]
+  for worker in workers:
+    worker.wait_ready()
+  for r in range(repeats):
+    for worker in (workers if r % 2 == 0 else workers[::-1]):
+      time.sleep(settle_s)  # let the previous worker's spinning threads go idle
+      worker.repeat()
+  results = [worker.finish() for worker in workers]
+  for result in results:
+    log(_describe(result))
+  return results
+
+
+def _describe(result: dict) -> str:
+  spec = result['spec']
+  name = (f"{spec['framework']:4s} {spec['mode']:5s} {spec['model']}@{spec['image_size']} "
+          f"b{spec['batch']} {spec['dtype']} x{spec.get('devices', 1)}dev"
+          + (f" XLA_FLAGS='{spec['xla_flags']}'" if spec.get('xla_flags') else ''))
+  if 'error' in result:
+    return f'{name}: FAILED {result["error"].splitlines()[0]}'
+  return (f"{name}: {result['images_per_s']:.2f} img/s "
+          f"(repeats {', '.join(f'{r:.2f}' for r in result['repeats_images_per_s'])}; "
+          f"{result['steps_per_repeat']} steps each)")
+
+
+# ---------------------------------------------------------------------------
+# Parent side: what to measure and the report.
+# ---------------------------------------------------------------------------
+
+
+def parse_model(entry: str, default_size: int) -> tuple[str, int]:
+  name, _, size = entry.partition('@')
+  return name.replace('/', '_'), int(size) if size else default_size
+
+
+def analytic(model: str, size: int, num_classes: int) -> dict:
+  from vit_jax import flops
+  from vit_jax.configs import models
+  config = models.get_config(model)
+  try:
+    return dict(forward=flops.vit_flops(config, size, num_classes),
+                train=flops.vit_flops(config, size, num_classes, train=True))
+  except ValueError:
+    return dict(forward=None, train=None)
+
+
+def peak_flops(probe: dict) -> Optional[float]:
+  if probe['platform'] != 'gpu':
+    return None
+  for key, value in PEAK_FLOPS.items():
+    if key in probe['device_kind']:
+      return value
+  return None
+
+
+def _mib(x: Optional[float]) -> str:
+  return '-' if not x else f'{x / 2**20:.0f}'
+
+
+def _num(x: Optional[float], fmt: str = '.2f') -> str:
+  return '-' if x is None else format(x, fmt)
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+  widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+  line = lambda cells: '| ' + ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths)) + ' |'
+  return '\n'.join([line(headers), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
+                   + [line(r) for r in rows])
+
+
+def _rate(cell: Optional[dict]) -> Optional[float]:
+  return None if not cell or 'error' in cell else cell['images_per_s']
+
+
+def _memory(cell: Optional[dict], probe: dict) -> Optional[float]:
+  """Peak memory of a cell: device peak on an accelerator, process peak RSS on CPU."""
+  if not cell or 'error' in cell:
+    return None
+  device = (cell.get('device_memory') or {}).get('peak_bytes_in_use')
+  if probe['platform'] != 'cpu' and device:
+    return device
+  return cell.get('rss_peak_bytes')
+
+
+def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
+  probe = meta['probe']
+  timm_note = meta.get('timm_note')
+  out = []
+  hdr = ['model', 'image', 'batch', 'dtype']
+  table = []
+  for row in rows:
+    c = row['cells']
+    key = [row['model'], row['image_size'], row['batch'], row['dtype']]
+    ratio = lambda a, b: _num(_rate(a) / _rate(b)) if _rate(a) and _rate(b) else '-'
+    table.append(key + [
+        _num(_rate(c.get('jax_infer'))), _num(_rate(c.get('timm_infer'))),
+        ratio(c.get('jax_infer'), c.get('timm_infer')),
+        _num(_rate(c.get('jax_train'))), _num(_rate(c.get('timm_train'))),
+        ratio(c.get('jax_train'), c.get('timm_train'))])
+  out.append(f'Throughput, images/s (median of {meta["repeats"]} repeats; '
+             f'ratio = ours / timm):')
+  out.append(_markdown(hdr + ['infer ours', 'infer timm', 'ratio', 'train ours',
+                              'train timm', 'ratio'], table))
+  if timm_note:
+    out.append(f'timm columns empty: {timm_note}')
+
+  peak = peak_flops(probe)
+  mem_kind = 'device peak' if probe['platform'] != 'cpu' else 'peak RSS'
+  table = []
+  for row in rows:
+    c = row['cells']
+    a = row['analytic']
+    xla_fwd = (c.get('jax_infer') or {}).get('xla_flops_per_image')
+    xla_train = (c.get('jax_train') or {}).get('xla_flops_per_image')
+    g = lambda x: _num(x / 1e9 if x else None, '.3g')
+    achieved = lambda cell, per_image: (
+        _rate(cell) * per_image if _rate(cell) and per_image else None)
+    inf_flops = achieved(c.get('jax_infer'), a['forward'])
+    train_flops = achieved(c.get('jax_train'), a['train'])
+    mfu = (_num(100 * train_flops / peak, '.1f') + '%') if peak and train_flops else '-'
+    table.append([row['model'], row['image_size'], row['batch'], row['dtype'],
+                  g(a['forward']), g(xla_fwd), g(a['train']), g(xla_train),
+                  g(inf_flops), g(train_flops), mfu,
+                  f"{_mib(_memory(c.get('jax_infer'), probe))} / "
+                  f"{_mib(_memory(c.get('jax_train'), probe))}",
+                  f"{_mib(_memory(c.get('timm_infer'), probe))} / "
+                  f"{_mib(_memory(c.get('timm_train'), probe))}"])
+  out.append('')
+  out.append('Compute and memory (GFLOP per image: analytic count / XLA cost analysis; '
+             'achieved GFLOP/s from the analytic count; MFU of the train step against '
+             'the bf16 dense peak, accelerators only):')
+  out.append(_markdown(hdr + ['fwd GFLOP/img', 'fwd XLA', 'train GFLOP/img', 'train XLA',
+                              'infer GFLOP/s', 'train GFLOP/s', 'MFU',
+                              f'ours {mem_kind} MiB infer/train',
+                              f'timm {mem_kind} MiB infer/train'], table))
+
+  if scaling:
+    base = _rate(scaling[0]) if scaling[0]['spec']['devices'] == 1 else None
+    table = []
+    for cell in scaling:
+      n = cell['spec']['devices']
+      rate = _rate(cell)
+      table.append([n, cell['spec']['batch'], _num(rate), _num(rate / n if rate else None),
+                    _num(rate / base if rate and base else None),
+                    _num(100 * rate / (n * base) if rate and base else None, '.0f') + '%'
+                    if rate and base else '-'])
+    spec = scaling[0]['spec']
+    fake = probe['platform'] == 'cpu'
+    out.append('')
+    out.append(f"Weak scaling, train step, {spec['model']}@{spec['image_size']} "
+               f"{spec['dtype']}, {meta['scaling_batch_per_device']} images per device"
+               + (f' ({probe["cores"]} CPU cores shared by fake CPU devices: the ideal is a '
+                  'flat total, not n-fold)' if fake else '') + ':')
+    out.append(_markdown(['devices', 'global batch', 'img/s', 'img/s per device',
+                          'speed-up vs 1', 'efficiency'], table))
+  if meta.get('xla_variants'):
+    table = []
+    for row in rows:
+      c = row['cells']
+      for i, flags in enumerate([meta['xla_flags']] + meta['xla_variants']):
+        suffix = f'@{i}' if i else ''
+        cells = [c.get(f'jax_{m}{suffix}') for m in ('infer', 'train')]
+        bases = [c.get(f'jax_{m}') for m in ('infer', 'train')]
+        vs = [_num(_rate(x) / _rate(b)) if _rate(x) and _rate(b) else '-'
+              for x, b in zip(cells, bases)]
+        table.append([row['model'], row['image_size'], row['batch'], row['dtype'],
+                      flags or '(default)', _num(_rate(cells[0])), vs[0],
+                      _num(_rate(cells[1])), vs[1]])
+    out.append('')
+    out.append('XLA flag variants of ours (interleaved with the rows above; x = vs first line):')
+    out.append(_markdown(hdr + ['XLA_FLAGS', 'infer img/s', 'x', 'train img/s', 'x'], table))
+  errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
+  errors += [cell for cell in scaling if 'error' in cell]
+  for cell in errors:
+    out.append(f"FAILED {_describe(cell)}")
+  return '\n'.join(out)
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+  return [int(t) for t in text.split(',') if t.strip()]
+
+
+def _strs(text: str) -> list[str]:
+  return [t.strip() for t in text.split(',') if t.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--preset', choices=sorted(PRESETS), default='quick',
+                 help='defaults for everything below (default: quick)')
+  p.add_argument('--models', type=_strs,
+                 help='comma list of presets, each optionally @IMAGE_SIZE (ViT-S_16@224)')
+  p.add_argument('--image-size', type=int, default=224,
+                 help='image size for --models entries without @SIZE (default 224)')
+  p.add_argument('--batch-size', type=_ints, help='global batch size(s), comma list')
+  p.add_argument('--dtypes', type=_strs, help='fp32 and/or bf16 (compute dtype; params fp32)')
+  p.add_argument('--modes', type=_strs, default=['infer', 'train'], help='infer,train')
+  p.add_argument('--num-classes', type=int, default=1000)
+  p.add_argument('--repeats', type=int, help='timed repeats per cell (median reported)')
+  p.add_argument('--min-repeat-seconds', type=float,
+                 help='steps per repeat chosen so a repeat lasts at least this long')
+  p.add_argument('--steps', type=int, help='fixed steps per repeat (overrides the above)')
+  p.add_argument('--no-timm', action='store_true', help='ours only')
+  p.add_argument('--scaling-devices', type=_ints,
+                 help='device counts for the weak-scaling table; empty string: skip')
+  p.add_argument('--no-scaling', action='store_true', help='skip the scaling table')
+  p.add_argument('--scaling-model', help='MODEL@SIZE for the scaling table')
+  p.add_argument('--scaling-batch-per-device', type=int)
+  p.add_argument('--scaling-dtype', default='fp32', choices=['fp32', 'bf16'])
+  p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS for our workers')
+  p.add_argument('--xla-variants', type=lambda t: [v.strip() for v in t.split(';')],
+                 default=[],
+                 help="';'-separated XLA_FLAGS alternatives, each measured as an extra "
+                      "contender of every row (interleaved with the rest)")
+  p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
+                 help="attention implementation (default: the model's, i.e. JAX's choice)")
+  p.add_argument('--remat', action='store_true', help='recompute activations in backward')
+  p.add_argument('--interleave', choices=['auto', 'on', 'off'], default='auto',
+                 help="interleave the contenders' repeats (auto: on for CPU)")
+  p.add_argument('--settle-seconds', type=float, default=0.2,
+                 help='pause before each interleaved repeat')
+  p.add_argument('--json', help='write all results to this JSON file')
+  p.add_argument('--worker', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  for key, value in PRESETS[args.preset].items():
+    if getattr(args, key, None) is None:
+      setattr(args, key, value)
+  for dtype in args.dtypes:
+    if dtype not in ('fp32', 'bf16'):
+      p.error(f'--dtypes: unknown dtype {dtype!r}; use fp32 and/or bf16')
+  for mode in args.modes:
+    if mode not in ('infer', 'train'):
+      p.error(f'--modes: unknown mode {mode!r}; use infer and/or train')
+  if args.no_scaling:
+    args.scaling_devices = []
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.worker:
+    return _worker(json.loads(args.worker))
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  start = time.perf_counter()
+
+  probe_worker = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--worker', '{"kind": "probe"}'],
+      capture_output=True, text=True, env=_child_env(args.xla_flags, 1, False), cwd=_REPO_ROOT)
+  probe = next((json.loads(l.split(' ', 1)[1]) for l in probe_worker.stdout.splitlines()
+                if l.startswith(measure.PREFIX + 'RESULT')), None)
+  if probe is None:
+    log(probe_worker.stderr[-3000:])
+    raise SystemExit('could not start a JAX worker')
+  cpu = probe['platform'] == 'cpu'
+  interleave = {'on': True, 'off': False, 'auto': cpu}[args.interleave]
+  use_timm = not args.no_timm and probe['timm_missing'] is None
+  timm_note = None
+  if args.no_timm:
+    timm_note = '--no-timm'
+  elif probe['timm_missing']:
+    timm_note = f"torch/timm not importable ({probe['timm_missing']})"
+  torch_device = 'cuda' if (not cpu and probe['torch_cuda']) else 'cpu'
+  log(f"{probe['platform']} ({probe['device_kind']}) x{probe['device_count']}, "
+      f"{probe['cores']} cores; jax {probe['jax']}, torch {probe['torch']}, "
+      f"timm {probe['timm']}; interleave={interleave}")
+
+  variants = [args.xla_flags] + args.xla_variants
+  common = dict(kind='cell', num_classes=args.num_classes, repeats=args.repeats,
+                min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
+                attention=args.attention, remat=args.remat or None,
+                threads=probe['cores'], torch_device=torch_device)
+  rows = []
+  for entry in args.models:
+    model, size = parse_model(entry, args.image_size)
+    for batch in args.batch_size:
+      for dtype in args.dtypes:
+        row = dict(model=model, image_size=size, batch=batch, dtype=dtype,
+                   analytic=analytic(model, size, args.num_classes), cells={})
+        # All contenders of a row (ours with each flag variant, timm; both modes)
+        # start together and their repeats are interleaved.
+        specs, envs = [], []
+        for mode in args.modes:
+          cell = dict(common, mode=mode, model=model, image_size=size, batch=batch,
+                      dtype=dtype, devices=1)
+          for i, flags in enumerate(variants):
+            specs.append(dict(cell, framework='jax', variant=i, xla_flags=flags))
+            envs.append(_child_env(flags, 1, interleave and not cpu))
+          if use_timm:
+            specs.append(dict(cell, framework='timm'))
+            envs.append(_child_env('', 1, interleave and not cpu))
+        for result in run_group(specs, envs, args.repeats, interleave,
+                                args.settle_seconds, log):
+          spec = result['spec']
+          key = f"{spec['framework']}_{spec['mode']}"
+          row['cells'][key + (f"@{spec['variant']}" if spec.get('variant') else '')] = result
+        rows.append(row)
+
+  scaling = []
+  if args.scaling_devices:
+    model, size = parse_model(args.scaling_model, args.image_size)
+    counts = [n for n in args.scaling_devices if cpu or n <= probe['device_count']]
+    skipped = sorted(set(args.scaling_devices) - set(counts))
+    if skipped:
+      log(f'scaling: skipping {skipped} devices ({probe["device_count"]} present)')
+    specs = [dict(common, framework='jax', mode='train', model=model, image_size=size,
+                  batch=args.scaling_batch_per_device * n, dtype=args.scaling_dtype,
+                  devices=n) for n in counts]
+    envs = [_child_env(args.xla_flags, n, interleave and not cpu) for n in counts]
+    scaling = run_group(specs, envs, args.repeats, interleave, args.settle_seconds, log)
+
+  meta = dict(probe=probe, preset=args.preset, argv=sys.argv[1:] if argv is None else argv,
+              repeats=args.repeats, min_repeat_seconds=args.min_repeat_seconds,
+              interleave=interleave, xla_flags=args.xla_flags, xla_variants=args.xla_variants,
+              timm_note=timm_note,
+              scaling_batch_per_device=args.scaling_batch_per_device,
+              threads=probe['cores'], torch_device=torch_device,
+              wall_seconds=time.perf_counter() - start)
+  text = report(meta, rows, scaling)
+  print(text)
+  print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
+        f"torch threads {probe['cores']}; jax {probe['jax']}, flax {probe['flax']}, "
+        f"torch {probe['torch']}, timm {probe['timm']}; "
+        f"wall time {meta['wall_seconds']:.0f} s")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(meta=meta, rows=rows, scaling=scaling, table=text), f, indent=1)
+  failed = any('error' in c for r in rows for c in r['cells'].values()) or any(
+      'error' in c for c in scaling)
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,152 @@
+"""Framework-neutral measuring helpers shared by the JAX and timm workers.
+
+A worker is one process that measures one thing (say, JAX ViT-S/16 training
+at batch 8). It sets everything up and warms up (compiles), then serves timed
+repeats one at a time when the parent asks for them, so the parent can
+interleave the repeats of several workers: on a machine shared with other
+jobs, slow and fast moments then fall on every contender alike. Keeping each
+contender in its own process also keeps their memory peaks apart.
+
+Protocol on stdin/stdout (one line each; other output is ignored):
+  worker -> parent  `@@READY {json}`   set-up done (compile time, steps per repeat)
+  parent -> worker  `run`              time one repeat
+  worker -> parent  `@@TIME {json}`    {"seconds": s, "steps": n}
+  parent -> worker  `done`
+  worker -> parent  `@@RESULT {json}`  memory figures and the rest, then exit
+  worker -> parent  `@@ERROR {json}`   set-up or a repeat failed; then exit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+PREFIX = '@@'
+_PAGE_SIZE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
+
+
+def num_cores() -> int:
+  """CPU cores this process may run on (affinity-aware)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def rss_bytes() -> int:
+  """Current resident set size of this process."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * _PAGE_SIZE
+  except OSError:
+    try:
+      import psutil
+      return psutil.Process().memory_info().rss
+    except ImportError:
+      return 0
+
+
+def peak_rss_bytes() -> int:
+  """Highest RSS this process ever had (compilation included)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == 'darwin' else peak * 1024
+
+
+class RssSampler:
+  """Tracks the highest RSS while active, polling from a background thread."""
+
+  def __init__(self, interval_s: float = 0.005):
+    self.interval_s = interval_s
+    self.peak = 0
+    self._stop = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    self._stop.clear()
+    self.peak = max(self.peak, rss_bytes())
+    self._thread = threading.Thread(target=self._poll, daemon=True)
+    self._thread.start()
+    return self
+
+  def _poll(self):
+    while not self._stop.wait(self.interval_s):
+      self.peak = max(self.peak, rss_bytes())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, rss_bytes())
+
+
+def steps_for(seconds_per_step: float, min_repeat_seconds: float, max_steps: int = 1000) -> int:
+  """Steps per timed repeat so that one repeat lasts at least `min_repeat_seconds`."""
+  if seconds_per_step <= 0:
+    return max_steps
+  return int(min(max_steps, max(1, math.ceil(min_repeat_seconds / seconds_per_step))))
+
+
+_channel = None
+
+
+def claim_stdout() -> None:
+  """Keeps stdout for protocol messages; anything else printing to fd 1 goes to stderr.
+
+  So chatty libraries cannot fill the pipe the parent only reads now and then.
+  """
+  global _channel
+  sys.stdout.flush()
+  _channel = os.fdopen(os.dup(1), 'w')
+  os.dup2(2, 1)
+
+
+def emit(tag: str, payload: dict) -> None:
+  out = _channel or sys.stdout
+  out.write(f'{PREFIX}{tag} {json.dumps(payload)}\n')
+  out.flush()
+
+
+def serve(setup: Callable[[], tuple[dict, Callable[[int], None], Callable[[], dict]]]) -> int:
+  """Runs a worker: `setup()` -> (ready_info, run(steps), finish()).
+
+  `run(steps)` must return only when the work of `steps` steps is complete
+  (device synchronised). The timed repeats are served on request.
+  """
+  try:
+    ready, run, finish = setup()
+  except Exception as e:  # reported to the parent, which carries on
+    emit('ERROR', {'error': f'{type(e).__name__}: {e}', 'trace': traceback.format_exc()})
+    return 1
+  steps = int(ready['steps'])
+  emit('READY', ready)
+  sampler = RssSampler()
+  for line in sys.stdin:
+    command = line.strip()
+    if command == 'run':
+      try:
+        with sampler:
+          start = time.perf_counter()
+          run(steps)
+          seconds = time.perf_counter() - start
+      except Exception as e:
+        emit('ERROR', {'error': f'{type(e).__name__}: {e}', 'trace': traceback.format_exc()})
+        return 1
+      emit('TIME', {'seconds': seconds, 'steps': steps})
+    elif command == 'done':
+      break
+  result = finish()
+  result.update(rss_steps_bytes=sampler.peak, rss_peak_bytes=peak_rss_bytes(),
+                tensorflow_imported='tensorflow' in sys.modules,
+                cpu_seconds=sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
+  emit('RESULT', result)
+  return 0
+
+
+def dumps_spec(spec: dict[str, Any]) -> str:
+  return json.dumps(spec, sort_keys=True)

@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/benchmark.py (the `smoke` preset) and the analytic FLOP count.
+
+The benchmark starts its own worker processes, so it runs as a subprocess here;
+it imports no TensorFlow and uses timm only when torch and timm are installed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import flops
+from vit_jax.configs import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('name, gmacs', [
+    ('ViT-Ti_16', 1.254), ('ViT-S_16', 4.599), ('ViT-B_16', 17.564)])
+def test_analytic_macs(name, gmacs):
+  macs = flops.vit_macs(models.get_config(name), 224, 1000)
+  assert macs / 1e9 == pytest.approx(gmacs, abs=1e-3)
+
+
+def test_analytic_flops_vit_b16():
+  config = models.get_config('ViT-B_16')
+  forward = flops.vit_flops(config, 224, 1000)
+  assert forward / 1e9 == pytest.approx(35.1, abs=0.1)
+  assert flops.vit_flops(config, 224, 1000, train=True) == 3 * forward
+
+
+def test_analytic_rejects_bad_input():
+  with pytest.raises(ValueError, match='not divisible'):
+    flops.vit_macs(models.get_config('ViT-B_16'), 100, 1000)
+  with pytest.raises(ValueError, match='plain ViT'):
+    flops.vit_macs(models.get_config('R50+ViT-B_16'), 224, 1000)
+
+
+def test_smoke_preset(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # the benchmark sets device counts per worker
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'benchmark.py'),
+       '--preset', 'smoke', '--json', str(out)],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  assert 'Throughput, images/s' in proc.stdout
+  assert 'Weak scaling' in proc.stdout
+  result = json.loads(out.read_text())
+  (row,) = result['rows']
+  assert row['model'] == 'ViT-Test_4' and row['analytic']['forward'] > 0
+  for mode in ('infer', 'train'):
+    cell = row['cells'][f'jax_{mode}']
+    assert cell['images_per_s'] > 0
+    assert cell['rss_peak_bytes'] > 0
+    assert cell['xla_flops_per_image'] > 0
+    assert not cell['tensorflow_imported']
+    if result['meta']['timm_note'] is None:
+      timm_cell = row['cells'][f'timm_{mode}']
+      assert timm_cell['images_per_s'] > 0
+      # Same network on both sides.
+      assert timm_cell['params'] == cell['params']
+  assert [c['spec']['devices'] for c in result['scaling']] == [1, 2]
+  assert all(c['images_per_s'] > 0 for c in result['scaling'])
