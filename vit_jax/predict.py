@@ -105,15 +105,32 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
   return model, params, image_size
 
 
+_JITTED: dict[int, tuple[Any, Any]] = {}
+
+
+def _jitted_probs(model):
+  """One compiled softmax(logits) function per model object (Flax modules are unhashable)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  entry = _JITTED.get(id(model))
+  if entry is None or entry[0] is not model:
+    if len(_JITTED) >= 8:
+      _JITTED.clear()
+
+    def probs_fn(params, images):
+      logits, _ = model.apply({'params': params}, images, train=False)
+      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    entry = _JITTED[id(model)] = (model, jax.jit(probs_fn))
+  return entry[1]
+
+
 def predict(model, params, images: np.ndarray) -> np.ndarray:
   """Class probabilities (softmax of the logits) for one (H, W, 3) image or a batch."""
-  import jax  # pylint: disable=g-import-not-at-top
   images = np.asarray(images, np.float32)
   single = images.ndim == 3
   if single:
     images = images[None]
-  logits, _ = model.apply({'params': params}, images, train=False)
-  probs = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
+  probs = np.asarray(_jitted_probs(model)(params, images))
   return probs[0] if single else probs
 
 
