@@ -86,6 +86,11 @@ def test_round_trip_hybrid(tmp_path):
   loaded = checkpoint.load(str(path))
   assert_trees_identical(loaded, params)
   assert checkpoint.infer_image_size(loaded, model_configs.get_config('R-Test+ViT-Test_1')) == (32, 32)
+  # Old hybrid files store GroupNorm scales and biases as (1, 1, 1, C).
+  old_style = {k: v.reshape(1, 1, 1, -1) if '/gn' in '/' + k else v for k, v in flat.items()}
+  assert old_style['block1/unit1/gn1/scale'].ndim == 4
+  np.savez(tmp_path / 'old.npz', **old_style)
+  assert_trees_identical(checkpoint.load(tmp_path / 'old.npz'), params)
 
 
 def test_save_bfloat16_and_jax_arrays(tmp_path):
@@ -164,7 +169,8 @@ def test_published_vit_b16_key_set_loads_without_renaming(tmp_path):
 def test_opt_target_and_big_vision_layouts(tmp_path, vit_test):
   _, params = vit_test
   flat = checkpoint.flatten(params)
-  np.savez(tmp_path / 'opt.npz', **{'opt/target/' + k: v for k, v in flat.items()})
+  np.savez(tmp_path / 'opt.npz', **{'opt/target/' + k: v for k, v in flat.items()},
+           **{'opt/state/step': np.array(100), 'opt/state/param_states/cls/grad_ema': flat['cls']})
   assert_trees_identical(checkpoint.load(tmp_path / 'opt.npz'), params)
 
   # big_vision: `params/` prefix, its own module numbering, position embeddings

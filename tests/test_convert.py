@@ -264,3 +264,43 @@ def test_bad_state_dicts_list_keys():
   hf['vit.pooler.dense.weight'] = np.zeros((32, 32), np.float32)
   with pytest.raises(ValueError, match='vit.pooler.dense.weight'):
     convert.from_hf(hf, config)
+
+
+# --- headless backbones ------------------------------------------------------------
+
+def test_hf_vitmodel_pooler_is_the_representation_layer():
+  """A bare HF ViTModel (ImageNet-21k style): pooler = pre_logits, no classifier."""
+  config, _, size = tiny()
+  fields = convert.hf_config_dict(config, 1, (size, size))
+  fields.pop('model_type')
+  torch.manual_seed(5)
+  backbone = transformers.ViTModel(transformers.ViTConfig(**fields), add_pooling_layer=True).eval()
+  sd = backbone.state_dict()
+  assert any(k.startswith('pooler.dense') for k in sd) and not any(k.startswith('vit.') for k in sd)
+  with pytest.raises(ValueError, match='set representation_size'):
+    convert.from_hf(sd, config)
+  config.representation_size = 32
+  params = convert.from_hf(sd, config)
+  assert 'head' not in params and params['pre_logits']['kernel'].shape == (32, 32)
+  # Fine-tuning adds a head; with a known head the logits follow the pooler output.
+  model = model_configs.build_model(config, 3)
+  init = checkpoint.abstract_params(config, 3, (size, size))
+  params = checkpoint.load_pretrained(params, init, config)
+  rng = np.random.default_rng(0)
+  params['head'] = {'kernel': rng.normal(0, 0.3, (32, 3)).astype(np.float32),
+                    'bias': rng.normal(0, 0.1, (3,)).astype(np.float32)}
+  images = images_for(size)
+  with torch.no_grad():
+    pooled = backbone(pixel_values=nchw(images)).pooler_output.numpy()
+  expected = pooled @ params['head']['kernel'] + params['head']['bias']
+  got = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x)[0])(params, images))
+  report('hf ViTModel pooler->ours pre_logits [tiny]', np.abs(got - expected).max(), expected)
+
+
+def test_timm_without_head():
+  config, _, size = tiny()
+  torch.manual_seed(6)
+  backbone = convert.build_timm_model(config, 0, (size, size))
+  params = convert.from_timm(backbone.state_dict(), config)
+  assert 'head' not in params
+  assert sorted(convert.to_timm(params)) == sorted(backbone.state_dict())

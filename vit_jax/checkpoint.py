@@ -140,10 +140,18 @@ def _read_npz(path: PathLike) -> dict[str, np.ndarray]:
   return flat
 
 
-def _strip_prefix(flat: dict[str, Any], prefix: str) -> dict[str, Any]:
-  if all(k.startswith(prefix) for k in flat):
-    return {k[len(prefix):]: v for k, v in flat.items()}
-  return flat
+def _select_prefix(flat: dict[str, Any], prefix: str, source: str) -> dict[str, Any]:
+  """The entries under `prefix`, without it; others (optimizer state, step) are dropped."""
+  kept = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  dropped = len(flat) - len(kept)
+  logging.info('%s: reading the %d arrays under %r%s', source, len(kept), prefix,
+               f', ignoring {dropped} others' if dropped else '')
+  return kept
+
+
+def _is_group_norm(key: str) -> bool:
+  parts = key.split(SEP)
+  return len(parts) >= 2 and parts[-1] in ('scale', 'bias') and parts[-2].startswith('gn')
 
 
 _BIG_VISION_BLOCK_RENAMES = {
@@ -176,7 +184,7 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     elif key == 'pos_embedding':
       parts = POSEMB_KEY.split(SEP)
     out[SEP.join(parts)] = value
-  posemb = out.get(POSEMB_KEY)
+  posemb = flat.get('pos_embedding')
   if posemb is not None and 'cls' in out and posemb.ndim == 3:
     n = posemb.shape[1]
     if math.isqrt(n) ** 2 == n:
@@ -190,18 +198,24 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def normalize_layout(flat: dict[str, Any], source: str = 'params') -> dict[str, Any]:
-  """Drops `opt/target/` or `params/` prefixes and renames big_vision modules to ours."""
-  if all(k.startswith(OPT_TARGET_PREFIX) for k in flat):
-    logging.info('%s: stripping the %r prefix', source, OPT_TARGET_PREFIX)
-    flat = _strip_prefix(flat, OPT_TARGET_PREFIX)
+  """Puts other layouts' keys in the published layout (see the module docstring).
+
+  Also reshapes GroupNorm scales/biases stored as (1, 1, 1, C) by old hybrid
+  checkpoints to the (C,) of Flax linen.
+  """
+  if any(k.startswith(OPT_TARGET_PREFIX) for k in flat):
+    flat = _select_prefix(flat, OPT_TARGET_PREFIX, source)
   big_vision = False
-  if all(k.startswith(BIG_VISION_PREFIX) for k in flat):
-    logging.info('%s: stripping the big_vision %r prefix', source, BIG_VISION_PREFIX)
-    flat = _strip_prefix(flat, BIG_VISION_PREFIX)
+  if any(k.startswith(BIG_VISION_PREFIX) for k in flat):
+    flat = _select_prefix(flat, BIG_VISION_PREFIX, source)
     big_vision = True
   if big_vision or _is_big_vision(flat):
     logging.info('%s: renaming big_vision module names to the published layout', source)
     flat = _from_big_vision(flat)
+  for key, value in list(flat.items()):
+    if _is_group_norm(key) and value.ndim > 1 and value.shape[-1] == value.size:
+      logging.info('%s: reshaping GroupNorm %s %s -> (%d,)', source, key, value.shape, value.size)
+      flat[key] = value.reshape(-1)
   return flat
 
 
@@ -302,13 +316,20 @@ def _resolve_config(model_config: Any) -> Any:
   return model_config
 
 
+def _as_flat(params_or_flat: Mapping) -> Mapping:
+  """A flat {'a/b': x} dict, whether given flat or nested."""
+  if any(SEP in k for k in params_or_flat) or not any(
+      isinstance(v, Mapping) for v in params_or_flat.values()):
+    return params_or_flat
+  return flatten(params_or_flat)
+
+
 def num_prefix_tokens(params_or_flat: Mapping, model_config: Any = None) -> int:
   """Tokens before the patch grid in the position embeddings: 1 with a class token."""
   classifier = _config_get(model_config, 'classifier')
   if classifier is not None:
     return 1 if classifier == 'token' else 0
-  flat = params_or_flat if POSEMB_KEY in params_or_flat else flatten(params_or_flat)
-  return 1 if 'cls' in flat else 0
+  return 1 if 'cls' in _as_flat(params_or_flat) else 0
 
 
 def infer_grid(params_or_flat: Mapping, model_config: Any = None) -> tuple[int, int]:
@@ -316,7 +337,7 @@ def infer_grid(params_or_flat: Mapping, model_config: Any = None) -> tuple[int, 
 
   Only square grids can be read off a flat token count; others raise ValueError.
   """
-  flat = params_or_flat if POSEMB_KEY in params_or_flat else flatten(params_or_flat)
+  flat = _as_flat(params_or_flat)
   if POSEMB_KEY not in flat:
     raise ValueError(f'No position embeddings ({POSEMB_KEY}) in these parameters')
   shape = tuple(flat[POSEMB_KEY].shape)

@@ -199,13 +199,28 @@ def _out_kernel(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _finish_params(flat: dict[str, np.ndarray], config: Any, source: str) -> dict:
-  """Checks converted params against the model built from `config`; returns the tree."""
+  """Checks converted params against the model built from `config`; returns the tree.
+
+  Weights without a classification head (a timm model with num_classes=0, a HF
+  `ViTModel`) are checked without one: `checkpoint.load_pretrained` adds a fresh head.
+  """
   params = checkpoint.unflatten(flat)
   if config is not None:
-    num_classes = int(flat['head/kernel'].shape[-1])
+    has_head = 'head/kernel' in flat
+    num_classes = int(flat['head/kernel'].shape[-1]) if has_head else 1
     image_size = checkpoint.infer_image_size(flat, config)
     expected = checkpoint.abstract_params(config, num_classes, image_size)
-    checkpoint.check_params(params, expected, source=f'converted {source} weights')
+    if not has_head:
+      logging.info('%s weights have no classification head', source)
+      expected.pop('head')
+    hint = ''
+    if 'pre_logits/kernel' in flat and not _get(config, 'representation_size'):
+      hint = (f'\n(the weights have a representation layer of size '
+              f'{flat["pre_logits/kernel"].shape[-1]}: set representation_size)')
+    try:
+      checkpoint.check_params(params, expected, source=f'converted {source} weights')
+    except ValueError as e:
+      raise ValueError(f'{e}{hint}') from None
   return params
 
 
@@ -258,8 +273,9 @@ def to_timm(params: Mapping) -> dict[str, np.ndarray]:
       sd[t + f'mlp.fc{j + 1}.bias'] = flat[f'{p}MlpBlock_3/Dense_{j}/bias']
   sd['norm.weight'] = flat['Transformer/encoder_norm/scale']
   sd['norm.bias'] = flat['Transformer/encoder_norm/bias']
-  sd['head.weight'] = _dense_from_torch(flat['head/kernel'])
-  sd['head.bias'] = flat['head/bias']
+  if 'head/kernel' in flat:  # else: a timm model with num_classes=0
+    sd['head.weight'] = _dense_from_torch(flat['head/kernel'])
+    sd['head.bias'] = flat['head/bias']
   return sd
 
 
@@ -323,10 +339,10 @@ def from_timm(state_dict: Mapping[str, Any], model_config: Any) -> dict:
   if pre_w is not None:
     flat['pre_logits/kernel'] = _dense_from_torch(pre_w)
     flat['pre_logits/bias'] = take('pre_logits.fc.bias')
-  head_w = take('head.weight')
-  if head_w is not None:
+  head_w = take.optional('head.weight')
+  if head_w is not None:  # timm models built with num_classes=0 have none
     flat['head/kernel'] = _dense_from_torch(head_w)
-  flat['head/bias'] = take('head.bias')
+    flat['head/bias'] = take('head.bias')
   take.finish()
   _check_dims(config, hidden, num_layers, mlp_dim, 'timm')
   return _finish_params(flat, config, 'timm')
@@ -415,6 +431,9 @@ def to_hf(params: Mapping, layout: str = 'auto') -> dict[str, np.ndarray]:
     raise ValueError(f'layout must be one of {HF_LAYOUTS} or "auto", got {layout!r}')
   flat = {k: checkpoint._to_numpy(v) for k, v in checkpoint.flatten(params).items()}  # pylint: disable=protected-access
   _check_plain_vit(flat, 'Hugging Face ViT')
+  if 'head/kernel' not in flat:
+    raise ValueError('These params have no classification head, which '
+                     'ViTForImageClassification needs')
   if 'cls' not in flat:
     raise ValueError("Hugging Face ViTForImageClassification classifies the class token; "
                      "a 'gap' model (no cls) cannot be exported to it")
@@ -450,12 +469,18 @@ def to_hf(params: Mapping, layout: str = 'auto') -> dict[str, np.ndarray]:
 
 
 def from_hf(state_dict: Mapping[str, Any], model_config: Any) -> dict:
-  """A HF `ViTForImageClassification` state dict (either layout) -> our params.
+  """A HF ViT state dict (either layout) -> our params, checked against `model_config`.
 
-  `model_config` supplies the head count; the result is checked against it.
+  Reads `ViTForImageClassification` and also the bare `ViTModel` (keys without
+  `vit.`, no classifier), whose pooler (Dense + tanh on the class token) is the
+  representation layer `pre_logits` of the ImageNet-21k checkpoints.
+  `model_config` supplies the head count.
   """
   config = _resolve(model_config)
   sd = _numpy_dict(state_dict)
+  if not any(k.startswith('vit.') for k in sd) and any(k.startswith('embeddings.') for k in sd):
+    logging.info('from_hf: a bare ViTModel state dict (no classifier)')
+    sd = {f'vit.{k}': v for k, v in sd.items()}
   if 'vit.embeddings.mask_token' in sd:
     logging.info('from_hf: dropping vit.embeddings.mask_token (unused by classification)')
     del sd['vit.embeddings.mask_token']
@@ -500,10 +525,18 @@ def from_hf(state_dict: Mapping[str, Any], model_config: Any) -> dict:
       flat[f'{p}MlpBlock_3/Dense_{j}/bias'] = take(n[fc] + '.bias')
   flat['Transformer/encoder_norm/scale'] = take(_HF_COMMON['encoder_norm'] + '.weight')
   flat['Transformer/encoder_norm/bias'] = take(_HF_COMMON['encoder_norm'] + '.bias')
-  head_w = take(_HF_COMMON['head'] + '.weight')
+  # The pooler is the representation layer only where nothing else reads the
+  # class token; ViTForImageClassification's classifier bypasses it.
+  pooler_w = None
+  if _HF_COMMON['head'] + '.weight' not in take.sd:
+    pooler_w = take.optional('vit.pooler.dense.weight')
+  if pooler_w is not None:
+    flat['pre_logits/kernel'] = _dense_from_torch(pooler_w)
+    flat['pre_logits/bias'] = take('vit.pooler.dense.bias')
+  head_w = take.optional(_HF_COMMON['head'] + '.weight')
   if head_w is not None:
     flat['head/kernel'] = _dense_from_torch(head_w)
-  flat['head/bias'] = take(_HF_COMMON['head'] + '.bias')
+    flat['head/bias'] = take(_HF_COMMON['head'] + '.bias')
   take.finish()
   if _get(config, 'classifier', 'token') != 'token':
     raise ValueError("Hugging Face ViT classifies the class token; the model config says "
@@ -591,7 +624,11 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f'No such file: {path!r}')
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
+    try:
+      return load_file(path)
+    except (TypeError, ValueError):  # bfloat16 & co. have no numpy dtype
+      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
+      return _numpy_dict(load_torch(path))
   import torch  # pylint: disable=g-import-not-at-top
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
@@ -630,12 +667,15 @@ def write_hf_directory(params: Mapping, model_config: Any, path: str,
 
 
 def convert_file(source: str, target: str, model: str, input_path: str, output_path: str,
-                 classifier: Optional[str] = None) -> dict:
+                 classifier: Optional[str] = None,
+                 representation_size: Optional[int] = None) -> dict:
   """Reads `input_path` in format `source`, writes `output_path` in `target`; returns our params."""
   from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
   config = models_config.get_config(model)
   if classifier:
     config.classifier = classifier
+  if representation_size:
+    config.representation_size = representation_size
   if source == 'npz':
     params = checkpoint.load(input_path)
   elif source == 'timm':
@@ -677,11 +717,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            'model.safetensors) or a .safetensors/.bin file')
   parser.add_argument('--classifier', choices=('token', 'gap'), default=None,
                       help="override the preset's classifier (timm 'gap' models)")
+  parser.add_argument('--representation_size', type=int, default=None,
+                      help='size of the pre-logits layer, for weights that have one '
+                           '(e.g. HF ViTModel poolers of ImageNet-21k checkpoints)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
     params = convert_file(args.source, args.target, args.model, args.input, args.output,
-                          args.classifier)
+                          args.classifier, args.representation_size)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
