@@ -506,7 +506,7 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
     if shape == target_shape:
       out[key] = value
     elif key in HEAD_KEYS:
-      logging.info('load_pretrained: replacing %s %s with the fresh %s (new classes)',
+      logging.info('load_pretrained: replacing %s %s with the fresh %s (class count differs)',
                    key, shape, target_shape)
       notes.append(f'replaced {key}')
       out[key] = _fresh(key, target)
