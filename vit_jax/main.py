@@ -1,0 +1,82 @@
+"""Command line: `python -m vit_jax.main --config=configs/default.py --workdir=DIR`.
+
+Any config field can be overridden on the command line
+(`--config.total_steps=500 --config.learning_rate=0.01`), and configs that
+take an argument get it after a colon
+(`--config=configs/finetune_cifar10.py:ViT-L_16`).
+
+Multi-process runs: pass `--coordinator_address=host:port --num_processes=N
+--process_id=i` to every process, or nothing on a cluster that JAX detects by
+itself (SLURM, Open MPI, Cloud TPU; or set `--multiprocess` to make it try).
+Rerunning with the same `--workdir` resumes from the latest checkpoint. Exit
+status 143 means the run was stopped by SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (configs/*.py[:argument]).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and event files go.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+flags.DEFINE_integer('process_id', None, 'Index of this process, 0 .. num_processes-1.')
+flags.DEFINE_bool('multiprocess', False,
+                  'Join a multi-process run described by the cluster environment.')
+flags.DEFINE_string('platform', None, "Force a JAX platform ('cpu', 'gpu', 'tpu').")
+
+# Environment variables by which JAX's cluster detection finds a multi-process job.
+_CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
+                'JAX_COORDINATOR_ADDRESS')
+
+
+def _wants_distributed() -> bool:
+  if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+    return True
+  if FLAGS.multiprocess:
+    return True
+  if os.environ.get('SLURM_NTASKS', '1') not in ('', '1'):
+    return True
+  return int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError('--config and --workdir are required.')
+
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.platform:
+    jax.config.update('jax_platforms', FLAGS.platform)
+  if _wants_distributed():
+    from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+    if (FLAGS.platform or os.environ.get('JAX_PLATFORMS', '')).startswith('cpu'):
+      # Collectives across CPU processes.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).',
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  logging.info('Config:\n%s', FLAGS.config)
+  metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if metrics.get('preempted'):
+    sys.exit(143)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

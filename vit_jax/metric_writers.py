@@ -1,0 +1,233 @@
+"""Where training metrics go: the console, TensorBoard event files, JSON lines.
+
+`create_default_writer(workdir, total_steps)` gives process 0 all three and
+every other process a writer that drops everything, so a multi-host run
+writes each number once. Writers take host scalars (python / numpy numbers):
+the training loop fetches metrics from the devices before it writes them.
+
+TensorBoard event files are written with the `tensorboard` package's own
+writer, which needs no TensorFlow; when `tensorboard` is missing the writer
+says so once in the log and the other writers carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import logging
+
+Scalars = Mapping[str, Any]
+
+
+def _to_float(value: Any) -> float:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return float('nan')
+
+
+class MetricWriter:
+  """Interface: scalars at a step, hyper-parameters once, flush, close."""
+
+  def write_scalars(self, step: int, scalars: Scalars) -> None:
+    raise NotImplementedError
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    del hparams
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self.flush()
+
+
+class NullWriter(MetricWriter):
+  """Drops everything (processes other than 0)."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
+
+
+def _format_value(value: float) -> str:
+  if value == 0 or not math.isfinite(value):
+    return str(value)
+  if abs(value) >= 1e5 or abs(value) < 1e-3:
+    return f'{value:.3e}'
+  if float(value).is_integer():
+    return str(int(value))
+  return f'{value:.4g}'
+
+
+class ConsoleWriter(MetricWriter):
+  """One log line per write: `[step/total pct ETA] name=value ...`.
+
+  The ETA uses the `steps_per_sec` scalar when the write has one, else the
+  average speed since the writer was made.
+  """
+
+  def __init__(self, total_steps: Optional[int] = None, start_step: int = 0,
+               print_fn=None):
+    self.total_steps = total_steps
+    self._start_step = start_step
+    self._start_time = time.monotonic()
+    self._print = print_fn or (lambda line: logging.info('%s', line))
+
+  def write_scalars(self, step, scalars):
+    prefix = f'step {step}'
+    if self.total_steps:
+      speed = _to_float(scalars.get('steps_per_sec', float('nan')))
+      if not speed > 0:
+        elapsed = time.monotonic() - self._start_time
+        done = step - self._start_step
+        speed = done / elapsed if elapsed > 0 and done > 0 else float('nan')
+      eta = (self.total_steps - step) / speed if speed > 0 else float('nan')
+      pct = 100.0 * step / self.total_steps
+      prefix = (f'[{step}/{self.total_steps} {pct:5.1f}% '
+                f'ETA {format_duration(eta)}]')
+    body = ' '.join(f'{k}={_format_value(_to_float(v))}' for k, v in sorted(scalars.items()))
+    self._print(f'{prefix} {body}')
+
+  def write_hparams(self, hparams):
+    self._print('hparams: ' + json.dumps(dict(hparams), sort_keys=True, default=str))
+
+
+class JsonLinesWriter(MetricWriter):
+  """Appends `{"step": s, name: value, ...}` lines to a file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._file = open(path, 'a', encoding='utf-8')
+
+  def write_scalars(self, step, scalars):
+    record = {'step': int(step), 'time': time.time()}
+    record.update({k: _to_float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + '\n')
+
+  def write_hparams(self, hparams):
+    self._file.write(json.dumps({'hparams': dict(hparams)}, default=str) + '\n')
+
+  def flush(self):
+    if not self._file.closed:
+      self._file.flush()
+
+  def close(self):
+    if not self._file.closed:
+      self._file.close()
+
+
+class TensorBoardWriter(MetricWriter):
+  """Scalar summaries in a TensorBoard event file under `logdir` (no TensorFlow)."""
+
+  def __init__(self, logdir: str):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    # pylint: enable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    self.logdir = logdir
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._writer = EventFileWriter(logdir, flush_secs=30)
+
+  def write_scalars(self, step, scalars):
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=_to_float(v))
+              for k, v in scalars.items()]
+    event = self._event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=self._summary_pb2.Summary(value=values))
+    self._writer.add_event(event)
+
+  def write_hparams(self, hparams):
+    # Plain text summary: readable in TensorBoard's text tab without the
+    # hparams plugin's protos.
+    text = json.dumps(dict(hparams), sort_keys=True, indent=1, default=str)
+    meta = self._summary_pb2.SummaryMetadata(
+        plugin_data=self._summary_pb2.SummaryMetadata.PluginData(plugin_name='text'))
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+    # pylint: enable=g-import-not-at-top
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, string_val=[text.encode('utf-8')],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    value = self._summary_pb2.Summary.Value(tag='config', metadata=meta, tensor=tensor)
+    self._writer.add_event(self._event_pb2.Event(
+        wall_time=time.time(), step=0, summary=self._summary_pb2.Summary(value=[value])))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class MultiWriter(MetricWriter):
+  """Sends every call to each of `writers`."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = list(writers)
+
+  def write_scalars(self, step, scalars):
+    for w in self.writers:
+      w.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams):
+    for w in self.writers:
+      w.write_hparams(hparams)
+
+  def flush(self):
+    for w in self.writers:
+      w.flush()
+
+  def close(self):
+    for w in self.writers:
+      w.close()
+
+
+def create_default_writer(workdir: Optional[str], total_steps: Optional[int] = None,
+                          start_step: int = 0, *, just_logging: bool = False,
+                          tensorboard: bool = True) -> MetricWriter:
+  """Console + TensorBoard (`workdir`) + JSON lines (`workdir/metrics.jsonl`).
+
+  `just_logging=True` (processes other than 0) returns a `NullWriter`.
+  """
+  if just_logging:
+    return NullWriter()
+  writers: list[MetricWriter] = [ConsoleWriter(total_steps, start_step)]
+  if workdir:
+    writers.append(JsonLinesWriter(os.path.join(workdir, 'metrics.jsonl')))
+    if tensorboard:
+      try:
+        writers.append(TensorBoardWriter(workdir))
+      except ImportError as e:
+        logging.warning('No TensorBoard event files (%s); console and JSON only.', e)
+  return MultiWriter(writers)
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+  """Writes `data` as JSON atomically (temporary file, then rename)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(dict(data), f, indent=2, sort_keys=True, default=_json_default)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _json_default(value):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return str(value)
