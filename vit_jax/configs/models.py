@@ -146,6 +146,7 @@ def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
                 **overrides: Any):
   """A Flax module for a preset name or config; `overrides` set module fields (dtype, ...)."""
   # Imported here so configs stay importable as plain data.
+  import flax
   from vit_jax import models_resnet, models_vit
 
   if isinstance(config, str):
@@ -158,7 +159,14 @@ def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
   fields.update(overrides)
   if model_type == 'vit':
     fields['patches'] = tuple(fields['patches']['size'])
+    # Frozen so the module is hashable (usable as a static jit argument).
+    fields['transformer'] = flax.core.FrozenDict(fields['transformer'])
+    if fields.get('resnet'):
+      resnet = dict(fields['resnet'])
+      resnet['num_layers'] = tuple(resnet['num_layers'])
+      fields['resnet'] = flax.core.FrozenDict(resnet)
     return models_vit.VisionTransformer(num_classes=num_classes, **fields)
   if model_type == 'resnet':
+    fields['num_layers'] = tuple(fields['num_layers'])
     return models_resnet.ResNetV2(num_classes=num_classes, **fields)
   raise ValueError(f"model_type must be 'vit' or 'resnet', got {model_type!r}")
