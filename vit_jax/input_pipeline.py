@@ -218,8 +218,11 @@ class _TfdsSource(_Source):
         builder = tfds.builder(name, data_dir=data_dir)
       except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
-            f'Unknown dataset {name!r}: not a TFDS dataset name, nor one of '
-            f'the embedded datasets {datasets.EMBEDDED_DATASETS}, nor '
+            f'Unknown dataset {name!r}: not a dataset of the TFDS catalog, '
+            f'nor a dataset prepared in data_dir={data_dir!r} (datasets '
+            'outside the catalog, e.g. a self-built imagenet21k, are read '
+            'from there), nor one of the embedded datasets '
+            f'{datasets.EMBEDDED_DATASETS}, nor '
             f'"{IMAGE_FOLDER_PREFIX}/path/to/folder".') from e
       if not builder.is_prepared():
         raise FileNotFoundError(
