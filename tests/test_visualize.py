@@ -1,5 +1,6 @@
 """Tests of vit_jax.visualize: the numbers behind each figure, the figures and the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -224,9 +225,19 @@ def test_write_figures_pngs(vit_test, tmp_path):
   assert (tmp_path / 'analysis.json').exists()
 
 
+def test_attention_distance_over_images(vit_test):
+  model, params = vit_test
+  images = (np.random.default_rng(2).random((5, 16, 16, 3)) * 255).astype(np.uint8)
+  together = visualize.attention_distance_over(model, params, images, batch_size=2)
+  assert together.shape == (2, 2)
+  singles = [visualize.analyze(model, params, im).attention_distance for im in images]
+  np.testing.assert_allclose(together, np.mean(singles, axis=0), rtol=1e-5)
+
+
 def test_figures_individually():
-  fig = visualize.plot_attention_distance(np.random.rand(3, 2) * 10, (32, 32))
+  fig = visualize.plot_attention_distance(np.random.rand(3, 2) * 10, (32, 32), 4, 12.0)
   assert len(fig.axes) == 1
+  assert fig.axes[0].get_ylim()[1] == pytest.approx(32.0)  # half the diagonal * sqrt(2)
   fig = visualize.plot_top_k([('a', 0.5), ('b', 0.3)])
   assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['a', 'b']
   sim = visualize.position_embedding_similarity(np.random.rand(1, 10, 4), (3, 3))
@@ -234,11 +245,29 @@ def test_figures_individually():
   assert fig.axes[0].get_images()[0].get_array().shape == (3 * 4 - 1,) * 2
 
 
+def test_palette_png_is_smaller_and_valid(tmp_path):
+  image = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
+  fig = visualize.plot_patch_grid(image, 8)
+  full = visualize.save_figure(fig, str(tmp_path / 'full.png'), dpi=50)
+  small = visualize.save_figure(fig, str(tmp_path / 'small.png'), dpi=50, palette=True)
+  assert is_png(full) and is_png(small)
+  assert os.path.getsize(small) < os.path.getsize(full)
+
+
 def test_load_image_spec():
   cat = visualize.load_image_spec('skimage:chelsea')
   assert cat.dtype == np.uint8 and cat.ndim == 3 and cat.shape[-1] == 3
   with pytest.raises(ValueError):
     visualize.load_image_spec('skimage:no_such_image')
+  assert len(visualize.load_images('skimage:astronaut')) == 1
+
+
+def test_load_digits_images():
+  digit = visualize.load_image_spec('digits:test:2')
+  assert digit.shape == (32, 32, 3) and digit.dtype == np.uint8
+  many = visualize.load_images('digits:test:0-4')
+  assert len(many) == 5
+  np.testing.assert_array_equal(many[2], digit)
 
 
 def test_cli_writes_pngs(tmp_path):
@@ -251,7 +280,7 @@ def test_cli_writes_pngs(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.visualize', '--model', 'ViT-Test_4',
        '--checkpoint', str(ckpt), '--image', 'skimage:astronaut', '--out', str(out),
-       '--dpi', '40'],
+       '--dpi', '40', '--palette'],
       cwd=REPO, env=dict(os.environ, MPLBACKEND='Agg'), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -264,11 +293,15 @@ def test_cli_main_random_init(tmp_path):
   """The same entry point in-process, with random parameters and no checkpoint."""
   paths = visualize.main([
       '--model', 'ViT-Test_4', '--random-init', '--image-size', '16', '--num-classes', '7',
-      '--image', 'skimage:chelsea', '--display-size', '64', '--dpi', '40',
-      '--out', str(tmp_path)])
+      '--image', 'skimage:chelsea', '--image', 'skimage:astronaut', '--display-size', '64',
+      '--dpi', '40', '--out', str(tmp_path)])
   assert set(paths) == set(visualize.FIGURE_FILES)
   for path in paths.values():
     assert is_png(path)
+  with open(tmp_path / 'analysis.json') as f:
+    summary = json.load(f)
+  assert summary['mean_attention_distance_images'] == 2
+  assert len(summary['top5']) == 5
 
 
 def test_cli_needs_parameters(tmp_path):

@@ -14,8 +14,8 @@ turns an `Analysis` into PNG files. The command line does both:
 
   python -m vit_jax.visualize --model ViT-B_16 --checkpoint ViT-B_16.npz \
       --image cat.jpg --out /tmp/vis
-  python -m vit_jax.visualize --workdir /tmp/default_run --image digits:test:0 \
-      --out /tmp/vis                  # a `vit_jax.train` run (config from the workdir)
+  python -m vit_jax.visualize --workdir /tmp/digits --config configs/default.py \
+      --image digits:test:0 --out /tmp/vis       # a `vit_jax.train` run
   python -m vit_jax.visualize --model ViT-Test_4 --random-init --image-size 32 \
       --image skimage:chelsea --out /tmp/vis
 
@@ -292,6 +292,7 @@ class Analysis:
   attention_distance: np.ndarray     # (layers, heads), pixels
   labels: Optional[Sequence[str]] = None
   display_image: Optional[np.ndarray] = None  # same view, higher resolution
+  distance_images: int = 1           # images averaged in `attention_distance`
 
   def top_k(self, k: int = 5) -> list[tuple[str, float]]:
     idx, probs = top_k(self.logits, k)
@@ -306,6 +307,7 @@ class Analysis:
         'num_heads': int(self.attentions.shape[1]),
         'top5': [{'label': l, 'probability': p} for l, p in self.top_k(5)],
         'mean_attention_distance_px': self.attention_distance.round(3).tolist(),
+        'mean_attention_distance_images': self.distance_images,
     }
 
 
@@ -327,9 +329,7 @@ def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = 
   if not hasattr(model, 'patch_stride'):
     raise ValueError(f'{type(model).__name__} has no attention to visualise; '
                      'use a VisionTransformer')
-  logits, out = jax.jit(
-      lambda p, x: model.apply({'params': p}, x, train=False, return_attention=True)
-  )(params, to_model_input(image))
+  logits, out = _attention_forward(model)(params, to_model_input(image))
   attentions = _stack_attention([np.asarray(a) for a in out['attention_weights']])
   patch_size = tuple(int(s) for s in model.patch_stride)
   grid = (image.shape[0] // patch_size[0], image.shape[1] // patch_size[1])
@@ -354,6 +354,43 @@ def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = 
   )
 
 
+_FORWARD_CACHE: dict[str, Any] = {}
+
+
+def _attention_forward(model):
+  """The jitted forward pass returning attention weights, compiled once per model.
+
+  Keyed by the module's repr (its full configuration): Flax modules holding
+  dicts cannot be hashed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  key = repr(model)
+  if key not in _FORWARD_CACHE:
+    if len(_FORWARD_CACHE) >= 8:
+      _FORWARD_CACHE.pop(next(iter(_FORWARD_CACHE)))
+    _FORWARD_CACHE[key] = jax.jit(lambda p, x: model.apply(
+        {'params': p}, x, train=False, return_attention=True))
+  return _FORWARD_CACHE[key]
+
+
+def attention_distance_over(model, params, images: np.ndarray,
+                            batch_size: int = 64) -> np.ndarray:
+  """`mean_attention_distance` (layers, heads) averaged over uint8 images (N, H, W, 3)."""
+  images = np.asarray(images)
+  forward = _attention_forward(model)
+  patch_size = tuple(int(s) for s in model.patch_stride)
+  grid = (images.shape[1] // patch_size[0], images.shape[2] // patch_size[1])
+  total, count = 0.0, 0
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    _, out = forward(params, to_model_input(chunk))
+    attentions = [np.asarray(a) for a in out['attention_weights']]
+    prefix = attentions[0].shape[-1] - grid[0] * grid[1]
+    total = total + mean_attention_distance(attentions, patch_size, grid, prefix) * len(chunk)
+    count += len(chunk)
+  return total / count
+
+
 def _find_pos_embedding(params) -> Optional[np.ndarray]:
   try:
     return np.asarray(params['Transformer']['posembed_input']['pos_embedding'])
@@ -376,14 +413,20 @@ def _shown(image: np.ndarray, display_image: Optional[np.ndarray]) -> np.ndarray
 
 def _overlay(ax, background: np.ndarray, heat: np.ndarray, title: str = '',
              alpha: float = 0.6, cmap: str = 'inferno') -> None:
-  """Draws `heat` (rows, cols), scaled to its own maximum, over the image."""
+  """Draws `heat` (rows, cols), stretched to its own range, over the image."""
   h, w = background.shape[:2]
   ax.imshow(background, extent=(0, w, h, 0), interpolation='nearest')
-  peak = float(np.max(heat))
-  ax.imshow(heat / peak if peak > 0 else heat, extent=(0, w, h, 0), cmap=cmap,
+  ax.imshow(_stretch(heat), extent=(0, w, h, 0), cmap=cmap,
             alpha=alpha, vmin=0.0, vmax=1.0, interpolation='bilinear')
   ax.set_title(title, fontsize=8)
   ax.set_axis_off()
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+  """Linearly maps the smallest value to 0 and the largest to 1 (constant: zeros)."""
+  values = np.asarray(values, np.float64)
+  low, high = float(values.min()), float(values.max())
+  return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
 def plot_patch_grid(image: np.ndarray, patch_size: Sequence[int] | int,
@@ -460,13 +503,15 @@ def plot_attention_maps(image: np.ndarray, class_attention: np.ndarray,
   """Class-token attention of every layer (rows) and head (columns) over the image."""
   layers, heads = class_attention.shape[:2]
   shown = _shown(image, display_image)
+  if shown.shape[0] > 128:  # small tiles: a lighter picture looks the same
+    shown = resize(shown, (128, int(round(128 * shown.shape[1] / shown.shape[0]))))
   size = 1.6
   fig = _figure(size * heads + 0.6, size * layers + 0.5)
   axes = fig.subplots(layers, heads, squeeze=False)
   for l in range(layers):
     for h in range(heads):
       _overlay(axes[l, h], shown, class_attention[l, h], f'layer {l + 1}, head {h + 1}')
-  fig.suptitle('Attention of the class token (each map scaled to its maximum)',
+  fig.suptitle('Attention of the class token (each map stretched to its own range)',
                fontsize=10)
   return fig
 
@@ -485,8 +530,7 @@ def plot_attention_rollout(image: np.ndarray, rollout_grid: np.ndarray,
   # Mask: upsample the map to the shown image and multiply.
   h, w = shown.shape[:2]
   rows, cols = rollout_grid.shape
-  mask = rollout_grid / max(float(rollout_grid.max()), 1e-12)
-  mask = np.asarray(_resize_float(mask, (h, w)))[..., None]
+  mask = np.asarray(_resize_float(_stretch(rollout_grid), (h, w)))[..., None]
   axes[2].imshow((shown.astype(np.float32) * mask).astype(np.uint8),
                  interpolation='nearest')
   axes[2].set_title('image x rollout', fontsize=9)
@@ -496,8 +540,14 @@ def plot_attention_rollout(image: np.ndarray, rollout_grid: np.ndarray,
   return fig
 
 
-def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence[int]] = None):
-  """Paper Fig. 7 (right): mean attention distance of each head against depth."""
+def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence[int]] = None,
+                            num_images: Optional[int] = None,
+                            uniform_reference: Optional[float] = None):
+  """Paper Fig. 7 (right): mean attention distance of each head against depth.
+
+  `uniform_reference` (e.g. `patch_distances(grid, patch).mean()`) draws the
+  value a head attending uniformly to all patches would have.
+  """
   distances = np.asarray(distances)
   layers, heads = distances.shape
   fig = _figure(5, 4)
@@ -506,6 +556,9 @@ def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence
   colors = _colors(heads)
   for h in range(heads):
     ax.scatter(depth, distances[:, h], s=18, color=colors[h], label=f'head {h + 1}')
+  if uniform_reference is not None:
+    ax.axhline(uniform_reference, color='grey', ls='--', lw=1,
+               label='uniform attention')
   ax.set_xlabel('network depth (layer)')
   ax.set_ylabel('mean attention distance (pixels)')
   ax.set_xticks(depth)
@@ -513,9 +566,10 @@ def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence
   if image_size is not None:
     ax.set_ylim(top=float(np.hypot(*_pair(image_size))) / np.sqrt(2))
   if heads <= 16:
-    ax.legend(fontsize=7, ncol=2 if heads > 6 else 1, loc='lower right')
+    ax.legend(fontsize=7, ncol=2 if heads > 6 else 1, loc='lower right', framealpha=0.9)
   ax.grid(alpha=0.3)
-  ax.set_title('Mean attention distance per head')
+  ax.set_title('Mean attention distance per head' +
+               (f' ({num_images} images)' if num_images else ''))
   return fig
 
 
@@ -558,27 +612,39 @@ def figures(analysis: Analysis) -> dict[str, Any]:
   out['attention_maps'] = plot_attention_maps(a.image, a.class_attention, a.display_image)
   out['attention_rollout'] = plot_attention_rollout(a.image, a.rollout_map,
                                                     a.display_image)
-  out['attention_distance'] = plot_attention_distance(a.attention_distance,
-                                                      a.image.shape[:2])
+  out['attention_distance'] = plot_attention_distance(
+      a.attention_distance, a.image.shape[:2], a.distance_images,
+      float(patch_distances(a.grid_shape, a.patch_size).mean()))
   out['top_k'] = plot_top_k(a.top_k(5))
   return out
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> str:
-  """Writes a Figure as PNG with the Agg canvas (no pyplot, no display needed)."""
+def save_figure(fig, path: str, dpi: int = 100, palette: bool = False) -> str:
+  """Writes a Figure as PNG with the Agg canvas (no pyplot, no display needed).
+
+  `palette=True` stores 256 colours instead of full RGB: files about 2-3x
+  smaller (for documentation), with slight banding in smooth gradients.
+  """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(fig)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, format='png', dpi=dpi)
+  if palette:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as im:
+      rgb = im.convert('RGB')
+    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                 dither=Image.Dither.NONE).save(path, format='PNG', optimize=True)
   return path
 
 
-def write_figures(analysis: Analysis, out_dir: str, dpi: int = 100) -> dict[str, str]:
+def write_figures(analysis: Analysis, out_dir: str, dpi: int = 100,
+                  palette: bool = False) -> dict[str, str]:
   """Writes every figure as PNG plus `analysis.json`; returns {name: path}."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   for name, fig in figures(analysis).items():
-    paths[name] = save_figure(fig, os.path.join(out_dir, FIGURE_FILES[name]), dpi)
+    paths[name] = save_figure(fig, os.path.join(out_dir, FIGURE_FILES[name]), dpi, palette)
   with open(os.path.join(out_dir, 'analysis.json'), 'w') as f:
     json.dump(analysis.summary(), f, indent=2)
   return paths
@@ -613,6 +679,15 @@ def load_image_spec(spec: str) -> np.ndarray:
   if image.dtype != np.uint8:
     image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
   return image
+
+
+def load_images(spec: str) -> list[np.ndarray]:
+  """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive)."""
+  parts = spec.split(':')
+  if parts[0] == 'digits' and len(parts) > 2 and '-' in parts[2]:
+    first, last = (int(v) for v in parts[2].split('-', 1))
+    return list(digits_images(parts[1] or 'test', range(first, last + 1))[0])
+  return [load_image_spec(spec)]
 
 
 def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None
@@ -680,41 +755,47 @@ def image_size_from_params(params, patch_stride: Sequence[int]) -> Optional[int]
   return None
 
 
-def _config_from_workdir(workdir: str, config_path: Optional[str]):
-  """(experiment config, params) of a `vit_jax.train` run in `workdir`."""
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
-  config = None
-  if config_path:
-    config = _load_config_file(config_path)
-  for name in ('restore_params', 'load_params', 'restore_checkpoint'):
-    fn = getattr(train, name, None)
-    if fn is not None:
-      break
-  else:
-    raise RuntimeError('vit_jax.train offers no way to restore parameters from a workdir')
-  result = fn(workdir) if config is None else _call_restore(fn, workdir, config)
-  if isinstance(result, tuple):
-    params, restored_config = result[0], result[1] if len(result) > 1 else None
-    config = config or restored_config
-  else:
-    params = result
-  return config, params
+def params_from_workdir(workdir: str) -> tuple[dict, dict]:
+  """(params, run metadata) of a `vit_jax.train` run.
+
+  Prefers `workdir/params.npz` (written with `config.export_params`), else the
+  newest run checkpoint; the metadata (model_name, dataset, step) comes from
+  that checkpoint when there is one.
+  """
+  from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
+  meta: dict = {}
+  params = None
+  exported = os.path.join(workdir, 'params.npz')
+  if os.path.isdir(os.path.join(workdir, train_checkpoints.CHECKPOINT_DIR)):
+    checkpointer = train_checkpoints.RunCheckpointer(workdir, max_to_keep=None,
+                                                     async_save=False)
+    try:
+      state, meta = checkpointer.restore_latest()
+    finally:
+      checkpointer.close()
+    meta = dict(meta or {})
+    if state is not None and not os.path.exists(exported):
+      params = state['params'] if isinstance(state, dict) else state.params
+  if os.path.exists(exported):
+    params = load_params(exported)
+  if params is None:
+    raise SystemExit(f'{workdir} holds neither params.npz nor a run checkpoint')
+  return jax_to_numpy(params), meta
 
 
-def _call_restore(fn, workdir, config):
-  try:
-    return fn(workdir, config)
-  except TypeError:
-    return fn(workdir)
+def jax_to_numpy(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, tree)
 
 
-def _load_config_file(path: str):
-  """`get_config()` of a Python config file such as `configs/default.py`."""
+def load_config_file(spec: str):
+  """`get_config()` of a config file such as `configs/default.py` (`path:arg` passes arg)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('_vit_jax_vis_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  path, _, arg = spec.partition(':') if not os.path.exists(spec) else (spec, '', '')
+  module_spec = importlib.util.spec_from_file_location('_vit_jax_vis_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def build_from_args(args) -> tuple[Any, dict, int, Optional[str]]:
@@ -722,43 +803,43 @@ def build_from_args(args) -> tuple[Any, dict, int, Optional[str]]:
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models as model_configs  # pylint: disable=g-import-not-at-top
 
-  dataset = None
+  model_config, dataset, params = None, None, None
   image_size = args.image_size
-  model_name = args.model
-  params = None
-  if args.workdir:
-    config, params = _config_from_workdir(args.workdir, args.config)
-    if config is not None:
-      model_name = model_name or config.get('model_name')
-      image_size = image_size or config.get('image_size')
-      dataset = config.get('dataset')
-  elif args.config:
-    config = _load_config_file(args.config)
-    model_name = model_name or config.get('model_name')
+  if args.config:
+    from vit_jax import train  # pylint: disable=g-import-not-at-top
+    config = load_config_file(args.config)
+    model_config = train.model_config_from(config)
     image_size = image_size or config.get('image_size')
     dataset = config.get('dataset')
-  if not model_name:
-    raise SystemExit('--model is required (or --workdir/--config naming one)')
+  if args.workdir:
+    params, meta = params_from_workdir(args.workdir)
+    if model_config is None and meta.get('model_name') and not args.model:
+      model_config = model_configs.get_config(meta['model_name'])
+    dataset = dataset or meta.get('dataset')
+  if args.model:
+    model_config = model_configs.get_config(args.model)
+  if model_config is None:
+    raise SystemExit('--model is required (or --config / --workdir naming one)')
   if args.checkpoint:
     params = load_params(args.checkpoint)
   if params is not None:
-    params = params.get('params', params) if 'head' not in params else params
     num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   else:
     num_classes = args.num_classes or 1000
-  model = model_configs.build_model(model_name, num_classes)
+  model = model_configs.build_model(model_config, num_classes)
   if not hasattr(model, 'patch_stride'):
-    raise SystemExit(f'{model_name} is not a Vision Transformer: nothing to visualise')
+    raise SystemExit(f'{model_config.name} is not a Vision Transformer: '
+                     'it has no attention to visualise')
   if image_size is None and params is not None:
     image_size = image_size_from_params(params, model.patch_stride)
-  image_size = image_size or 224
+  image_size = int(image_size or 224)
   if params is None:
     if not args.random_init:
       raise SystemExit('give --checkpoint, --workdir or --random-init')
     dummy = np.zeros((1, image_size, image_size, 3), np.float32)
     params = jax.jit(lambda r, x: model.init(r, x, train=False))(
         jax.random.PRNGKey(args.seed), dummy)['params']
-  return model, params, int(image_size), dataset
+  return model, params, image_size, dataset
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -770,18 +851,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--model', help="preset name, e.g. 'ViT-B_16' or 'ViT-Digits_4'")
   p.add_argument('--checkpoint', help='published-format .npz parameters')
   p.add_argument('--workdir', help='a vit_jax.train working directory to take the params from')
-  p.add_argument('--config', help='experiment config file (e.g. configs/default.py)')
+  p.add_argument('--config', help='experiment config file (e.g. configs/default.py): '
+                 'model preset with its overrides, image size and dataset')
   p.add_argument('--random-init', action='store_true',
                  help='use randomly initialised parameters (for smoke tests)')
   p.add_argument('--num-classes', type=int, help='classes for --random-init (default 1000)')
-  p.add_argument('--image', default='skimage:chelsea',
-                 help='image file, skimage:NAME or digits:SPLIT:INDEX (default skimage:chelsea)')
+  p.add_argument('--image', action='append',
+                 help='image file, skimage:NAME or digits:SPLIT:INDEX (default skimage:chelsea); '
+                 'repeat it, or give digits:SPLIT:A-B, to average the attention distance over '
+                 'several images (the other figures show the first)')
   p.add_argument('--image-size', type=int,
                  help='model input size (default: from the config or position embeddings)')
   p.add_argument('--display-size', type=int, default=224,
                  help='pixels of the images drawn under the overlays')
   p.add_argument('--labels', help='class names file, one per line')
   p.add_argument('--dpi', type=int, default=100)
+  p.add_argument('--palette', action='store_true',
+                 help='write 256-colour PNGs (2-3x smaller, e.g. for docs)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', required=True, help='output directory for the PNGs')
   return p.parse_args(argv)
@@ -792,10 +878,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   model, params, image_size, dataset = build_from_args(args)
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   labels = read_labels(args.labels, num_classes, dataset)
-  model_input, shown = prepare_image(load_image_spec(args.image), image_size,
-                                     args.display_size)
+  images = [image for spec in (args.image or ['skimage:chelsea'])
+            for image in load_images(spec)]
+  model_input, shown = prepare_image(images[0], image_size, args.display_size)
   analysis = analyze(model, params, model_input, labels, shown)
-  paths = write_figures(analysis, args.out, args.dpi)
+  if len(images) > 1:
+    inputs = np.stack([prepare_image(im, image_size, 0)[0] for im in images])
+    analysis.attention_distance = attention_distance_over(model, params, inputs)
+    analysis.distance_images = len(images)
+  paths = write_figures(analysis, args.out, args.dpi, args.palette)
   for name, path in paths.items():
     print(f'{name}: {path}')
   print('top-5: ' + ', '.join(f'{l} {p:.1%}' for l, p in analysis.top_k(5)))
