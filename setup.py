@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     'tensorflow-cpu>=2.18; platform_machine == "x86_64"',
     'tensorflow>=2.18; platform_machine != "x86_64"',
     'tensorflow-datasets>=4.9.6',
+    'importlib_resources>=6.0',  # imported by TFDS when it prepares a dataset
 ]
 
 EXTRAS_REQUIRE = {
