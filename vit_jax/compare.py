@@ -1,0 +1,441 @@
+"""ViT against the BiT ResNet baseline on equal terms: same data, steps and batch.
+
+  python -m vit_jax.compare --out /tmp/compare                 # embedded digits
+  python -m vit_jax.compare --dataset cifar10 --image-size 32 --steps 2000 --out ...
+  python -m vit_jax.compare --steps 4 --batch-size 16 --out /tmp/tiny   # smoke test
+
+Both runs go through `vit_jax.train.train_and_evaluate` with their own experiment
+configs (`configs/default.py` for the ViT, `configs/resnet_baseline.py` for the
+ResNet: each keeps its own model, optimiser and learning rate), after the fields
+that make the comparison fair are set to the same values in both: dataset,
+splits, image size, batch size, number of steps, evaluation schedule and seed.
+So both models see the same number of examples; what differs is the compute
+they spend on them, which is what the plot shows.
+
+Written to `--out`:
+
+- `compare.md` and `compare.json`: one row per model with eval accuracy,
+  parameters, forward GFLOPs per image (XLA's cost analysis of the compiled CPU
+  forward pass for both models, and the analytic count of `vit_jax.flops` for
+  the ViT), total training compute (3 x forward x examples seen), training
+  images/s (compilation and evaluation excluded), inference images/s (measured
+  here on the default device) and wall time;
+- `accuracy_vs_compute.png`: eval accuracy at every evaluation against the
+  training FLOPs spent so far, and against wall-clock time;
+- `runs/<name>/`: each run's workdir (metrics, checkpoints); an existing one
+  is deleted first unless `--resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIGS = {
+    'ViT': os.path.join(REPO_ROOT, 'configs', 'default.py'),
+    'ResNet': os.path.join(REPO_ROOT, 'configs', 'resnet_baseline.py'),
+}
+TRAIN_FLOPS_FACTOR = 3  # forward + backward (activations and weights)
+
+
+def load_config(spec: str):
+  """`get_config()` of a config file (`path` or `path:argument`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, arg = spec, ''
+  if not os.path.exists(spec) and ':' in spec:
+    path, _, arg = spec.rpartition(':')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(
+      f'_vit_jax_compare_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def shared_settings(args: argparse.Namespace, base) -> dict[str, Any]:
+  """The fields set to the same value in both configs (from flags, else the ViT config)."""
+  steps = int(args.steps if args.steps is not None else base.total_steps)
+  if steps < 1:
+    raise ValueError(f'--steps must be positive, got {steps}')
+  points = max(1, int(args.eval_points))
+  settings = {
+      'dataset': args.dataset or base.dataset,
+      'data_dir': args.data_dir if args.data_dir is not None else base.get('data_dir'),
+      'train_split': args.train_split or base.get('train_split', 'train'),
+      'eval_split': args.eval_split or base.get('eval_split', 'test'),
+      'image_size': int(args.image_size or base.image_size),
+      'batch_size': int(args.batch_size or base.batch_size),
+      'eval_batch_size': int(args.eval_batch_size or args.batch_size
+                             or base.get('eval_batch_size', base.batch_size)),
+      'total_steps': steps,
+      'eval_every': max(1, math.ceil(steps / points)),
+      'checkpoint_every': 0,  # the end only
+      'log_every': max(1, min(int(base.get('log_every', 50)), steps)),
+      'seed': int(args.seed if args.seed is not None else base.get('seed', 0)),
+  }
+  return settings
+
+
+def prepare_config(config, settings: dict[str, Any]):
+  """`config` with the shared settings; warm-up shortened when it exceeds a short run."""
+  config = config.copy_and_resolve_references() if hasattr(
+      config, 'copy_and_resolve_references') else config
+  with config.unlocked():
+    for key, value in settings.items():
+      config[key] = value
+    steps = settings['total_steps']
+    warmup = int(config.get('warmup_steps', 0) or 0)
+    if warmup >= steps:
+      config.warmup_steps = steps // 10
+  return config
+
+
+# ---------------------------------------------------------------------------
+# Cost and speed of one model.
+# ---------------------------------------------------------------------------
+
+def _cost_flops(compiled) -> Optional[float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  flops = cost.get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def model_costs(config, num_classes: int, params: Any = None,
+                xla_count: bool = True) -> dict[str, Any]:
+  """Parameters and forward FLOPs per image of the config's model.
+
+  `params` (optional) saves building an abstract parameter tree. The XLA count
+  compiles the forward pass of one image for the CPU, whose cost analysis sees
+  every operation (on GPU, library calls such as cuBLAS are not counted).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+
+  model_config = train.model_config_from(config)
+  model = train.build_model(config, num_classes)
+  size = int(config.image_size)
+  if params is None:
+    params = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))['params']
+  num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+  xla_flops = None
+  if xla_count:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    p_spec = jax.tree.map(lambda a: spec(a.shape, a.dtype), params)
+    forward = jax.jit(lambda p, im: model.apply({'params': p}, im, train=False)[0])
+    try:
+      xla_flops = _cost_flops(
+          forward.lower(p_spec, spec((1, size, size, 3), jnp.float32)).compile())
+    except Exception:  # pylint: disable=broad-except
+      xla_flops = None
+  analytic = None
+  if model_config.get('model_type', 'vit') == 'vit' and not model_config.get('resnet'):
+    analytic = float(flops_lib.vit_flops(model_config, size, num_classes))
+  return {
+      'model_name': config.model_name,
+      'model_type': model_config.get('model_type', 'vit'),
+      'num_params': num_params,
+      'forward_flops_xla': xla_flops,
+      'forward_flops_analytic': analytic,
+  }
+
+
+def forward_benchmark(config, params, batch_size: int,
+                      repeats: int = 5) -> tuple[float, Optional[float]]:
+  """(forward images/s on the default device, XLA FLOPs per image or None).
+
+  One compilation serves both: on a CPU backend the cost analysis of the
+  batch's forward pass, divided by the batch size, is the per-image count.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+
+  num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
+  model = train.build_model(config, num_classes)
+  size = int(config.image_size)
+  images = jnp.asarray(np.random.default_rng(0).uniform(
+      -1, 1, (batch_size, size, size, 3)).astype(np.float32))
+  params = jax.device_put(params)
+  compiled = jax.jit(lambda p, im: model.apply({'params': p}, im, train=False)[0]).lower(
+      params, images).compile()
+  flops = None
+  if jax.default_backend() == 'cpu':
+    total = _cost_flops(compiled)
+    flops = total / batch_size if total else None
+  jax.block_until_ready(compiled(params, images))  # warm-up
+  times = []
+  for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, images))
+    times.append(time.perf_counter() - start)
+  return batch_size / float(np.median(times)), flops
+
+
+def eval_history(workdir: str) -> list[dict[str, float]]:
+  """[{step, eval_accuracy, seconds}] from the run's `metrics.jsonl`, in step order."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  records, first_time = [], None
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      record = json.loads(line)
+      if 'step' not in record:
+        continue
+      if first_time is None and 'time' in record:
+        first_time = record['time']
+      if 'eval_accuracy' in record:
+        records.append({'step': int(record['step']),
+                        'eval_accuracy': float(record['eval_accuracy']),
+                        'time': float(record.get('time', float('nan')))})
+  return sorted(records, key=lambda r: r['step'])
+
+
+# ---------------------------------------------------------------------------
+# Running both.
+# ---------------------------------------------------------------------------
+
+def run_one(name: str, config, workdir: str, *, resume: bool = False,
+            inference_batch: Optional[int] = None) -> dict[str, Any]:
+  """Trains one config into `workdir`; returns its row of the table."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(workdir) and not resume:
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  final = train.train_and_evaluate(config, workdir)
+  wall = time.time() - start
+  history = eval_history(workdir)
+  params = _trained_params(workdir)
+  num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
+  batch = int(config.batch_size)
+  infer_speed, bench_flops = forward_benchmark(
+      config, params, inference_batch or int(config.get('eval_batch_size', batch)))
+  costs = model_costs(config, num_classes, params, xla_count=bench_flops is None)
+  if bench_flops is not None:
+    costs['forward_flops_xla'] = bench_flops
+  flops = costs['forward_flops_xla'] or costs['forward_flops_analytic']
+  per_step = TRAIN_FLOPS_FACTOR * flops * batch if flops else None
+  for point in history:
+    point['train_flops'] = per_step * point['step'] if per_step else None
+    point['seconds'] = point['time'] - start if math.isfinite(point['time']) else None
+  row = {
+      'name': name,
+      **costs,
+      'dataset': config.dataset,
+      'image_size': int(config.image_size),
+      'batch_size': batch,
+      'steps': int(final.get('step', config.total_steps)),
+      'examples_seen': float(final.get('examples_seen', batch * config.total_steps)),
+      'eval_accuracy': float(final.get('eval_accuracy', float('nan'))),
+      'eval_loss': float(final.get('eval_loss', float('nan'))),
+      'train_flops': per_step * int(final.get('step', config.total_steps)) if per_step else None,
+      'train_images_per_sec': float(final.get('images_per_sec', float('nan'))),
+      'inference_images_per_sec': infer_speed,
+      'wall_seconds': wall,
+      'num_classes': num_classes,
+      'history': history,
+      'workdir': workdir,
+  }
+  return row
+
+
+def _trained_params(workdir: str):
+  """The parameters of the run's newest checkpoint (numpy arrays)."""
+  from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
+  _, state = train_checkpoints.load_latest(workdir)
+  if state is None:
+    raise RuntimeError(f'no checkpoint in {workdir} after training')
+  return state['params'] if isinstance(state, dict) else state.params
+
+
+def _fmt(value: Any, kind: str) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return '-'
+  if kind == 'pct':
+    return f'{100 * value:.1f}%'
+  if kind == 'params':
+    return f'{value / 1e6:.3f}M'
+  if kind == 'gflops':
+    return f'{value / 1e9:.4g}'
+  if kind == 'tflops':
+    return f'{value / 1e12:.4g}'
+  if kind == 'rate':
+    return f'{value:,.0f}'
+  if kind == 'sec':
+    return f'{value:.1f}'
+  return str(value)
+
+
+TABLE_COLUMNS = [
+    ('model', 'model_name', 'str'),
+    ('eval accuracy', 'eval_accuracy', 'pct'),
+    ('params', 'num_params', 'params'),
+    ('GFLOPs/image fwd (XLA)', 'forward_flops_xla', 'gflops'),
+    ('GFLOPs/image fwd (analytic)', 'forward_flops_analytic', 'gflops'),
+    ('train TFLOPs', 'train_flops', 'tflops'),
+    ('train img/s', 'train_images_per_sec', 'rate'),
+    ('infer img/s', 'inference_images_per_sec', 'rate'),
+    ('wall time (s)', 'wall_seconds', 'sec'),
+]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+  header = '| ' + ' | '.join(c[0] for c in TABLE_COLUMNS) + ' |'
+  rule = '|' + '|'.join('---' for _ in TABLE_COLUMNS) + '|'
+  lines = [header, rule]
+  for row in rows:
+    lines.append('| ' + ' | '.join(_fmt(row.get(key), kind)
+                                   for _, key, kind in TABLE_COLUMNS) + ' |')
+  return '\n'.join(lines)
+
+
+def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+  first = rows[0] if rows else {}
+  lines = [
+      '# ViT vs ResNet',
+      '',
+      f"Dataset `{settings['dataset']}` ({settings['train_split']} -> "
+      f"{settings['eval_split']}), {settings['image_size']}x{settings['image_size']}, "
+      f"{settings['total_steps']} steps of batch {settings['batch_size']} "
+      f"({first.get('examples_seen', 0):,.0f} examples) for each model, seed "
+      f"{settings['seed']}.",
+      '',
+      markdown_table(rows),
+      '',
+      'Training compute = 3 x forward FLOPs (XLA cost analysis of the CPU-compiled '
+      'forward pass) x examples seen. Training img/s excludes compilation and '
+      'evaluation; inference img/s is a separate forward-only measurement. Each model '
+      'keeps its own optimiser settings from its config.',
+      '',
+  ]
+  return '\n'.join(lines)
+
+
+def plot_accuracy_vs_compute(rows: Sequence[dict[str, Any]]):
+  """Eval accuracy against training FLOPs (left) and wall-clock seconds (right)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(10, 4), dpi=100, layout='constrained')
+  by_flops, by_time = fig.subplots(1, 2)
+  markers = ['o', 's', '^', 'D', 'v']
+  for i, row in enumerate(rows):
+    label = f"{row['name']} ({row['model_name']}, {_fmt(row['num_params'], 'params')})"
+    points = [p for p in row.get('history', []) if p.get('train_flops')]
+    if points:
+      by_flops.plot([p['train_flops'] for p in points],
+                    [100 * p['eval_accuracy'] for p in points],
+                    marker=markers[i % len(markers)], label=label)
+    timed = [p for p in row.get('history', []) if p.get('seconds') is not None]
+    if timed:
+      by_time.plot([p['seconds'] for p in timed], [100 * p['eval_accuracy'] for p in timed],
+                   marker=markers[i % len(markers)], label=label)
+  by_flops.set_xscale('log')
+  by_flops.set_xlabel('training compute (FLOPs)')
+  by_time.set_xlabel('wall-clock time (s, evaluation and compilation included)')
+  for ax in (by_flops, by_time):
+    ax.set_ylabel('eval accuracy (%)')
+    ax.grid(alpha=0.3, which='both')
+    if ax.lines:
+      ax.legend(fontsize=8, loc='lower right')
+  fig.suptitle('Accuracy against compute, same data and steps', fontsize=11)
+  return fig
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
+                  out_dir: str) -> dict[str, str]:
+  from vit_jax import visualize  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {
+      'markdown': os.path.join(out_dir, 'compare.md'),
+      'json': os.path.join(out_dir, 'compare.json'),
+      'plot': os.path.join(out_dir, 'accuracy_vs_compute.png'),
+  }
+  with open(paths['markdown'], 'w', encoding='utf-8') as f:
+    f.write(markdown_report(rows, settings))
+  with open(paths['json'], 'w', encoding='utf-8') as f:
+    json.dump({'settings': settings, 'results': list(rows)}, f, indent=2, default=str)
+  visualize.save_figure(plot_accuracy_vs_compute(rows), paths['plot'])
+  return paths
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog='python -m vit_jax.compare',
+      description='Train ViT and the BiT ResNet baseline with the same data, steps and '
+                  'batch; write a table (markdown, JSON) and an accuracy-vs-compute plot.')
+  p.add_argument('--out', required=True, help='output directory')
+  p.add_argument('--vit-config', default=DEFAULT_CONFIGS['ViT'])
+  p.add_argument('--resnet-config', default=DEFAULT_CONFIGS['ResNet'])
+  p.add_argument('--vit-model', help='override the ViT config\'s model_name')
+  p.add_argument('--resnet-model', help='override the ResNet config\'s model_name')
+  p.add_argument('--dataset', help="'digits' (default, embedded), a TFDS name or "
+                 "'synthetic'")
+  p.add_argument('--data-dir', help='TFDS data directory')
+  p.add_argument('--train-split')
+  p.add_argument('--eval-split')
+  p.add_argument('--image-size', type=int)
+  p.add_argument('--batch-size', type=int)
+  p.add_argument('--eval-batch-size', type=int)
+  p.add_argument('--steps', type=int, help='training steps for each model')
+  p.add_argument('--eval-points', type=int, default=6,
+                 help='evaluations per run (points of the accuracy curve)')
+  p.add_argument('--seed', type=int)
+  p.add_argument('--only', choices=sorted(DEFAULT_CONFIGS), action='append',
+                 help='run only this model (repeatable)')
+  p.add_argument('--resume', action='store_true',
+                 help='continue runs found in OUT/runs instead of starting afresh')
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  vit_config = load_config(args.vit_config)
+  resnet_config = load_config(args.resnet_config)
+  settings = shared_settings(args, vit_config)
+  configs = {'ViT': prepare_config(vit_config, settings),
+             'ResNet': prepare_config(resnet_config, settings)}
+  if args.vit_model:
+    with configs['ViT'].unlocked():
+      configs['ViT'].model_name = args.vit_model
+  if args.resnet_model:
+    with configs['ResNet'].unlocked():
+      configs['ResNet'].model_name = args.resnet_model
+  rows = []
+  for name, config in configs.items():
+    if args.only and name not in args.only:
+      continue
+    print(f'== {name}: {config.model_name}, {settings["total_steps"]} steps of '
+          f'{settings["batch_size"]} on {settings["dataset"]}', flush=True)
+    rows.append(run_one(name, config, os.path.join(args.out, 'runs', name.lower()),
+                        resume=args.resume))
+  paths = write_outputs(rows, settings, args.out)
+  print(markdown_table(rows))
+  for kind, path in paths.items():
+    print(f'{kind}: {path}')
+  return {'rows': rows, 'paths': paths, 'settings': settings}
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
