@@ -254,6 +254,15 @@ def test_palette_png_is_smaller_and_valid(tmp_path):
   assert os.path.getsize(small) < os.path.getsize(full)
 
 
+def test_read_labels(tmp_path):
+  assert visualize.read_labels(None, 10, 'digits') == [str(i) for i in range(10)]
+  assert visualize.read_labels(None, 3) == ['class 0', 'class 1', 'class 2']
+  assert len(visualize.read_labels(None, 1000)) == 1000
+  names = tmp_path / 'names.txt'
+  names.write_text('cat\ndog\n')
+  assert visualize.read_labels(str(names), 2) == ['cat', 'dog']
+
+
 def test_load_image_spec():
   cat = visualize.load_image_spec('skimage:chelsea')
   assert cat.dtype == np.uint8 and cat.ndim == 3 and cat.shape[-1] == 3

@@ -21,7 +21,9 @@ turns an `Analysis` into PNG files. The command line does both:
 
 `--image` takes a file, `skimage:NAME` (a photo shipped with scikit-image,
 e.g. `skimage:chelsea`, `skimage:astronaut`) or `digits:SPLIT:INDEX` (an image
-of the embedded digits dataset).
+of the embedded digits dataset). Repeated, or as a range `digits:test:0-127`,
+it averages the mean attention distance over all the images; the other figures
+show the first. `--palette` writes 256-colour PNGs, small enough for docs.
 """
 
 from __future__ import annotations
@@ -323,8 +325,6 @@ def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = 
 
   `image` must already have the model's input size (see `prepare_image`).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-
   image = np.asarray(image)
   if not hasattr(model, 'patch_stride'):
     raise ValueError(f'{type(model).__name__} has no attention to visualise; '
@@ -722,18 +722,11 @@ def prepare_image(image: np.ndarray, size: int | Sequence[int],
 
 def read_labels(path: Optional[str], num_classes: int,
                 dataset: Optional[str] = None) -> list[str]:
-  """Class names: a file (one per line), the digits' 0..9, ImageNet's 1000, or numbers."""
-  if path:
-    with open(path, encoding='utf-8') as f:
-      return [line.strip() for line in f if line.strip()]
-  if dataset == 'digits' or (dataset is None and num_classes == 10):
-    if num_classes == 10:
-      return [str(i) for i in range(10)]
-  if num_classes == 1000:
-    imagenet = os.path.join(os.path.dirname(__file__), 'data', 'imagenet1k_labels.txt')
-    if os.path.exists(imagenet):
-      return read_labels(imagenet, num_classes)
-  return [f'class {i}' for i in range(num_classes)]
+  """Class names: a file (one per line), 0-9 for digits, ImageNet-1k's for 1000 classes."""
+  if not path and dataset == 'digits' and num_classes == 10:
+    return [str(i) for i in range(10)]
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  return predict.class_names(num_classes, path)
 
 
 def load_params(path: str) -> dict:
