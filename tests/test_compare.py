@@ -144,3 +144,27 @@ def test_cli_tiny_run(tmp_path):
     assert len(row['history']) == 1
   table = (out / 'compare.md').read_text()
   assert 'ViT-Test_4' in table and 'BiT-Test' in table
+
+
+def test_progress_filter_keeps_vit_jax_lines_only():
+  import logging
+  keep = compare._VitJaxRecords()
+  mine = logging.LogRecord('absl', logging.INFO, os.path.join(REPO, 'vit_jax', 'train.py'),
+                           1, 'step 5', None, None)
+  chatter = logging.LogRecord('absl', logging.INFO, '/site-packages/orbax/x.py', 1, 'saving',
+                              None, None)
+  warning = logging.LogRecord('absl', logging.WARNING, '/site-packages/orbax/x.py', 1, 'w',
+                              None, None)
+  assert keep.filter(mine) and not keep.filter(chatter) and keep.filter(warning)
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  absl_logger = logging.getLogger('absl')
+  try:
+    compare.show_training_progress()
+    compare.show_training_progress()  # idempotent: one filter
+    ours = [f for f in absl_logger.filters if isinstance(f, compare._VitJaxRecords)]
+    assert len(ours) == 1
+  finally:
+    for f in [f for f in absl_logger.filters if isinstance(f, compare._VitJaxRecords)]:
+      absl_logger.removeFilter(f)
+    absl_logging.set_verbosity(verbosity)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging as logging_std
 import math
 import os
 import shutil
@@ -404,13 +405,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--seed', type=int)
   p.add_argument('--only', choices=sorted(DEFAULT_CONFIGS), action='append',
                  help='run only this model (repeatable)')
+  p.add_argument('--quiet', action='store_true', help='no training progress lines')
   p.add_argument('--resume', action='store_true',
                  help='continue runs found in OUT/runs instead of starting afresh')
   return p.parse_args(argv)
 
 
+class _VitJaxRecords(logging_std.Filter):
+  """Passes vit_jax's own INFO lines (training progress) and every warning."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return (record.levelno >= logging_std.WARNING
+            or f'{os.sep}vit_jax{os.sep}' in record.pathname)
+
+
+def show_training_progress() -> None:
+  """Logs vit_jax's progress lines at INFO without Orbax's and TensorFlow's chatter."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  absl_logger = logging_std.getLogger('absl')
+  if not any(isinstance(f, _VitJaxRecords) for f in absl_logger.filters):
+    absl_logger.addFilter(_VitJaxRecords())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if not args.quiet:
+    show_training_progress()
   vit_config = load_config(args.vit_config)
   resnet_config = load_config(args.resnet_config)
   settings = shared_settings(args, vit_config)
