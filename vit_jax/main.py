@@ -14,6 +14,7 @@ status 143 means the run was stopped by SIGTERM after saving a checkpoint.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -50,7 +51,15 @@ def _wants_distributed() -> bool:
   return int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
 
 
+class _DropLibraryInfo(std_logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:

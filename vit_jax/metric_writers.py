@@ -85,12 +85,15 @@ class ConsoleWriter(MetricWriter):
     self._start_step = start_step
     self._start_time = time.monotonic()
     self._print = print_fn or (lambda line: logging.info('%s', line))
+    self._last_speed = float('nan')
 
   def write_scalars(self, step, scalars):
     prefix = f'step {step}'
     if self.total_steps:
-      speed = _to_float(scalars.get('steps_per_sec', float('nan')))
-      if not speed > 0:
+      speed = _to_float(scalars.get('steps_per_sec', self._last_speed))
+      if speed > 0:
+        self._last_speed = speed
+      else:
         elapsed = time.monotonic() - self._start_time
         done = step - self._start_step
         speed = done / elapsed if elapsed > 0 and done > 0 else float('nan')

@@ -488,7 +488,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The final metrics are also written to `workdir/final_metrics.json`. A run
   stopped by SIGTERM saves a checkpoint and returns with `preempted=True`.
   """
-  validate_config(config)
   mesh = parallel.make_mesh()
   validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
   is_main = jax.process_index() == 0
@@ -584,6 +583,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = int(get(config, 'eval_every'))
   ckpt_every = int(get(config, 'checkpoint_every'))
   step = start_step
+  batches = None
 
   try:
     with _StopRequests() as stop:
@@ -660,6 +660,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         interval_start += time.monotonic() - paused
       writer.flush()
   finally:
+    if batches is not None:
+      batches.close()  # Stops the input pipeline's threads now, not at exit.
     checkpointer.close()  # Waits for asynchronous saves: the last good one is complete.
     writer.close()
 
