@@ -277,6 +277,13 @@ def test_load_digits_images():
   many = visualize.load_images('digits:test:0-4')
   assert len(many) == 5
   np.testing.assert_array_equal(many[2], digit)
+  # Resized like the eval pipeline (tf.image.resize, bilinear, half-pixel centres):
+  # halving the size averages 2x2 blocks.
+  small = visualize.load_images('digits:test:0-4', image_size=16)
+  blocks = np.stack(many).astype(float).reshape(5, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+  assert np.abs(np.stack(small) - blocks).max() <= 0.5
+  np.testing.assert_allclose(visualize._bilinear_matrix(5, 5), np.eye(5))
+  np.testing.assert_allclose(visualize._bilinear_matrix(7, 3).sum(-1), 1.0)
 
 
 def test_cli_writes_pngs(tmp_path):

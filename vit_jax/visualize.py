@@ -681,24 +681,52 @@ def load_image_spec(spec: str) -> np.ndarray:
   return image
 
 
-def load_images(spec: str) -> list[np.ndarray]:
-  """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive)."""
+def load_images(spec: str, image_size: Optional[int] = None) -> list[np.ndarray]:
+  """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive).
+
+  Digits are resized to `image_size` the way the input pipeline does it, so
+  the model sees what it saw in evaluation; other images are left as they are.
+  """
   parts = spec.split(':')
-  if parts[0] == 'digits' and len(parts) > 2 and '-' in parts[2]:
-    first, last = (int(v) for v in parts[2].split('-', 1))
-    return list(digits_images(parts[1] or 'test', range(first, last + 1))[0])
+  if parts[0] == 'digits':
+    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
+    index = parts[2] if len(parts) > 2 and parts[2] else '0'
+    first, _, last = index.partition('-')
+    indices = range(int(first), int(last or first) + 1)
+    return list(digits_images(split, indices, image_size)[0])
   return [load_image_spec(spec)]
 
 
-def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset."""
+def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
+                  image_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset.
+
+  With `image_size`, the images are resized to it exactly as the input
+  pipeline's eval 'resize' does (`tf.image.resize`, bilinear, no antialiasing).
+  """
   from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
   images, labels = digits.load_arrays(split)
   if indices is not None:
     indices = list(indices)
     images, labels = images[indices], labels[indices]
+  if image_size is not None and images.shape[1] != image_size:
+    rows = _bilinear_matrix(image_size, images.shape[1])
+    cols = _bilinear_matrix(image_size, images.shape[2])
+    resized = np.einsum('ij,njkc,lk->nilc', rows, images.astype(np.float64), cols)
+    images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
   return images, labels
+
+
+def _bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
+  """(size_out, size_in) weights of bilinear resampling with half-pixel centres."""
+  centres = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+  low = np.floor(centres).astype(int)
+  high = np.minimum(low + 1, size_in - 1)
+  frac = centres - low
+  m = np.zeros((size_out, size_in))
+  np.add.at(m, (np.arange(size_out), low), 1 - frac)
+  np.add.at(m, (np.arange(size_out), high), frac)
+  return m
 
 
 def prepare_image(image: np.ndarray, size: int | Sequence[int],
@@ -872,7 +900,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   labels = read_labels(args.labels, num_classes, dataset)
   images = [image for spec in (args.image or ['skimage:chelsea'])
-            for image in load_images(spec)]
+            for image in load_images(spec, image_size)]
   model_input, shown = prepare_image(images[0], image_size, args.display_size)
   analysis = analyze(model, params, model_input, labels, shown)
   if len(images) > 1:
