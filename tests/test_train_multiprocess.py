@@ -23,7 +23,7 @@ from vit_jax import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = dict(
-    model_name='ViT-Test_4', dataset='synthetic', num_classes=4, image_size=8,
+    model_name='ViT-Test_4', model=dict(transformer=dict(num_layers=1)), dataset='synthetic', num_classes=4, image_size=8,
     synthetic_noise=0.3, num_eval_examples=64, batch_size=16, eval_batch_size=16, seed=1,
     optimizer='sgd', learning_rate=0.1, schedule='cosine', warmup_steps=2, total_steps=12,
     grad_clip_norm=1.0, loss='softmax_xent', log_every=4, eval_every=6,

@@ -21,12 +21,15 @@ from vit_jax import train_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A checkpoint every other step makes the run wait for its saves, so it lasts
+# long enough (seconds) to be killed part-way through, and the kill often lands
+# in the middle of a save.
 CONFIG = dict(
-    model_name='ViT-Test_4', dataset='synthetic', num_classes=4, image_size=16,
-    synthetic_noise=0.3, num_eval_examples=64, batch_size=32, eval_batch_size=32, seed=3,
-    optimizer='adamw', learning_rate=3e-3, weight_decay=0.01, schedule='cosine',
-    warmup_steps=5, total_steps=150, grad_clip_norm=1.0, loss='softmax_xent',
-    log_every=10, eval_every=0, checkpoint_every=10, keep_checkpoints=3)
+    model_name='ViT-Test_4', model=dict(transformer=dict(num_layers=1)), dataset='synthetic',
+    num_classes=4, image_size=8, synthetic_noise=0.3, num_eval_examples=32, batch_size=16,
+    eval_batch_size=16, seed=3, optimizer='adamw', learning_rate=3e-3, weight_decay=0.01,
+    schedule='cosine', warmup_steps=3, total_steps=20, grad_clip_norm=1.0,
+    loss='softmax_xent', log_every=10, eval_every=0, checkpoint_every=2, keep_checkpoints=2)
 
 
 def write_config(path):
@@ -65,7 +68,9 @@ def wait_for_checkpoint(proc, workdir, timeout=300):
 def reference(tmp_path_factory):
   """Params of the uninterrupted run (in this process, the same 8 devices)."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  result = train.train_and_evaluate(ml_collections.ConfigDict(CONFIG), str(workdir))
+  config = ml_collections.ConfigDict(CONFIG)
+  config.checkpoint_every = 0  # saves at the end only; the same computation
+  result = train.train_and_evaluate(config, str(workdir))
   assert result['step'] == CONFIG['total_steps']
   return train_checkpoints.load_latest(str(workdir))[1]['params']
 
@@ -90,11 +95,11 @@ def test_sigkill_then_restart_matches_uninterrupted(tmp_path, reference):
   restarted = start_run(config_path, workdir)
   _, err = restarted.communicate(timeout=600)
   assert restarted.returncode == 0, err[-3000:]
-  assert f'Resuming from step {killed_at}' in err or 'Resuming from step' in err
+  assert 'Resuming from step' in err
   _assert_same_params(workdir, reference)
 
 
-def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path, reference):
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   config_path = write_config(tmp_path / 'config.py')
   workdir = tmp_path / 'run'
   proc = start_run(config_path, workdir)
@@ -103,9 +108,10 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path, reference):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err[-3000:]
   assert 'after saving a checkpoint' in err
-  stopped_at = train_checkpoints.RunCheckpointer(str(workdir)).latest_step()
-  assert stopped_at < CONFIG['total_steps']
-  # The checkpoint was written at the step the signal arrived, not only at multiples of 10.
-  result = train.train_and_evaluate(ml_collections.ConfigDict(CONFIG), str(workdir))
-  assert result['step'] == CONFIG['total_steps']
-  _assert_same_params(workdir, reference)
+  assert not (workdir / 'final_metrics.json').exists()
+  checkpointer = train_checkpoints.RunCheckpointer(str(workdir))
+  stopped_at = checkpointer.latest_step()
+  assert 0 < stopped_at < CONFIG['total_steps']
+  _, meta = checkpointer.restore(stopped_at)
+  assert meta['data_start_step'] == stopped_at
+  # Resuming from such a checkpoint is exact: see the SIGKILL test above.
