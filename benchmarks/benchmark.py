@@ -58,7 +58,7 @@ PRESETS = {
                   scaling_model='ViT-Test_4@32', scaling_batch_per_device=4,
                   scaling_devices=[1, 2]),
     # A few minutes on 2 CPU cores.
-    'quick': dict(models=['ViT-Test_4@32', 'ViT-Ti_16@224'], batch_size=[8],
+    'quick': dict(models=['ViT-Ti_16@224'], batch_size=[8],
                   dtypes=['fp32', 'bf16'], repeats=3, min_repeat_seconds=1.0,
                   scaling_model='ViT-Test_4@32', scaling_batch_per_device=16,
                   scaling_devices=[1, 2, 4, 8]),
@@ -183,10 +183,19 @@ class Worker:
     if self.error is None and self.ready is None:
       self.ready = self._read('READY')
 
-  def repeat(self) -> None:
-    if self.error is None and self._send('run'):
+  def repeat(self, quiet_wait_s: float = 0.0) -> None:
+    if self.error is not None:
+      return
+    waited, busy_before = measure.wait_for_quiet(quiet_wait_s) if quiet_wait_s else (0.0, None)
+    machine_before = measure.machine_busy_seconds()
+    if self._send('run'):
       timing = self._read('TIME')
       if timing is not None:
+        if machine_before is not None:
+          # CPU time of everything else on the machine during the repeat.
+          others = measure.machine_busy_seconds() - machine_before - timing['cpu_seconds']
+          timing['others_cores'] = max(0.0, others) / timing['seconds']
+        timing.update(quiet_waited_s=waited, busy_cores_before=busy_before)
         self.times.append(timing)
 
   def finish(self) -> dict:
@@ -206,12 +215,19 @@ class Worker:
     out.update(self.result or {})
     out.update(ready=self.ready, images_per_s=statistics.median(rates),
                repeats_images_per_s=rates, steps_per_repeat=self.times[0]['steps'],
-               seconds_per_step=statistics.median(t['seconds'] / t['steps'] for t in self.times))
+               seconds_per_step=statistics.median(t['seconds'] / t['steps'] for t in self.times),
+               cpu_seconds_per_image=statistics.median(
+                   t['cpu_seconds'] / (t['steps'] * self.spec['batch']) for t in self.times),
+               cpu_utilisation=statistics.median(
+                   t['cpu_seconds'] / t['seconds'] for t in self.times),
+               others_cores=(statistics.median(t['others_cores'] for t in self.times)
+                             if 'others_cores' in self.times[0] else None),
+               repeats=self.times)
     return out
 
 
 def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: bool,
-              settle_s: float, log) -> list[dict]:
+              settle_s: float, log, quiet_wait_s: float = 0.0) -> list[dict]:
   """Measures the specs; interleaved ABBA when `interleave`, else one after another."""
   if not interleave:
     results = []
@@ -219,7 +235,7 @@ def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: boo
       worker = Worker(spec, env)
       worker.wait_ready()
       for _ in range(repeats):
-        worker.repeat()
+        worker.repeat(quiet_wait_s)
       results.append(worker.finish())
       log(_describe(results[-1]))
     return results
@@ -229,7 +245,11 @@ def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: boo
   for r in range(repeats):
     for worker in (workers if r % 2 == 0 else workers[::-1]):
       time.sleep(settle_s)  # let the previous worker's spinning threads go idle
-      worker.repeat()
+      worker.repeat(quiet_wait_s)
+    log(f'  round {r + 1}/{repeats}: ' + ', '.join(
+        '-' if w.error or len(w.times) <= r else
+        f"{w.spec['batch'] * w.times[r]['steps'] / w.times[r]['seconds']:.2f}"
+        for w in workers) + ' img/s')
   results = [worker.finish() for worker in workers]
   for result in results:
     log(_describe(result))
@@ -245,7 +265,8 @@ def _describe(result: dict) -> str:
     return f'{name}: FAILED {result["error"].splitlines()[0]}'
   return (f"{name}: {result['images_per_s']:.2f} img/s "
           f"(repeats {', '.join(f'{r:.2f}' for r in result['repeats_images_per_s'])}; "
-          f"{result['steps_per_repeat']} steps each)")
+          f"{result['steps_per_repeat']} steps each; cores busy: {result['cpu_utilisation']:.2f} "
+          f"this, {_num(result['others_cores'])} other processes)")
 
 
 # ---------------------------------------------------------------------------
@@ -297,6 +318,20 @@ def _rate(cell: Optional[dict]) -> Optional[float]:
   return None if not cell or 'error' in cell else cell['images_per_s']
 
 
+def paired_ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+  """Median over rounds of rate_a / rate_b, each pair timed back to back.
+
+  With interleaved repeats this cancels load that drifts between rounds, which
+  a ratio of the two medians does not.
+  """
+  if not _rate(a) or not _rate(b):
+    return None
+  pairs = list(zip(a['repeats_images_per_s'], b['repeats_images_per_s']))
+  if not pairs:
+    return None
+  return statistics.median(x / y for x, y in pairs)
+
+
 def _memory(cell: Optional[dict], probe: dict) -> Optional[float]:
   """Peak memory of a cell: device peak on an accelerator, process peak RSS on CPU."""
   if not cell or 'error' in cell:
@@ -316,14 +351,14 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
   for row in rows:
     c = row['cells']
     key = [row['model'], row['image_size'], row['batch'], row['dtype']]
-    ratio = lambda a, b: _num(_rate(a) / _rate(b)) if _rate(a) and _rate(b) else '-'
+    ratio = lambda a, b: _num(paired_ratio(a, b))
     table.append(key + [
         _num(_rate(c.get('jax_infer'))), _num(_rate(c.get('timm_infer'))),
         ratio(c.get('jax_infer'), c.get('timm_infer')),
         _num(_rate(c.get('jax_train'))), _num(_rate(c.get('timm_train'))),
         ratio(c.get('jax_train'), c.get('timm_train'))])
-  out.append(f'Throughput, images/s (median of {meta["repeats"]} repeats; '
-             f'ratio = ours / timm):')
+  out.append(f'Throughput, images/s (median of {meta["repeats"]} repeats; ratio = ours / timm, '
+             'median of per-round ratios):')
   out.append(_markdown(hdr + ['infer ours', 'infer timm', 'ratio', 'train ours',
                               'train timm', 'ratio'], table))
   if timm_note:
@@ -386,8 +421,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         suffix = f'@{i}' if i else ''
         cells = [c.get(f'jax_{m}{suffix}') for m in ('infer', 'train')]
         bases = [c.get(f'jax_{m}') for m in ('infer', 'train')]
-        vs = [_num(_rate(x) / _rate(b)) if _rate(x) and _rate(b) else '-'
-              for x, b in zip(cells, bases)]
+        vs = [_num(paired_ratio(x, b)) for x, b in zip(cells, bases)]
         table.append([row['model'], row['image_size'], row['batch'], row['dtype'],
                       flags or '(default)', _num(_rate(cells[0])), vs[0],
                       _num(_rate(cells[1])), vs[1]])
@@ -445,11 +479,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "contender of every row (interleaved with the rest)")
   p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
                  help="attention implementation (default: the model's, i.e. JAX's choice)")
+  p.add_argument('--train-step', choices=['own', 'project'], default='own',
+                 help="own: plain AdamW step, the same update timm does (default); "
+                      "project: vit_jax.train.make_train_step with an AdamW config")
   p.add_argument('--remat', action='store_true', help='recompute activations in backward')
   p.add_argument('--interleave', choices=['auto', 'on', 'off'], default='auto',
                  help="interleave the contenders' repeats (auto: on for CPU)")
   p.add_argument('--settle-seconds', type=float, default=0.2,
                  help='pause before each interleaved repeat')
+  p.add_argument('--quiet-wait', type=float, default=0.0,
+                 help='before each repeat wait up to this many seconds for other processes '
+                      'to leave the CPU idle (shared machines; default 0: do not wait)')
   p.add_argument('--json', help='write all results to this JSON file')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -473,6 +513,7 @@ def main(argv=None) -> int:
     return _worker(json.loads(args.worker))
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   start = time.perf_counter()
+  load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
 
   probe_worker = subprocess.run(
       [sys.executable, os.path.abspath(__file__), '--worker', '{"kind": "probe"}'],
@@ -499,6 +540,7 @@ def main(argv=None) -> int:
   common = dict(kind='cell', num_classes=args.num_classes, repeats=args.repeats,
                 min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
                 attention=args.attention, remat=args.remat or None,
+                train_step=args.train_step,
                 threads=probe['cores'], torch_device=torch_device)
   rows = []
   for entry in args.models:
@@ -520,10 +562,12 @@ def main(argv=None) -> int:
             specs.append(dict(cell, framework='timm'))
             envs.append(_child_env('', 1, interleave and not cpu))
         for result in run_group(specs, envs, args.repeats, interleave,
-                                args.settle_seconds, log):
+                                args.settle_seconds, log, args.quiet_wait):
           spec = result['spec']
           key = f"{spec['framework']}_{spec['mode']}"
           row['cells'][key + (f"@{spec['variant']}" if spec.get('variant') else '')] = result
+        row['ratios'] = {m: paired_ratio(row['cells'].get(f'jax_{m}'),
+                                         row['cells'].get(f'timm_{m}')) for m in args.modes}
         rows.append(row)
 
   scaling = []
@@ -537,21 +581,26 @@ def main(argv=None) -> int:
                   batch=args.scaling_batch_per_device * n, dtype=args.scaling_dtype,
                   devices=n) for n in counts]
     envs = [_child_env(args.xla_flags, n, interleave and not cpu) for n in counts]
-    scaling = run_group(specs, envs, args.repeats, interleave, args.settle_seconds, log)
+    scaling = run_group(specs, envs, args.repeats, interleave, args.settle_seconds, log,
+                        args.quiet_wait)
 
   meta = dict(probe=probe, preset=args.preset, argv=sys.argv[1:] if argv is None else argv,
               repeats=args.repeats, min_repeat_seconds=args.min_repeat_seconds,
-              interleave=interleave, xla_flags=args.xla_flags, xla_variants=args.xla_variants,
+              interleave=interleave, quiet_wait=args.quiet_wait, train_step=args.train_step,
+              xla_flags=args.xla_flags, xla_variants=args.xla_variants,
               timm_note=timm_note,
               scaling_batch_per_device=args.scaling_batch_per_device,
               threads=probe['cores'], torch_device=torch_device,
-              wall_seconds=time.perf_counter() - start)
+              wall_seconds=time.perf_counter() - start, load_average_before=load_before,
+              load_average_after=os.getloadavg() if hasattr(os, 'getloadavg') else None)
   text = report(meta, rows, scaling)
   print(text)
   print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
         f"torch threads {probe['cores']}; jax {probe['jax']}, flax {probe['flax']}, "
         f"torch {probe['torch']}, timm {probe['timm']}; "
-        f"wall time {meta['wall_seconds']:.0f} s")
+        f"wall time {meta['wall_seconds']:.0f} s"
+        + (f"; 1-min load average {meta['load_average_before'][0]:.1f} before, "
+           f"{meta['load_average_after'][0]:.1f} after" if load_before else ''))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(dict(meta=meta, rows=rows, scaling=scaling, table=text), f, indent=1)

@@ -75,6 +75,34 @@ def make_own_train_step(model, tx):
   return step
 
 
+def _project_train_step(model, params, labels, mesh, spec):
+  """`vit_jax.train.make_train_step` with an AdamW config like the own step's.
+
+  Differences from the own step: weight decay on kernels only, and the step
+  also computes the gradient norm and the learning rate (its metrics).
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from vit_jax import optimizers
+  from vit_jax import parallel
+  from vit_jax import train as train_lib
+
+  config = ml_collections.ConfigDict(dict(
+      optimizer='adamw', learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+      schedule='constant', warmup_steps=0, total_steps=10**9, grad_clip_norm=0.0,
+      loss='softmax_xent', label_smoothing=0.0, grad_accum_steps=1, seed=0))
+  tx = optimizers.make_optimizer(config)
+  step_fn = train_lib.make_train_step(model, tx, config, mesh=mesh)
+  replicated = parallel.replicated(mesh)
+  state = jax.jit(lambda p: train_lib.TrainState(
+      step=jnp.zeros([], jnp.int32), params=p, opt_state=tx.init(p)),
+                  out_shardings=replicated)(params)
+  one_hot = jax.jit(lambda y: jax.nn.one_hot(y, spec['num_classes']),
+                    out_shardings=parallel.data_sharding(mesh))(labels)
+  return step_fn, state, one_hot
+
+
 def setup(spec: dict[str, Any]):
   """Builds, compiles and warms up; returns what `measure.serve` needs."""
   import jax
@@ -107,7 +135,15 @@ def setup(spec: dict[str, Any]):
   num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
   train = spec['mode'] == 'train'
-  if train:
+  project_step = train and spec.get('train_step') == 'project'
+  if project_step:
+    step_fn, state, labels = _project_train_step(model, params, labels, mesh, spec)
+    jitted = jax.jit(lambda state, images, labels: step_fn(
+        state, {'image': images, 'label': labels}), donate_argnums=(0,),
+                     in_shardings=(replicated, data, data),
+                     out_shardings=(replicated, replicated))
+    args = (state, images, labels)
+  elif train:
     tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     state = (params, jax.jit(tx.init, out_shardings=replicated)(params))
     step_fn = make_own_train_step(model, tx)
@@ -154,6 +190,7 @@ def setup(spec: dict[str, Any]):
     return dict(
         framework='jax', platform=device.platform, device_kind=device.device_kind,
         num_devices=num_devices, params=num_params, compile_s=compile_s,
+        train_step=(spec.get('train_step') or 'own') if train else None,
         xla_flops_per_image=(flops / per_device_batch if flops else None),
         rss_base_bytes=base_rss, device_memory=_memory_stats(device))
 

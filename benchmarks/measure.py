@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 PREFIX = '@@'
 _PAGE_SIZE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
@@ -51,6 +51,12 @@ def rss_bytes() -> int:
       return psutil.Process().memory_info().rss
     except ImportError:
       return 0
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process, all threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -83,6 +89,38 @@ class RssSampler:
     self._stop.set()
     self._thread.join()
     self.peak = max(self.peak, rss_bytes())
+
+
+def machine_busy_seconds() -> Optional[float]:
+  """CPU-seconds spent busy by the whole machine since boot (None off Linux)."""
+  try:
+    with open('/proc/stat') as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  # user nice system idle iowait irq softirq steal ...
+  busy = sum(fields[:3]) + sum(fields[5:8])
+  return busy / os.sysconf('SC_CLK_TCK')
+
+
+def wait_for_quiet(max_wait_s: float, max_busy_cores: float = 0.2,
+                   window_s: float = 0.5) -> tuple[float, Optional[float]]:
+  """Waits (up to `max_wait_s`) until other processes use < `max_busy_cores`.
+
+  Returns (seconds waited, busy cores in the last window). For measuring on a
+  machine shared with other jobs: a repeat then starts in a quiet moment.
+  """
+  start = time.perf_counter()
+  busy = None
+  while True:
+    before = machine_busy_seconds()
+    if before is None:
+      return 0.0, None
+    time.sleep(window_s)
+    busy = (machine_busy_seconds() - before) / window_s
+    waited = time.perf_counter() - start
+    if busy < max_busy_cores or waited >= max_wait_s:
+      return waited, busy
 
 
 def steps_for(seconds_per_step: float, min_repeat_seconds: float, max_steps: int = 1000) -> int:
@@ -131,19 +169,21 @@ def serve(setup: Callable[[], tuple[dict, Callable[[int], None], Callable[[], di
     if command == 'run':
       try:
         with sampler:
+          cpu_start = cpu_seconds()
           start = time.perf_counter()
           run(steps)
           seconds = time.perf_counter() - start
+          cpu = cpu_seconds() - cpu_start
       except Exception as e:
         emit('ERROR', {'error': f'{type(e).__name__}: {e}', 'trace': traceback.format_exc()})
         return 1
-      emit('TIME', {'seconds': seconds, 'steps': steps})
+      emit('TIME', {'seconds': seconds, 'steps': steps, 'cpu_seconds': cpu})
     elif command == 'done':
       break
   result = finish()
   result.update(rss_steps_bytes=sampler.peak, rss_peak_bytes=peak_rss_bytes(),
                 tensorflow_imported='tensorflow' in sys.modules,
-                cpu_seconds=sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
+                cpu_seconds=cpu_seconds())
   emit('RESULT', result)
   return 0
 
