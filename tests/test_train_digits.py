@@ -1,0 +1,41 @@
+"""The default run, exactly as documented: configs/default.py reaches >= 95% on digits.
+
+`python -m vit_jax.main --config=configs/default.py --workdir=DIR` in a
+subprocess (one CPU device, as on a laptop), then final_metrics.json is read.
+About 1-2 minutes on 2 CPU cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip('tensorflow')
+pytest.importorskip('sklearn')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_config(config, workdir, *overrides):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env.pop('XLA_FLAGS', None)  # one device, like the documented command
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', f'--config={config}', f'--workdir={workdir}',
+       *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  elapsed = time.monotonic() - start
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    return json.load(f), elapsed
+
+
+def test_default_config_reaches_95_percent(tmp_path):
+  metrics, elapsed = run_config(os.path.join(REPO, 'configs', 'default.py'), str(tmp_path))
+  print(f'default (ViT-Digits_4): top-1 {metrics["eval_accuracy"]:.4f} after '
+        f'{metrics["step"]} steps, {elapsed:.0f} s wall, {metrics["steps_per_sec"]:.1f} steps/s')
+  assert metrics['step'] == 800
+  assert metrics['eval_accuracy'] >= 0.95, metrics
