@@ -2,7 +2,7 @@
 
   python -m vit_jax.main --config=configs/resnet_baseline.py --workdir=/tmp/digits_resnet
 
-Same data and augmentation as configs/default.py; the model is the BiT-Test
+Same data (16x16, no augmentation) as configs/default.py; the model is the BiT-Test
 preset (a ResNetV2 with one pre-activation bottleneck unit per stage, base
 width 32, GroupNorm and weight-standardised convolutions), trained with SGD
 momentum as in BiT. The argument after ':' may name another BiT preset.

@@ -145,7 +145,12 @@ def test_train_and_evaluate_writes_metrics(tmp_path):
   for key in ('learning_rate', 'grad_norm', 'steps_per_sec', 'images_per_sec', 'examples_seen'):
     assert key in train_lines[0]
   assert [l['step'] for l in lines if 'eval_accuracy' in l] == [20, 40]
-  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert len(events) == 1
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  tags = {v.tag for e in event_file_loader.EventFileLoader(str(tmp_path / events[0])).Load()
+          for v in e.summary.value}
+  assert {'train_loss', 'learning_rate', 'grad_norm', 'eval_accuracy', 'images_per_sec'} <= tags
   assert sorted(train_checkpoints.RunCheckpointer(str(tmp_path)).all_steps()) == [20, 40]
   # Running again finds the run finished and only re-evaluates.
   again = train.train_and_evaluate(config, str(tmp_path))

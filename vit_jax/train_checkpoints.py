@@ -28,6 +28,7 @@ import warnings
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -42,16 +43,13 @@ class CorruptCheckpointWarning(UserWarning):
 
 
 def _all_finite(tree: Any) -> bool:
-  for leaf in jax.tree.leaves(tree):
-    if not hasattr(leaf, 'dtype') or not np.issubdtype(leaf.dtype, np.inexact):
-      continue
-    # Fully-addressable (replicated) or local shards: each process checks its own.
-    shards = getattr(leaf, 'addressable_shards', None)
-    datas = [s.data for s in shards] if shards is not None else [leaf]
-    for data in datas:
-      if not np.all(np.isfinite(np.asarray(data, dtype=np.float32))):
-        return False
-  return True
+  """True when every float array of `tree` is free of NaN and inf (checked on the devices)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  check = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))
+  return bool(check(leaves))
 
 
 class RunCheckpointer:
