@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.weight_decay = 0.0
   config.label_smoothing = 0.0
   config.warmup_steps = 20
-  config.total_steps = 300
+  config.total_steps = 200
   config.eval_every = 100
   config.checkpoint_every = 100
   return config

@@ -155,6 +155,11 @@ def test_train_and_evaluate_writes_metrics(tmp_path):
   # Running again finds the run finished and only re-evaluates.
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again['eval_accuracy'] == pytest.approx(result['eval_accuracy'])
+  # Another model in the same workdir is refused, and the checkpoints are left alone.
+  with pytest.raises(ValueError, match='belongs to a different run'):
+    train.train_and_evaluate(tiny_config(model=dict(transformer=dict(num_layers=2)),
+                                         total_steps=40), str(tmp_path))
+  assert not (tmp_path / 'checkpoints_corrupt').exists()
 
 
 def _corrupt(step_dir):

@@ -71,8 +71,10 @@ def main(argv):
   if _wants_distributed():
     from vit_jax import parallel  # pylint: disable=g-import-not-at-top
     if (FLAGS.platform or os.environ.get('JAX_PLATFORMS', '')).startswith('cpu'):
-      # Collectives across CPU processes.
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      try:  # Collectives across CPU processes (the default in recent JAX).
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      except (AttributeError, KeyError, ValueError):
+        pass
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
 

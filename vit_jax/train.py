@@ -527,7 +527,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract_with_shardings = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
-  state, meta = checkpointer.restore_latest(abstract_with_shardings)
+  state_fingerprint = train_checkpoints.fingerprint(abstract_state)
+  state, meta = checkpointer.restore_latest(abstract_with_shardings,
+                                            expect={'fingerprint': state_fingerprint})
   if state is not None:
     start_step = int(jax.device_get(state.step))
     logging.info('Resuming from step %d (checkpoint in %s)', start_step, checkpointer.directory)
@@ -572,7 +574,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def checkpoint_meta(step):
     return {'step': step, 'data_start_step': step, 'examples_seen': step * batch_size,
-            'model_name': config.model_name, 'dataset': config.dataset}
+            'model_name': config.model_name, 'dataset': config.dataset,
+            'fingerprint': state_fingerprint}
 
   final: dict[str, Any] = {}
   last_train: dict[str, float] = {}

@@ -21,6 +21,7 @@ the published `.npz` weight files used for fine-tuning.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -50,6 +51,14 @@ def _all_finite(tree: Any) -> bool:
     return True
   check = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))
   return bool(check(leaves))
+
+
+def fingerprint(abstract_state: Any) -> str:
+  """A short hash of the state's tree structure, shapes and dtypes."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+  text = ';'.join(f'{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}'
+                  for path, leaf in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class RunCheckpointer:
@@ -117,28 +126,52 @@ class RunCheckpointer:
                                            meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta or {})
 
-  def restore_latest(self, abstract_state: Any = None
+  def read_meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step` (cheap: no arrays are read)."""
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta or {})
+
+  def restore_latest(self, abstract_state: Any = None, *, expect: Optional[dict] = None
                      ) -> tuple[Optional[Any], Optional[dict]]:
     """The newest readable checkpoint as (state, meta), or (None, None) if none.
 
     Unreadable or non-finite checkpoints are skipped with a
     `CorruptCheckpointWarning` and moved to `workdir/checkpoints_corrupt/`.
+    `expect` lists metadata the checkpoint must have (e.g. the state's
+    `fingerprint`): a good checkpoint of another run (a different model or
+    optimizer in the same workdir) raises ValueError instead of being skipped.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._skip(step, e)
+        continue
+      for key, value in (expect or {}).items():
+        if key in meta and meta[key] != value:
+          raise ValueError(
+              f'The checkpoint at step {step} in {self.directory} belongs to a different '
+              f'run ({key}: {meta[key]!r} there, {value!r} now; e.g. another model, '
+              'optimizer or image size). Use a new workdir, or remove the old checkpoints.')
       try:
         state, meta = self.restore(step, abstract_state)
         if not _all_finite(state):
           raise ValueError('it holds non-finite values')
       except Exception as e:  # pylint: disable=broad-except
-        message = (f'Checkpoint at step {step} in {self.directory} cannot be used '
-                   f'({type(e).__name__}: {str(e)[:300]}); falling back to the previous one.')
-        logging.warning('%s', message)
-        warnings.warn(message, CorruptCheckpointWarning, stacklevel=2)
-        self._quarantine(step)
+        self._skip(step, e)
         continue
       logging.info('Restored checkpoint at step %d from %s', step, self.directory)
       return state, meta
     return None, None
+
+  def _skip(self, step: int, error: Exception) -> None:
+    message = (f'Checkpoint at step {step} in {self.directory} cannot be used '
+               f'({type(error).__name__}: {str(error)[:300]}); falling back to the previous '
+               'one.')
+    logging.warning('%s', message)
+    warnings.warn(message, CorruptCheckpointWarning, stacklevel=3)
+    self._quarantine(step)
 
   def _quarantine(self, step: int) -> None:
     """Moves a bad step directory aside, so that the run can save that step again."""
