@@ -41,6 +41,10 @@ from typing import Any, Optional
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
+for _path in reversed(os.environ.get('PYTHONPATH', '').split(os.pathsep)):
+  # A worker told to use another checkout (`code=DIR`) imports vit_jax from there.
+  if _path and _path != _REPO_ROOT and os.path.isdir(os.path.join(_path, 'vit_jax')):
+    sys.path.insert(0, _path)
 
 from benchmarks import measure  # noqa: E402
 
@@ -103,6 +107,12 @@ def _probe() -> int:
 
 def _worker(spec: dict[str, Any]) -> int:
   measure.claim_stdout()
+  threads = spec.get('threads')
+  if threads and hasattr(os, 'sched_setaffinity'):
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads < len(allowed):
+      # Before JAX starts: XLA sizes its CPU thread pool from the affinity mask.
+      os.sched_setaffinity(0, allowed[:threads])
   if spec['kind'] == 'probe':
     return _probe()
   if spec['framework'] == 'jax':
@@ -117,7 +127,8 @@ def _worker(spec: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool) -> dict:
+def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool,
+               code: Optional[str] = None) -> dict:
   env = dict(os.environ)
   flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
   flags += extra_xla_flags.split()
@@ -129,7 +140,8 @@ def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool) 
     # Several workers hold the same GPU at once: allocate on demand.
     env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
   env['PYTHONPATH'] = os.pathsep.join(
-      [_REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+      ([code] if code else []) + [_REPO_ROOT]
+      + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
   return env
 
 
@@ -146,6 +158,7 @@ class Worker:
     self.error: Optional[str] = None
     self.ready: Optional[dict] = None
     self.times: list[dict] = []
+    self.discarded: list[dict] = []
     self.result: Optional[dict] = None
 
   def _read(self, want: str) -> Optional[dict]:
@@ -183,20 +196,31 @@ class Worker:
     if self.error is None and self.ready is None:
       self.ready = self._read('READY')
 
-  def repeat(self, quiet_wait_s: float = 0.0) -> None:
-    if self.error is not None:
-      return
-    waited, busy_before = measure.wait_for_quiet(quiet_wait_s) if quiet_wait_s else (0.0, None)
-    machine_before = measure.machine_busy_seconds()
-    if self._send('run'):
+  def repeat(self, quiet_wait_s: float = 0.0, max_others_cores: Optional[float] = None,
+             retries: int = 4) -> None:
+    """One timed repeat; with `max_others_cores`, redone while other processes were busy."""
+    for attempt in range(retries + 1):
+      if self.error is not None:
+        return
+      waited, busy_before = (measure.wait_for_quiet(quiet_wait_s) if quiet_wait_s
+                             else (0.0, None))
+      machine_before = measure.machine_busy_seconds()
+      if not self._send('run'):
+        return
       timing = self._read('TIME')
-      if timing is not None:
-        if machine_before is not None:
-          # CPU time of everything else on the machine during the repeat.
-          others = measure.machine_busy_seconds() - machine_before - timing['cpu_seconds']
-          timing['others_cores'] = max(0.0, others) / timing['seconds']
-        timing.update(quiet_waited_s=waited, busy_cores_before=busy_before)
+      if timing is None:
+        return
+      if machine_before is not None:
+        # CPU time of everything else on the machine during the repeat.
+        others = measure.machine_busy_seconds() - machine_before - timing['cpu_seconds']
+        timing['others_cores'] = max(0.0, others) / timing['seconds']
+      timing.update(quiet_waited_s=waited, busy_cores_before=busy_before, attempt=attempt)
+      contended = (max_others_cores is not None and
+                   timing.get('others_cores', 0.0) > max_others_cores)
+      if not contended or attempt == retries:
         self.times.append(timing)
+        return
+      self.discarded.append(timing)
 
   def finish(self) -> dict:
     if self.error is None and self._send('done'):
@@ -222,12 +246,13 @@ class Worker:
                    t['cpu_seconds'] / t['seconds'] for t in self.times),
                others_cores=(statistics.median(t['others_cores'] for t in self.times)
                              if 'others_cores' in self.times[0] else None),
-               repeats=self.times)
+               repeats=self.times, discarded_repeats=self.discarded)
     return out
 
 
 def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: bool,
-              settle_s: float, log, quiet_wait_s: float = 0.0) -> list[dict]:
+              settle_s: float, log, quiet_wait_s: float = 0.0,
+              max_others_cores: Optional[float] = None) -> list[dict]:
   """Measures the specs; interleaved ABBA when `interleave`, else one after another."""
   if not interleave:
     results = []
@@ -235,17 +260,26 @@ def run_group(specs: list[dict], envs: list[dict], repeats: int, interleave: boo
       worker = Worker(spec, env)
       worker.wait_ready()
       for _ in range(repeats):
-        worker.repeat(quiet_wait_s)
+        worker.repeat(quiet_wait_s, max_others_cores)
       results.append(worker.finish())
       log(_describe(results[-1]))
     return results
   workers = [Worker(spec, env) for spec, env in zip(specs, envs)]
+  try:
+    return _interleaved(workers, repeats, settle_s, log, quiet_wait_s, max_others_cores)
+  finally:
+    for worker in workers:
+      if worker.proc.poll() is None:
+        worker.proc.kill()
+
+
+def _interleaved(workers, repeats, settle_s, log, quiet_wait_s, max_others_cores):
   for worker in workers:
     worker.wait_ready()
   for r in range(repeats):
     for worker in (workers if r % 2 == 0 else workers[::-1]):
       time.sleep(settle_s)  # let the previous worker's spinning threads go idle
-      worker.repeat(quiet_wait_s)
+      worker.repeat(quiet_wait_s, max_others_cores)
     log(f'  round {r + 1}/{repeats}: ' + ', '.join(
         '-' if w.error or len(w.times) <= r else
         f"{w.spec['batch'] * w.times[r]['steps'] / w.times[r]['seconds']:.2f}"
@@ -260,7 +294,8 @@ def _describe(result: dict) -> str:
   spec = result['spec']
   name = (f"{spec['framework']:4s} {spec['mode']:5s} {spec['model']}@{spec['image_size']} "
           f"b{spec['batch']} {spec['dtype']} x{spec.get('devices', 1)}dev"
-          + (f" XLA_FLAGS='{spec['xla_flags']}'" if spec.get('xla_flags') else ''))
+          + (f" XLA_FLAGS='{spec['xla_flags']}'" if spec.get('xla_flags') else '')
+          + (f" code={spec['code']}" if spec.get('code') else ''))
   if 'error' in result:
     return f'{name}: FAILED {result["error"].splitlines()[0]}'
   return (f"{name}: {result['images_per_s']:.2f} img/s "
@@ -272,6 +307,23 @@ def _describe(result: dict) -> str:
 # ---------------------------------------------------------------------------
 # Parent side: what to measure and the report.
 # ---------------------------------------------------------------------------
+
+
+def split_variant(variant: str, default_devices: int) -> tuple[int, str, Optional[str]]:
+  """'devices=2 code=DIR --xla_flag=x' -> (2, '--xla_flag=x', DIR).
+
+  `devices=N` (data parallel over N devices) and `code=DIR` (import vit_jax from
+  another checkout, to A/B a code change) are optional; the rest is XLA_FLAGS.
+  """
+  devices, flags, code = default_devices, [], None
+  for token in variant.split():
+    if token.startswith('devices='):
+      devices = int(token.split('=', 1)[1])
+    elif token.startswith('code='):
+      code = os.path.abspath(os.path.expanduser(token.split('=', 1)[1]))
+    else:
+      flags.append(token)
+  return devices, ' '.join(flags), code
 
 
 def parse_model(entry: str, default_size: int) -> tuple[str, int]:
@@ -417,13 +469,14 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     table = []
     for row in rows:
       c = row['cells']
-      for i, flags in enumerate([meta['xla_flags']] + meta['xla_variants']):
+      for i, flags in enumerate([f"devices={meta['devices']} {meta['xla_flags']}".strip()]
+                                + meta['xla_variants']):
         suffix = f'@{i}' if i else ''
         cells = [c.get(f'jax_{m}{suffix}') for m in ('infer', 'train')]
         bases = [c.get(f'jax_{m}') for m in ('infer', 'train')]
         vs = [_num(paired_ratio(x, b)) for x, b in zip(cells, bases)]
         table.append([row['model'], row['image_size'], row['batch'], row['dtype'],
-                      flags or '(default)', _num(_rate(cells[0])), vs[0],
+                      flags, _num(_rate(cells[0])), vs[0],
                       _num(_rate(cells[1])), vs[1]])
     out.append('')
     out.append('XLA flag variants of ours (interleaved with the rows above; x = vs first line):')
@@ -472,11 +525,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--scaling-model', help='MODEL@SIZE for the scaling table')
   p.add_argument('--scaling-batch-per-device', type=int)
   p.add_argument('--scaling-dtype', default='fp32', choices=['fp32', 'bf16'])
+  p.add_argument('--threads', type=int, default=None,
+                 help='CPU threads per worker (default: all cores); fewer pins every worker '
+                      'to the first N cores and sets torch.set_num_threads(N)')
   p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS for our workers')
+  p.add_argument('--devices', type=int, default=1,
+                 help='devices for our rows (data parallel, batch split; on CPU fake '
+                      'devices sharing the cores). Default 1')
   p.add_argument('--xla-variants', type=lambda t: [v.strip() for v in t.split(';')],
                  default=[],
-                 help="';'-separated XLA_FLAGS alternatives, each measured as an extra "
-                      "contender of every row (interleaved with the rest)")
+                 help="';'-separated alternatives for our side, each measured as an extra "
+                      "contender of every row (interleaved with the rest): XLA flags, "
+                      "optionally led by devices=N")
   p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
                  help="attention implementation (default: the model's, i.e. JAX's choice)")
   p.add_argument('--train-step', choices=['own', 'project'], default='own',
@@ -490,6 +550,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--quiet-wait', type=float, default=0.0,
                  help='before each repeat wait up to this many seconds for other processes '
                       'to leave the CPU idle (shared machines; default 0: do not wait)')
+  p.add_argument('--max-others-cores', type=float, default=None,
+                 help='redo a repeat (up to 4 times) when other processes used more than '
+                      'this many cores during it (shared machines; default: keep all)')
   p.add_argument('--json', help='write all results to this JSON file')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -536,12 +599,12 @@ def main(argv=None) -> int:
       f"{probe['cores']} cores; jax {probe['jax']}, torch {probe['torch']}, "
       f"timm {probe['timm']}; interleave={interleave}")
 
-  variants = [args.xla_flags] + args.xla_variants
+  variants = [f'devices={args.devices} {args.xla_flags}'] + args.xla_variants
   common = dict(kind='cell', num_classes=args.num_classes, repeats=args.repeats,
                 min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
                 attention=args.attention, remat=args.remat or None,
                 train_step=args.train_step,
-                threads=probe['cores'], torch_device=torch_device)
+                threads=args.threads or probe['cores'], torch_device=torch_device)
   rows = []
   for entry in args.models:
     model, size = parse_model(entry, args.image_size)
@@ -555,14 +618,17 @@ def main(argv=None) -> int:
         for mode in args.modes:
           cell = dict(common, mode=mode, model=model, image_size=size, batch=batch,
                       dtype=dtype, devices=1)
-          for i, flags in enumerate(variants):
-            specs.append(dict(cell, framework='jax', variant=i, xla_flags=flags))
-            envs.append(_child_env(flags, 1, interleave and not cpu))
+          for i, variant in enumerate(variants):
+            devices, flags, code = split_variant(variant, args.devices)
+            specs.append(dict(cell, framework='jax', variant=i, xla_flags=flags,
+                              devices=devices, code=code))
+            envs.append(_child_env(flags, devices, interleave and not cpu, code))
           if use_timm:
             specs.append(dict(cell, framework='timm'))
             envs.append(_child_env('', 1, interleave and not cpu))
         for result in run_group(specs, envs, args.repeats, interleave,
-                                args.settle_seconds, log, args.quiet_wait):
+                                args.settle_seconds, log, args.quiet_wait,
+                                args.max_others_cores):
           spec = result['spec']
           key = f"{spec['framework']}_{spec['mode']}"
           row['cells'][key + (f"@{spec['variant']}" if spec.get('variant') else '')] = result
@@ -582,21 +648,22 @@ def main(argv=None) -> int:
                   devices=n) for n in counts]
     envs = [_child_env(args.xla_flags, n, interleave and not cpu) for n in counts]
     scaling = run_group(specs, envs, args.repeats, interleave, args.settle_seconds, log,
-                        args.quiet_wait)
+                        args.quiet_wait, args.max_others_cores)
 
   meta = dict(probe=probe, preset=args.preset, argv=sys.argv[1:] if argv is None else argv,
               repeats=args.repeats, min_repeat_seconds=args.min_repeat_seconds,
-              interleave=interleave, quiet_wait=args.quiet_wait, train_step=args.train_step,
-              xla_flags=args.xla_flags, xla_variants=args.xla_variants,
+              interleave=interleave, quiet_wait=args.quiet_wait,
+              max_others_cores=args.max_others_cores, train_step=args.train_step,
+              xla_flags=args.xla_flags, xla_variants=args.xla_variants, devices=args.devices,
               timm_note=timm_note,
               scaling_batch_per_device=args.scaling_batch_per_device,
-              threads=probe['cores'], torch_device=torch_device,
+              threads=args.threads or probe['cores'], torch_device=torch_device,
               wall_seconds=time.perf_counter() - start, load_average_before=load_before,
               load_average_after=os.getloadavg() if hasattr(os, 'getloadavg') else None)
   text = report(meta, rows, scaling)
   print(text)
   print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
-        f"torch threads {probe['cores']}; jax {probe['jax']}, flax {probe['flax']}, "
+        f"threads {args.threads or probe['cores']}; jax {probe['jax']}, flax {probe['flax']}, "
         f"torch {probe['torch']}, timm {probe['timm']}; "
         f"wall time {meta['wall_seconds']:.0f} s"
         + (f"; 1-min load average {meta['load_average_before'][0]:.1f} before, "

@@ -11,6 +11,7 @@ host except the final `block_until_ready`.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -186,11 +187,13 @@ def setup(spec: dict[str, Any]):
   ready = dict(compile_s=compile_s, steps=steps, warmup_step_s=per_step)
 
   def finish() -> dict:
+    import vit_jax
     device = devices[0]
     return dict(
         framework='jax', platform=device.platform, device_kind=device.device_kind,
         num_devices=num_devices, params=num_params, compile_s=compile_s,
         train_step=(spec.get('train_step') or 'own') if train else None,
+        vit_jax_path=os.path.dirname(os.path.abspath(vit_jax.__file__)),
         xla_flops_per_image=(flops / per_device_batch if flops else None),
         rss_base_bytes=base_rss, device_memory=_memory_stats(device))
 
