@@ -1,9 +1,18 @@
 """The softmax(Q K^T / sqrt(d)) V product of multi-head self-attention.
 
-Kept apart from the model so the kernel choice (plain XLA, or cuDNN's fused
-flash attention on GPU) is one switch and the layer stays readable.
-Tensors are (batch, tokens, heads, head_dim), the layout of the published
-query/key/value kernels.
+Kept apart from the model so the kernel choice is one switch and the layer
+stays readable. Tensors are (batch, tokens, heads, head_dim), the layout of the
+published query/key/value kernels. Implementations:
+
+- 'explicit': three plain ops (QK^T, softmax, PV) with heads moved in front of
+  tokens, so both products are batched matmuls over contiguous (tokens, dim)
+  blocks. On CPU this is the fastest we measured (ViT-S/16, 224 px: attention
+  forward + backward 1.6x faster than `jax.nn.dot_product_attention`'s XLA
+  path; see README, Benchmarks).
+- 'xla': `jax.nn.dot_product_attention(implementation='xla')`.
+- 'cudnn': cuDNN's fused flash attention on GPU, with the sequence padded to a
+  length the kernel accepts.
+- None: 'explicit' on CPU, else JAX's own choice (`jax.nn.dot_product_attention`).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+IMPLEMENTATIONS = (None, 'explicit', 'xla', 'cudnn')
 # cuDNN's fused kernel only takes some sequence lengths for training; ViT's
 # 197 tokens is not one of them, so q/k/v are padded up to a multiple of this.
 CUDNN_SEQUENCE_MULTIPLE = 64
@@ -26,15 +35,44 @@ def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits * scale, axis=-1)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          implementation: Optional[str] = None) -> jax.Array:
-  """softmax(QK^T/sqrt(d))V without materialising weights where the kernel allows."""
+def check_implementation(implementation: Optional[str]) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f'attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: Optional[str] = None) -> jax.Array:
+  """softmax(QK^T/sqrt(d))V, by the kernel `implementation` names."""
+  check_implementation(implementation)
+  if implementation is None and jax.default_backend() == 'cpu':
+    implementation = 'explicit'
+  if implementation == 'explicit':
+    return explicit_attention(q, k, v)
   if implementation == 'cudnn':
     return _padded_cudnn_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _softmax(logits: jax.Array) -> jax.Array:
+  # The max is a constant for the gradient (softmax is shift-invariant), and one
+  # reciprocal per row replaces a division per element.
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(shifted)
+  return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Attention as plain batched matmuls in (batch, heads, tokens, dim) layout.
+
+  Logits and softmax are float32 whatever the input dtype; the scale is folded
+  into q (tokens x dim) rather than applied to the larger logits.
+  """
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  weights = _softmax(logits).astype(v.dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
 def _padded_cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
