@@ -65,3 +65,19 @@ def test_smoke_preset(tmp_path):
       assert timm_cell['params'] == cell['params']
   assert [c['spec']['devices'] for c in result['scaling']] == [1, 2]
   assert all(c['images_per_s'] > 0 for c in result['scaling'])
+
+
+def test_attention_benchmark_runs(tmp_path):
+  out = tmp_path / 'attention.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'attention_benchmark.py'),
+       '--batch', '2', '--tokens', '17', '--heads', '2', '--head-dim', '8',
+       '--rounds', '2', '--json', str(out)],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  assert '| explicit |' in proc.stdout
+  result = json.loads(out.read_text())
+  assert set(result['results']) >= {'explicit', 'xla'}
+  for timings in result['results'].values():
+    assert timings['forward']['ms'] > 0 and timings['forward+backward']['ms'] > 0
+  assert result['results']['xla']['forward']['speedup_vs_xla'] == 1.0
