@@ -537,8 +537,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="';'-separated alternatives for our side, each measured as an extra "
                       "contender of every row (interleaved with the rest): XLA flags, "
                       "optionally led by devices=N")
-  p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
-                 help="attention implementation (default: the model's, i.e. JAX's choice)")
+  p.add_argument('--attention', choices=['explicit', 'xla', 'cudnn'], default=None,
+                 help="attention implementation (default: the model's: 'explicit' on CPU, "
+                      "else JAX's choice)")
   p.add_argument('--train-step', choices=['own', 'project'], default='own',
                  help="own: plain AdamW step, the same update timm does (default); "
                       "project: vit_jax.train.make_train_step with an AdamW config")
