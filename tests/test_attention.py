@@ -17,8 +17,16 @@ def qkv(shape=(2, 17, 3, 8), dtype=jnp.float32):
 
 
 def reference(q, k, v):
-  weights = attention.attention_weights(q, k)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  """The textbook formula, independent of vit_jax.attention."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_attention_weights_match_the_formula():
+  q, k, _ = qkv()
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  np.testing.assert_allclose(attention.attention_weights(q, k),
+                             jax.nn.softmax(logits, axis=-1), atol=1e-6)
 
 
 @pytest.mark.parametrize('implementation', [None, 'explicit', 'xla'])

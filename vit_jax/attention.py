@@ -30,10 +30,16 @@ CUDNN_SEQUENCE_MULTIPLE = 64
 
 
 def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
-  """Attention probabilities (batch, heads, q_tokens, k_tokens), in float32."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  return jax.nn.softmax(logits * scale, axis=-1)
+  """Attention probabilities (batch, heads, q_tokens, k_tokens), in float32.
+
+  Heads move in front of tokens first, so QK^T is a batched matmul over
+  contiguous (tokens, dim) blocks; the scale is folded into q (tokens x dim)
+  rather than applied to the larger logits.
+  """
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k = (t.transpose(0, 2, 1, 3) for t in (q * scale, k))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  return _softmax(logits)
 
 
 def check_implementation(implementation: Optional[str]) -> None:
@@ -64,15 +70,12 @@ def _softmax(logits: jax.Array) -> jax.Array:
 
 
 def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Attention as plain batched matmuls in (batch, heads, tokens, dim) layout.
+  """Attention as plain batched matmuls: `attention_weights`, then PV.
 
-  Logits and softmax are float32 whatever the input dtype; the scale is folded
-  into q (tokens x dim) rather than applied to the larger logits.
+  Logits and softmax are float32 whatever the input dtype.
   """
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-  weights = _softmax(logits).astype(v.dtype)
+  weights = attention_weights(q, k).astype(v.dtype)
+  v = v.transpose(0, 2, 1, 3)
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
