@@ -115,11 +115,25 @@ def _worker(spec: dict[str, Any]) -> int:
       os.sched_setaffinity(0, allowed[:threads])
   if spec['kind'] == 'probe':
     return _probe()
+  if spec.get('host_memory') == 'retain':
+    # Both frameworks alike, before either starts threads (see vit_jax.host_memory).
+    try:
+      from vit_jax import host_memory
+    except ImportError:  # a `code=DIR` checkout from before the module existed
+      spec['host_memory'] = 'unavailable'
+    else:
+      if not host_memory.retain_freed_memory():
+        spec['host_memory'] = 'unsupported'
   if spec['framework'] == 'jax':
-    from benchmarks import jax_bench
-    return measure.serve(lambda: jax_bench.setup(spec))
-  from benchmarks import timm_bench
-  return measure.serve(lambda: timm_bench.setup(spec))
+    from benchmarks import jax_bench as bench
+  else:
+    from benchmarks import timm_bench as bench
+
+  def setup():
+    ready, run, finish = bench.setup(spec)
+    return ready, run, lambda: dict(finish(), host_memory=spec.get('host_memory'))
+
+  return measure.serve(setup)
 
 
 # ---------------------------------------------------------------------------
@@ -128,8 +142,9 @@ def _worker(spec: dict[str, Any]) -> int:
 
 
 def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool,
-               code: Optional[str] = None) -> dict:
+               code: Optional[str] = None, extra_env: Optional[dict] = None) -> dict:
   env = dict(os.environ)
+  env.update(extra_env or {})
   flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
   flags += extra_xla_flags.split()
   # Only affects the CPU platform: N fake CPU devices.
@@ -309,21 +324,35 @@ def _describe(result: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def split_variant(variant: str, default_devices: int) -> tuple[int, str, Optional[str]]:
-  """'devices=2 code=DIR --xla_flag=x' -> (2, '--xla_flag=x', DIR).
+def split_variant(variant: str, default_devices: int
+                  ) -> tuple[int, str, Optional[str], dict[str, str], dict[str, str]]:
+  """'devices=2 code=DIR env:NAME=V host_memory=default --xla_flag=x'
+  -> (2, '--xla_flag=x', DIR, {NAME: V}, {'host_memory': 'default'}).
 
-  `devices=N` (data parallel over N devices) and `code=DIR` (import vit_jax from
-  another checkout, to A/B a code change) are optional; the rest is XLA_FLAGS.
+  `devices=N` (data parallel over N devices), `code=DIR` (import vit_jax from
+  another checkout, to A/B a code change), `env:NAME=VALUE` (an environment
+  variable of that worker only) and `host_memory=retain|default` (that worker's
+  allocator setting) are optional; the rest is XLA_FLAGS.
   """
-  devices, flags, code = default_devices, [], None
+  devices, flags, code, env, spec = default_devices, [], None, {}, {}
   for token in variant.split():
-    if token.startswith('devices='):
+    if token.startswith('host_memory='):
+      value = token.split('=', 1)[1]
+      if value not in ('retain', 'default'):
+        raise ValueError(f'variant token {token!r}: host_memory is retain or default')
+      spec['host_memory'] = value
+    elif token.startswith('devices='):
       devices = int(token.split('=', 1)[1])
     elif token.startswith('code='):
       code = os.path.abspath(os.path.expanduser(token.split('=', 1)[1]))
+    elif token.startswith('env:'):
+      name, sep, value = token[4:].partition('=')
+      if not name or not sep:
+        raise ValueError(f'variant token {token!r}: expected env:NAME=VALUE')
+      env[name] = value
     else:
       flags.append(token)
-  return devices, ' '.join(flags), code
+  return devices, ' '.join(flags), code, env, spec
 
 
 def parse_model(entry: str, default_size: int) -> tuple[str, int]:
@@ -469,7 +498,8 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     table = []
     for row in rows:
       c = row['cells']
-      for i, flags in enumerate([f"devices={meta['devices']} {meta['xla_flags']}".strip()]
+      first = f"devices={meta['devices']} host_memory={meta.get('host_memory')} "
+      for i, flags in enumerate([(first + meta['xla_flags']).strip()]
                                 + meta['xla_variants']):
         suffix = f'@{i}' if i else ''
         cells = [c.get(f'jax_{m}{suffix}') for m in ('infer', 'train')]
@@ -479,8 +509,9 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                       flags, _num(_rate(cells[0])), vs[0],
                       _num(_rate(cells[1])), vs[1]])
     out.append('')
-    out.append('XLA flag variants of ours (interleaved with the rows above; x = vs first line):')
-    out.append(_markdown(hdr + ['XLA_FLAGS', 'infer img/s', 'x', 'train img/s', 'x'], table))
+    out.append('Variants of ours (--xla-variants: XLA flags, devices=, code=, env:, '
+               'host_memory=; interleaved with the rows above; x = vs first line):')
+    out.append(_markdown(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x'], table))
   errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
   errors += [cell for cell in scaling if 'error' in cell]
   for cell in errors:
@@ -528,6 +559,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--threads', type=int, default=None,
                  help='CPU threads per worker (default: all cores); fewer pins every worker '
                       'to the first N cores and sets torch.set_num_threads(N)')
+  p.add_argument('--host-memory', choices=['retain', 'default'], default='retain',
+                 help="retain (default): every worker, ours and timm's, keeps freed heap "
+                      "memory for reuse (vit_jax.host_memory; spares XLA:CPU ~250k page "
+                      "faults per ViT-S/16 step); default: glibc's own settings")
   p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS for our workers')
   p.add_argument('--devices', type=int, default=1,
                  help='devices for our rows (data parallel, batch split; on CPU fake '
@@ -605,7 +640,8 @@ def main(argv=None) -> int:
                 min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
                 attention=args.attention, remat=args.remat or None,
                 train_step=args.train_step,
-                threads=args.threads or probe['cores'], torch_device=torch_device)
+                threads=args.threads or probe['cores'], torch_device=torch_device,
+                host_memory=args.host_memory)
   rows = []
   for entry in args.models:
     model, size = parse_model(entry, args.image_size)
@@ -620,10 +656,11 @@ def main(argv=None) -> int:
           cell = dict(common, mode=mode, model=model, image_size=size, batch=batch,
                       dtype=dtype, devices=1)
           for i, variant in enumerate(variants):
-            devices, flags, code = split_variant(variant, args.devices)
+            devices, flags, code, extra_env, extra_spec = split_variant(variant, args.devices)
             specs.append(dict(cell, framework='jax', variant=i, xla_flags=flags,
-                              devices=devices, code=code))
-            envs.append(_child_env(flags, devices, interleave and not cpu, code))
+                              devices=devices, code=code, env=extra_env or None,
+                              **extra_spec))
+            envs.append(_child_env(flags, devices, interleave and not cpu, code, extra_env))
           if use_timm:
             specs.append(dict(cell, framework='timm'))
             envs.append(_child_env('', 1, interleave and not cpu))
@@ -656,6 +693,7 @@ def main(argv=None) -> int:
               interleave=interleave, quiet_wait=args.quiet_wait,
               max_others_cores=args.max_others_cores, train_step=args.train_step,
               xla_flags=args.xla_flags, xla_variants=args.xla_variants, devices=args.devices,
+              host_memory=args.host_memory,
               timm_note=timm_note,
               scaling_batch_per_device=args.scaling_batch_per_device,
               threads=args.threads or probe['cores'], torch_device=torch_device,
@@ -664,7 +702,7 @@ def main(argv=None) -> int:
   text = report(meta, rows, scaling)
   print(text)
   print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
-        f"threads {args.threads or probe['cores']}; jax {probe['jax']}, flax {probe['flax']}, "
+        f"threads {args.threads or probe['cores']}, host memory {args.host_memory}; jax {probe['jax']}, flax {probe['flax']}, "
         f"torch {probe['torch']}, timm {probe['timm']}; "
         f"wall time {meta['wall_seconds']:.0f} s"
         + (f"; 1-min load average {meta['load_average_before'][0]:.1f} before, "

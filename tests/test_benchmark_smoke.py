@@ -58,11 +58,14 @@ def test_smoke_preset(tmp_path):
     assert cell['rss_peak_bytes'] > 0
     assert cell['xla_flops_per_image'] > 0
     assert not cell['tensorflow_imported']
+    if sys.platform.startswith('linux'):
+      assert cell['host_memory'] == 'retain'  # the default, for both frameworks
     if result['meta']['timm_note'] is None:
       timm_cell = row['cells'][f'timm_{mode}']
       assert timm_cell['images_per_s'] > 0
       # Same network on both sides.
       assert timm_cell['params'] == cell['params']
+      assert timm_cell['host_memory'] == cell['host_memory']
   assert [c['spec']['devices'] for c in result['scaling']] == [1, 2]
   assert all(c['images_per_s'] > 0 for c in result['scaling'])
 
@@ -81,3 +84,17 @@ def test_attention_benchmark_runs(tmp_path):
   for timings in result['results'].values():
     assert timings['forward']['ms'] > 0 and timings['forward+backward']['ms'] > 0
   assert result['results']['xla']['forward']['speedup_vs_xla'] == 1.0
+
+
+def test_variant_tokens():
+  sys.path.insert(0, REPO)
+  from benchmarks import benchmark
+  devices, flags, code, env, spec = benchmark.split_variant(
+      'devices=2 env:GLIBC_TUNABLES=glibc.malloc.hugetlb=1 host_memory=default --xla_a=1', 1)
+  assert (devices, flags, code) == (2, '--xla_a=1', None)
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert spec == {'host_memory': 'default'}
+  with pytest.raises(ValueError, match='retain or default'):
+    benchmark.split_variant('host_memory=sometimes', 1)
+  with pytest.raises(ValueError, match='env:NAME=VALUE'):
+    benchmark.split_variant('env:NO_VALUE', 1)

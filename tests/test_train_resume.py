@@ -41,12 +41,12 @@ def write_config(path):
   return str(path)
 
 
-def start_run(config_path, workdir):
+def start_run(config_path, workdir, *extra_args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   return subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.main', f'--config={config_path}',
-       f'--workdir={workdir}'],
+       f'--workdir={workdir}', *extra_args],
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -92,7 +92,8 @@ def test_sigkill_then_restart_matches_uninterrupted(tmp_path, reference):
   killed_at = train_checkpoints.RunCheckpointer(str(workdir)).latest_step()
   assert killed_at is not None and killed_at < CONFIG['total_steps']
 
-  restarted = start_run(config_path, workdir)
+  # The restart also keeps freed host memory (vit_jax.host_memory): same numbers.
+  restarted = start_run(config_path, workdir, '--retain_host_memory')
   _, err = restarted.communicate(timeout=600)
   assert restarted.returncode == 0, err[-3000:]
   assert 'Resuming from step' in err

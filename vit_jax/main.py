@@ -35,6 +35,11 @@ flags.DEFINE_integer('process_id', None, 'Index of this process, 0 .. num_proces
 flags.DEFINE_bool('multiprocess', False,
                   'Join a multi-process run described by the cluster environment.')
 flags.DEFINE_string('platform', None, "Force a JAX platform ('cpu', 'gpu', 'tpu').")
+flags.DEFINE_bool('retain_host_memory', False,
+                  'Keep freed host memory for reuse (glibc) so XLA:CPU steps do not fault in '
+                  'their large buffers anew: faster CPU training of ViT-S and larger, slower '
+                  'for tiny models (one malloc arena for all threads); see '
+                  'vit_jax/host_memory.py.')
 
 # Environment variables by which JAX's cluster detection finds a multi-process job.
 _CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
@@ -64,6 +69,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required.')
+
+  if FLAGS.retain_host_memory:
+    # Before JAX starts its threads: they pick their malloc arena on first use.
+    from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.retain_freed_memory()
 
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.platform:
