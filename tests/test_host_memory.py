@@ -32,7 +32,8 @@ _CHILD = textwrap.dedent('''
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = f(a, b, v).block_until_ready()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(json.dumps({'faults': faults, 'out': np.asarray(out)[:4, 0].tolist()}))
+    print(json.dumps({'faults': faults, 'out': np.asarray(out)[:4, 0].tolist(),
+                      'async': jax.config.values['jax_cpu_enable_async_dispatch']}))
 ''')
 
 _PAGES_256_MIB = 256 * 2**20 // 4096
@@ -55,6 +56,8 @@ def test_retained_memory_spares_page_faults_same_result():
   # With it the pages of the previous call are reused.
   assert retained['faults'] < _PAGES_256_MIB // 20, retained
   assert retained['out'] == pytest.approx(default['out'], rel=1e-5)
+  # One CPU step at a time, so steps' buffers do not interleave in the heap.
+  assert default['async'] and not retained['async']
 
 
 def test_returns_bool_and_is_idempotent_in_a_child():

@@ -36,10 +36,10 @@ flags.DEFINE_bool('multiprocess', False,
                   'Join a multi-process run described by the cluster environment.')
 flags.DEFINE_string('platform', None, "Force a JAX platform ('cpu', 'gpu', 'tpu').")
 flags.DEFINE_bool('retain_host_memory', False,
-                  'Keep freed host memory for reuse (glibc) so XLA:CPU steps do not fault in '
-                  'their large buffers anew: faster CPU training of ViT-S and larger, slower '
-                  'for tiny models (one malloc arena for all threads); see '
-                  'vit_jax/host_memory.py.')
+                  'Keep freed host memory for reuse (glibc) and run CPU steps one at a time, '
+                  'so XLA:CPU steps do not fault in their large buffers anew: faster CPU '
+                  'training of ViT-S and larger, slower for tiny models (one malloc arena '
+                  'for all threads); see vit_jax/host_memory.py.')
 
 # Environment variables by which JAX's cluster detection finds a multi-process job.
 _CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
