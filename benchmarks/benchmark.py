@@ -498,9 +498,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     table = []
     for row in rows:
       c = row['cells']
-      first = f"devices={meta['devices']} host_memory={meta.get('host_memory')} "
-      for i, flags in enumerate([(first + meta['xla_flags']).strip()]
-                                + meta['xla_variants']):
+      for i, flags in enumerate(meta['variants']):
         suffix = f'@{i}' if i else ''
         cells = [c.get(f'jax_{m}{suffix}') for m in ('infer', 'train')]
         bases = [c.get(f'jax_{m}') for m in ('infer', 'train')]
@@ -570,8 +568,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--xla-variants', type=lambda t: [v.strip() for v in t.split(';')],
                  default=[],
                  help="';'-separated alternatives for our side, each measured as an extra "
-                      "contender of every row (interleaved with the rest): XLA flags, "
-                      "optionally led by devices=N")
+                      "contender of every row (interleaved with the rest): XLA flags and "
+                      "optionally devices=N, code=DIR, env:NAME=VALUE, "
+                      "host_memory=retain|default")
   p.add_argument('--attention', choices=['explicit', 'xla', 'cudnn'], default=None,
                  help="attention implementation (default: the model's: 'explicit' on CPU, "
                       "else JAX's choice)")
@@ -635,7 +634,9 @@ def main(argv=None) -> int:
       f"{probe['cores']} cores; jax {probe['jax']}, torch {probe['torch']}, "
       f"timm {probe['timm']}; interleave={interleave}")
 
-  variants = [f'devices={args.devices} {args.xla_flags}'] + args.xla_variants
+  # The first contender is the command line's own setting, spelled as a variant.
+  variants = [f'devices={args.devices} host_memory={args.host_memory} {args.xla_flags}'.strip()
+              ] + args.xla_variants
   common = dict(kind='cell', num_classes=args.num_classes, repeats=args.repeats,
                 min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
                 attention=args.attention, remat=args.remat or None,
@@ -692,7 +693,8 @@ def main(argv=None) -> int:
               repeats=args.repeats, min_repeat_seconds=args.min_repeat_seconds,
               interleave=interleave, quiet_wait=args.quiet_wait,
               max_others_cores=args.max_others_cores, train_step=args.train_step,
-              xla_flags=args.xla_flags, xla_variants=args.xla_variants, devices=args.devices,
+              xla_flags=args.xla_flags, xla_variants=args.xla_variants, variants=variants,
+              devices=args.devices,
               host_memory=args.host_memory,
               timm_note=timm_note,
               scaling_batch_per_device=args.scaling_batch_per_device,
@@ -702,7 +704,8 @@ def main(argv=None) -> int:
   text = report(meta, rows, scaling)
   print(text)
   print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
-        f"threads {args.threads or probe['cores']}, host memory {args.host_memory}; jax {probe['jax']}, flax {probe['flax']}, "
+        f"threads {args.threads or probe['cores']}, host memory {args.host_memory}; "
+        f"jax {probe['jax']}, flax {probe['flax']}, "
         f"torch {probe['torch']}, timm {probe['timm']}; "
         f"wall time {meta['wall_seconds']:.0f} s"
         + (f"; 1-min load average {meta['load_average_before'][0]:.1f} before, "
