@@ -2,31 +2,16 @@
 
   python -m vit_jax.main --config=configs/resnet_baseline.py --workdir=/tmp/digits_resnet
 
-Same data (16x16, no augmentation) as configs/default.py; the model is the BiT-Test
-preset (a ResNetV2 with one pre-activation bottleneck unit per stage, base
-width 32, GroupNorm and weight-standardised convolutions), trained with SGD
-momentum as in BiT. The argument after ':' may name another BiT preset.
+Same data (16x16, no augmentation) as configs/default.py; the model is the
+BiT-Test preset (a ResNetV2 with one pre-activation bottleneck unit per stage,
+base width 32, GroupNorm and weight-standardised convolutions), trained with SGD
+momentum as in BiT (`vit_jax.configs.recipes.digits_config`). The argument may
+name another BiT preset.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    'vit_jax_configs_default', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
-default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(default)
+from vit_jax.configs import recipes, schema
 
 
 def get_config(arg=None):
-  config = default.get_config()
-  config.model_name = arg or 'BiT-Test'
-  config.optimizer = 'sgd'
-  config.momentum = 0.9
-  config.learning_rate = 0.03
-  config.weight_decay = 0.0
-  config.label_smoothing = 0.0
-  config.warmup_steps = 20
-  config.total_steps = 200
-  config.eval_every = 100
-  config.checkpoint_every = 100
-  return config
+  arg = schema.parse_arg(arg, model='BiT-Test')
+  return recipes.digits_config(arg.model)

@@ -41,27 +41,13 @@ import math
 import os
 from typing import Any, Iterator
 
+from vit_jax.configs import schema
+from vit_jax.configs.image_size import image_hw
+
 IMAGE_FOLDER_PREFIX = 'image_folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-TRAIN_PP = ('finetune', 'pretrain', 'plain')
+TRAIN_PP = ('inception_crop', 'resize_crop', 'plain')
 EVAL_PP = ('resize', 'resize_crop')
-
-# Defaults of the optional `config.pp` knobs (see `_pp_settings`).
-PP_DEFAULTS = dict(
-    train='plain',
-    eval='resize',
-    # 'finetune' / 'resize_crop': resize to image_size + crop_pad, then crop
-    # image_size (random crop for training, central crop for eval). None:
-    # crop_pad = round(image_size / 0.875) - image_size (224 -> 256 -> 224).
-    crop_pad=None,
-    # 'finetune' / 'pretrain': random horizontal flips.
-    flip=True,
-    # 'pretrain': Inception crop area range (fraction of the image).
-    min_area=0.05,
-    max_area=1.0,
-    # tf.image.resize method for all resizes.
-    resize_method='bilinear',
-)
 
 # Tags separating the random streams derived from (seed, process).
 _SHUFFLE_TAG, _AUGMENT_TAG, _MIXUP_TAG = 1, 2, 3
@@ -73,7 +59,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int  # Global count of config.train_split.
   num_eval_examples: int  # Global count of config.eval_split.
-  image_shape: tuple[int, int, int]  # (image_size, image_size, 3).
+  image_shape: tuple[int, int, int]  # (height, width, 3) of config.image_size.
   class_names: tuple[str, ...] | None = None
 
 
@@ -99,30 +85,9 @@ def _tfds():
   return tfds
 
 
-def _get(config, name: str, default: Any = None) -> Any:
-  """`config.name` when present (ConfigDict, dict or object), else default."""
-  if isinstance(config, dict) or hasattr(config, 'get'):
-    try:
-      value = config.get(name, default)
-    except (KeyError, AttributeError):
-      value = default
-  else:
-    value = getattr(config, name, default)
-  return default if value is None and default is not None else value
-
-
 def _pp_settings(config) -> dict[str, Any]:
-  """`config.pp` with defaults filled in, validated."""
-  pp = dict(PP_DEFAULTS)
-  given = _get(config, 'pp', None)
-  if given is not None:
-    items = given.items() if hasattr(given, 'items') else vars(given).items()
-    for key, value in items:
-      if key not in PP_DEFAULTS:
-        raise ValueError(
-            f'Unknown config.pp.{key}; known keys: {sorted(PP_DEFAULTS)}.')
-      if value is not None or key == 'crop_pad':
-        pp[key] = value
+  """`config.pp` as a dict, validated (defaults: `vit_jax.configs.schema`)."""
+  pp = config.pp.to_dict()
   if pp['train'] not in TRAIN_PP:
     raise ValueError(
         f'Unknown config.pp.train={pp["train"]!r}; expected one of {TRAIN_PP}.')
@@ -151,7 +116,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 
 def _local_batch(config, field: str, process_count: int) -> int:
-  batch = _get(config, field)
+  batch = config[field]
   if batch is None or int(batch) <= 0:
     raise ValueError(f'config.{field} must be a positive int, got {batch!r}.')
   if batch % process_count:
@@ -415,11 +380,11 @@ def _cached_source(dataset: str, data_dir: str | None) -> _Source:
 
 
 def _get_source(config) -> _Source:
-  dataset = _get(config, 'dataset')
+  dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got '
                      f'{dataset!r}.')
-  data_dir = _get(config, 'data_dir')
+  data_dir = config.data_dir
   # Cached: a folder is listed once per process, so that the counts of
   # get_dataset_info and the datasets agree.
   return _cached_source(dataset, None if data_dir is None else str(data_dir))
@@ -427,15 +392,14 @@ def _get_source(config) -> _Source:
 
 def get_dataset_info(config) -> DatasetInfo:
   """Number of classes and examples of config's dataset and splits."""
+  config = schema.resolve(config)
   source = _get_source(config)
-  size = int(_get(config, 'image_size'))
+  height, width = image_hw(config.image_size)
   return DatasetInfo(
       num_classes=source.num_classes,
-      num_train_examples=source.num_examples(_get(config, 'train_split',
-                                                  'train')),
-      num_eval_examples=source.num_examples(_get(config, 'eval_split',
-                                                 'test')),
-      image_shape=(size, size, 3),
+      num_train_examples=source.num_examples(config.train_split),
+      num_eval_examples=source.num_examples(config.eval_split),
+      image_shape=(height, width, 3),
       class_names=source.class_names,
   )
 
@@ -445,10 +409,11 @@ def get_dataset_info(config) -> DatasetInfo:
 # ----------------------------------------------------------------------------
 
 
-def _resize_pad(image_size: int, crop_pad) -> int:
-  if crop_pad is None:
-    return int(round(image_size / 0.875)) - image_size
-  return int(crop_pad)
+def _resize_pad(image_size: tuple[int, int], crop_pad) -> tuple[int, int]:
+  """(height, width) to resize to before cropping `image_size` out of it."""
+  if crop_pad is None:  # 224 -> 256 -> 224, as ImageNet evaluation usually does
+    return tuple(int(round(s / 0.875)) for s in image_size)
+  return tuple(s + int(crop_pad) for s in image_size)
 
 
 def _decode(data):
@@ -471,7 +436,7 @@ def _decode_random_crop(data, seed, min_area, max_area):
         area_range=(min_area, max_area),
         aspect_ratio_range=(3 / 4, 4 / 3),
         min_object_covered=0.0,  # Any crop within the area range.
-        max_attempts=10,
+        max_attempts=100,  # tf.image.sample_distorted_bounding_box's default
         use_image_if_no_bounding_boxes=True)
     return begin, size
 
@@ -498,24 +463,23 @@ def _to_float(image):
 
 
 def _train_preprocess(data, seed, pp, image_size):
-  """Encoded image + [2] seed -> float32 [S, S, 3] in [-1, 1]."""
+  """Encoded image + [2] seed -> float32 [H, W, 3] in [-1, 1]."""
   tf = _tf()
   seed_crop, seed_flip = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=2))
   method = pp['resize_method']
-  if pp['train'] == 'pretrain':
+  if pp['train'] == 'inception_crop':
     image = _decode_random_crop(data, seed_crop, pp['min_area'],
                                 pp['max_area'])
-    image = tf.image.resize(image, [image_size, image_size], method=method)
-  elif pp['train'] == 'finetune':
-    size = image_size + _resize_pad(image_size, pp['crop_pad'])
-    image = tf.image.resize(_decode(data), [size, size], method=method)
+    image = tf.image.resize(image, image_size, method=method)
+  elif pp['train'] == 'resize_crop':
+    size = _resize_pad(image_size, pp['crop_pad'])
+    image = tf.image.resize(_decode(data), size, method=method)
     image = tf.image.stateless_random_crop(
-        image, [image_size, image_size, 3], seed=seed_crop)
+        image, [*image_size, 3], seed=seed_crop)
   else:  # 'plain'
-    image = tf.image.resize(_decode(data), [image_size, image_size],
-                            method=method)
-  if pp['flip'] and pp['train'] in ('pretrain', 'finetune'):
+    image = tf.image.resize(_decode(data), image_size, method=method)
+  if pp['flip'] and pp['train'] != 'plain':
     image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
   return _to_float(image)
 
@@ -525,13 +489,13 @@ def _eval_preprocess(data, pp, image_size):
   method = pp['resize_method']
   image = _decode(data)
   if pp['eval'] == 'resize_crop':
-    size = image_size + _resize_pad(image_size, pp['crop_pad'])
-    image = tf.image.resize(image, [size, size], method=method)
-    offset = (size - image_size) // 2
-    image = image[offset:offset + image_size, offset:offset + image_size]
-  else:  # 'resize'
-    image = tf.image.resize(image, [image_size, image_size], method=method)
-  image.set_shape([image_size, image_size, 3])
+    size = _resize_pad(image_size, pp['crop_pad'])
+    image = tf.image.resize(image, size, method=method)
+    top, left = (size[0] - image_size[0]) // 2, (size[1] - image_size[1]) // 2
+    image = image[top:top + image_size[0], left:left + image_size[1]]
+  else:  # 'resize': the reference's evaluation
+    image = tf.image.resize(image, image_size, method=method)
+  image.set_shape([*image_size, 3])
   return _to_float(image)
 
 
@@ -590,23 +554,28 @@ def get_train_dataset(config,
     process_count (one-hot labels, soft when mixup is on).
   """
   tf = _tf()
+  config = schema.resolve(config)
   pp = _pp_settings(config)
   pi, pc = _process(process_index, process_count)
   batch = _local_batch(config, 'batch_size', pc)
   if int(start_step) < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  image_size = int(_get(config, 'image_size'))
-  seed = int(_get(config, 'seed', 0))
-  alpha = float(_get(config, 'mixup_alpha', 0.0) or 0.0)
-  buffer = int(_get(config, 'shuffle_buffer', 10_000))
+  image_size = image_hw(config.image_size)
+  seed = int(config.seed)
+  alpha = float(config.mixup_alpha)
+  if not alpha >= 0:
+    raise ValueError(f'config.mixup_alpha must be >= 0, got {alpha}.')
+  buffer = int(config.shuffle_buffer)
+  if buffer < 1:
+    raise ValueError(f'config.shuffle_buffer must be >= 1, got {buffer}.')
   source = _get_source(config)
-  split = _get(config, 'train_split', 'train')
+  split = config.train_split
   records, count = source.read(split, pi, pc)
   if count == 0:
     raise ValueError(f'Split {split!r} of {source.name!r} gives process {pi} '
                      f'of {pc} no training examples.')
   needs_read = source.yields_paths
-  if _get(config, 'cache', True):
+  if config.cache:
     if needs_read:  # Cache file contents, not their paths.
       records = records.map(
           lambda r: {'image': tf.io.read_file(r['image']),
@@ -664,11 +633,12 @@ def get_train_dataset(config,
 
 def num_eval_batches(config, *, process_count: int | None = None) -> int:
   """Number of batches every process's eval dataset has."""
+  config = schema.resolve(config)
   if process_count is None:
     _, process_count = _process(None, None)
   pc = int(process_count)
   batch = _local_batch(config, 'eval_batch_size', pc)
-  total = _get_source(config).num_examples(_get(config, 'eval_split', 'test'))
+  total = _get_source(config).num_examples(config.eval_split)
   return max(1, math.ceil(math.ceil(total / pc) / batch))
 
 
@@ -688,19 +658,20 @@ def get_eval_dataset(config,
     process_count.
   """
   tf = _tf()
+  config = schema.resolve(config)
   pp = _pp_settings(config)
   pi, pc = _process(process_index, process_count)
   batch = _local_batch(config, 'eval_batch_size', pc)
-  image_size = int(_get(config, 'image_size'))
+  image_size = image_hw(config.image_size)
   source = _get_source(config)
-  split = _get(config, 'eval_split', 'test')
+  split = config.eval_split
   total = source.num_examples(split)
   if total == 0:
     raise ValueError(f'Eval split {split!r} of {source.name!r} is empty.')
   num_batches = max(1, math.ceil(math.ceil(total / pc) / batch))
   records, count = source.read(split, pi, pc)
   needs_read = source.yields_paths
-  if _get(config, 'cache', True):
+  if config.cache:
     if needs_read:
       records = records.map(
           lambda r: {'image': tf.io.read_file(r['image']),
@@ -722,7 +693,7 @@ def get_eval_dataset(config,
 
   ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([image_size, image_size, 3], tf.float32),
+      'image': tf.zeros([*image_size, 3], tf.float32),
       'label': tf.zeros([num_classes], tf.float32),
       'mask': tf.constant(0.0, tf.float32),
   }).repeat(num_batches * batch - count)

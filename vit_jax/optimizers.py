@@ -4,15 +4,14 @@ Everything here is a pure function of the training config, so the same config
 gives the same optimizer on one device or a thousand:
 
 - `make_schedule(config)`: linear warm-up from 0 to `config.learning_rate`
-  over `config.warmup_steps`, then `'cosine'`, `'linear'` or `'constant'`
-  decay (`config.schedule`) until `config.total_steps`, ending at
-  `config.end_learning_rate` (0 by default).
+  over `config.warmup_steps`, then `'cosine'`, `'linear'`, `'step'` (BiT: / 10
+  at 30, 60, 90% of the steps) or `'constant'` decay (`config.schedule`) until
+  `config.total_steps`, ending at `config.end_learning_rate` (0 by default).
 - `make_optimizer(config, schedule)`: global-norm clipping
   (`config.grad_clip_norm`, 0 turns it off) followed by SGD with momentum
-  (`'sgd'`, the paper's fine-tuning recipe), or Adam / AdamW (`'adam'`,
-  `'adamw'`, the pre-training recipe; `'adam'` with `weight_decay > 0` is
-  AdamW too: the decay is always decoupled). Weight decay applies to arrays of
-  rank >= 2 only (kernels, embeddings), not to biases and norm scales.
+  (`'sgd'`, the paper's fine-tuning recipe) or Adam with decoupled weight decay
+  (`'adamw'`, the pre-training recipe; `weight_decay=0` is plain Adam). Weight
+  decay applies to arrays of rank >= 2 only (kernels, embeddings), not to biases and norm scales.
   `config.accumulator_dtype='bfloat16'` stores the first moment (momentum)
   in bf16, halving that part of the optimizer state.
 - `make_loss(config)`: per-example softmax or sigmoid cross-entropy
@@ -28,60 +27,59 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
-SCHEDULES = ('cosine', 'linear', 'constant')
+from vit_jax.configs import schema
+
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('cosine', 'linear', 'step', 'constant')
+# 'step' (the BiT-HyperRule): the rate is divided by 10 at these fractions of total_steps.
+STEP_BOUNDARIES = (0.3, 0.6, 0.9)
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 ACCUMULATOR_DTYPES = {None: None, 'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def _get(config, name: str, default: Any = None) -> Any:
-  value = config.get(name, default) if hasattr(config, 'get') else getattr(
-      config, name, default)
-  return default if value is None else value
-
-
 def validate(config) -> None:
   """Raises ValueError naming the config field when an optimizer setting is bad."""
-  lr = _get(config, 'learning_rate')
+  config = schema.resolve(config)
+  lr = config.learning_rate
   if lr is None or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
     raise ValueError(f'config.learning_rate must be a finite number > 0, got {lr!r}')
-  end = _get(config, 'end_learning_rate', 0.0)
+  end = config.end_learning_rate
   if not 0 <= end <= lr:
     raise ValueError(
         f'config.end_learning_rate must be in [0, learning_rate={lr}], got {end!r}')
-  name = _get(config, 'optimizer')
+  name = config.optimizer
   if name not in OPTIMIZERS:
     raise ValueError(f'Unknown config.optimizer={name!r}; expected one of {OPTIMIZERS}')
-  schedule = _get(config, 'schedule', 'cosine')
+  schedule = config.schedule
   if schedule not in SCHEDULES:
     raise ValueError(f'Unknown config.schedule={schedule!r}; expected one of {SCHEDULES}')
-  loss = _get(config, 'loss', 'softmax_xent')
+  loss = config.loss
   if loss not in LOSSES:
     raise ValueError(f'Unknown config.loss={loss!r}; expected one of {LOSSES}')
-  total = _get(config, 'total_steps')
+  total = config.total_steps
   if not isinstance(total, int) or total < 1:
     raise ValueError(f'config.total_steps must be a positive integer, got {total!r}')
-  warmup = _get(config, 'warmup_steps', 0)
+  warmup = config.warmup_steps
   if not isinstance(warmup, int) or not 0 <= warmup <= total:
     raise ValueError(
         f'config.warmup_steps must be an integer in [0, total_steps={total}], got {warmup!r}')
-  momentum = _get(config, 'momentum', 0.9)
+  momentum = config.momentum
   if not 0 <= momentum < 1:
     raise ValueError(f'config.momentum must be in [0, 1), got {momentum!r}')
   for field in ('b1', 'b2'):
-    value = _get(config, field, 0.9)
+    value = config[field]
     if not 0 <= value < 1:
       raise ValueError(f'config.{field} must be in [0, 1), got {value!r}')
-  wd = _get(config, 'weight_decay', 0.0)
+  wd = config.weight_decay
   if not wd >= 0:
     raise ValueError(f'config.weight_decay must be >= 0, got {wd!r}')
-  clip = _get(config, 'grad_clip_norm', 0.0)
+  clip = config.grad_clip_norm
   if not clip >= 0:
     raise ValueError(f'config.grad_clip_norm must be >= 0 (0: no clipping), got {clip!r}')
-  smoothing = _get(config, 'label_smoothing', 0.0)
+  smoothing = config.label_smoothing
   if not 0 <= smoothing < 1:
     raise ValueError(f'config.label_smoothing must be in [0, 1), got {smoothing!r}')
-  acc = config.get('accumulator_dtype', None) if hasattr(config, 'get') else None
+  acc = config.accumulator_dtype
   if acc not in ACCUMULATOR_DTYPES:
     raise ValueError(f'Unknown config.accumulator_dtype={acc!r}; expected one of '
                      f'{tuple(ACCUMULATOR_DTYPES)}')
@@ -93,12 +91,13 @@ def validate(config) -> None:
 
 
 def make_schedule(config) -> Callable[[Any], jax.Array]:
-  """step -> learning rate: linear warm-up, then cosine / linear / constant decay."""
+  """step -> learning rate: linear warm-up, then cosine / linear / step / constant decay."""
+  config = schema.resolve(config)
   base = float(config.learning_rate)
-  end = float(_get(config, 'end_learning_rate', 0.0))
+  end = float(config.end_learning_rate)
   total = int(config.total_steps)
-  warmup = int(_get(config, 'warmup_steps', 0))
-  kind = _get(config, 'schedule', 'cosine')
+  warmup = int(config.warmup_steps)
+  kind = config.schedule
   return warmup_decay_schedule(base, total, warmup, kind, end)
 
 
@@ -124,6 +123,9 @@ def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
       factor = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     elif decay == 'linear':
       factor = 1.0 - progress
+    elif decay == 'step':
+      passed = sum((step >= b * total_steps).astype(jnp.float32) for b in STEP_BOUNDARIES)
+      factor = 0.1 ** passed
     else:
       factor = jnp.ones_like(progress)
     rate = end + (base - end) * factor
@@ -144,18 +146,19 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(config, schedule: Optional[Callable] = None
                    ) -> optax.GradientTransformation:
-  """Clip by global norm, then SGD-momentum or Adam(W) driven by `schedule`."""
+  """Clip by global norm, then SGD-momentum or AdamW driven by `schedule`."""
+  config = schema.resolve(config)
   validate(config)
   schedule = make_schedule(config) if schedule is None else schedule
   name = config.optimizer
-  wd = float(_get(config, 'weight_decay', 0.0))
-  acc_dtype = ACCUMULATOR_DTYPES[config.get('accumulator_dtype', None)]
+  wd = float(config.weight_decay)
+  acc_dtype = ACCUMULATOR_DTYPES[config.accumulator_dtype]
   parts = []
-  clip = float(_get(config, 'grad_clip_norm', 0.0))
+  clip = float(config.grad_clip_norm)
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
   if name == 'sgd':
-    momentum = float(_get(config, 'momentum', 0.9))
+    momentum = float(config.momentum)
     if wd > 0:
       # Decoupled, scaled by the learning rate like AdamW's.
       parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
@@ -163,8 +166,8 @@ def make_optimizer(config, schedule: Optional[Callable] = None
                            accumulator_dtype=acc_dtype))
   else:
     parts.append(optax.adamw(
-        schedule, b1=float(_get(config, 'b1', 0.9)), b2=float(_get(config, 'b2', 0.999)),
-        eps=float(_get(config, 'eps', 1e-8)), mu_dtype=acc_dtype,
+        schedule, b1=float(config.b1), b2=float(config.b2),
+        eps=float(config.eps), mu_dtype=acc_dtype,
         weight_decay=wd, mask=decay_mask))
   return optax.chain(*parts)
 
@@ -206,8 +209,9 @@ def sigmoid_xent(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0
 
 def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(logits, labels) -> per-example loss, as `config.loss` and `label_smoothing` say."""
-  name = _get(config, 'loss', 'softmax_xent')
-  smoothing = float(_get(config, 'label_smoothing', 0.0))
+  config = schema.resolve(config)
+  name = config.loss
+  smoothing = float(config.label_smoothing)
   if name == 'softmax_xent':
     return lambda logits, labels: softmax_xent(logits, labels, smoothing)
   if name == 'sigmoid_xent':

@@ -49,50 +49,11 @@ from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import train_checkpoints
 from vit_jax.configs import models
+from vit_jax.configs import schema
+from vit_jax.configs.image_size import image_hw
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SYNTHETIC = 'synthetic'
-
-# Optional fields and their defaults; configs/*.py set the rest.
-DEFAULTS = dict(
-    model=None,  # overrides of the preset's fields, e.g. {'transformer': {'dropout_rate': 0.1}}
-    pretrained_path=None,
-    reset_head=True,  # fine-tuning always starts from a fresh head
-    optimizer='sgd',
-    schedule='cosine',
-    warmup_steps=0,
-    end_learning_rate=0.0,
-    momentum=0.9,
-    b1=0.9,
-    b2=0.999,
-    weight_decay=0.0,
-    grad_clip_norm=1.0,
-    accumulator_dtype=None,
-    loss='softmax_xent',
-    label_smoothing=0.0,
-    grad_accum_steps=1,
-    dtype='float32',
-    fsdp=False,
-    seed=0,
-    log_every=50,
-    eval_every=0,  # 0: evaluate at the end only
-    checkpoint_every=0,  # 0: save at the end only
-    keep_checkpoints=3,
-    async_checkpoints=True,
-    export_params=False,  # also write workdir/params.npz (published layout) at the end
-    prefetch=2,
-    # dataset='synthetic' only:
-    num_classes=10,
-    synthetic_noise=0.5,
-    num_eval_examples=512,
-)
-
-
-def get(config, name: str) -> Any:
-  """`config.name`, or its default from `DEFAULTS` when absent or None."""
-  value = config.get(name, None) if hasattr(config, 'get') else getattr(config, name, None)
-  return DEFAULTS.get(name) if value is None else value
-
 
 # ---------------------------------------------------------------------------
 # State.
@@ -117,53 +78,43 @@ def _is_int(value) -> bool:
 
 
 def model_config_from(config) -> ml_collections.ConfigDict:
-  """The preset `config.model_name` with `config.model` overrides applied."""
-  name = config.get('model_name', None)
-  if not name or not isinstance(name, str):
-    raise ValueError(f'config.model_name must name a model preset, got {name!r}; '
-                     f'valid names: {", ".join(models.names())}')
-  try:
-    model_config = models.get_config(name)
-  except ValueError as e:
-    raise ValueError(f'config.model_name: {e}') from None
-  overrides = get(config, 'model')
-  if overrides:
-    overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides)
-    with model_config.unlocked():
-      model_config.update(overrides)
-  return model_config
+  """The preset `config.model_name` with the set fields of `config.model` applied."""
+  return schema.model_config(schema.resolve(config))
 
 
 def build_model(config, num_classes: int):
-  model_config = model_config_from(config)
+  config = schema.resolve(config)
+  model_config = schema.model_config(config)
   try:
-    return models.build_model(model_config, num_classes, dtype=DTYPES[get(config, 'dtype')])
+    return models.build_model(model_config, num_classes, dtype=DTYPES[config.dtype])
   except TypeError as e:
     raise ValueError(f'config.model has a field the model does not take: {e}') from None
 
 
 def validate_config(config, num_devices: Optional[int] = None,
-                    num_processes: Optional[int] = None) -> None:
-  """Raises ValueError (naming the field) for any value training would trip over.
+                    num_processes: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The resolved config (`schema.resolve`), checked: a bad value raises ValueError naming it.
 
   With `num_devices` / `num_processes`, batch sizes are checked against them.
   """
-  model_config_from(config)
-  optimizers.validate(_OptimizerView(config))
-  dataset = config.get('dataset', None)
+  config = schema.resolve(config)
+  schema.model_config(config)
+  optimizers.validate(config)
+  dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got {dataset!r}')
-  size = config.get('image_size', None)
-  if not _is_int(size) or size < 1:
-    raise ValueError(f'config.image_size must be a positive integer, got {size!r}')
-  dtype = get(config, 'dtype')
+  height, width = image_hw(config.image_size)
+  if config.posemb_resize not in schema.POSEMB_METHODS:
+    raise ValueError(f'Unknown config.posemb_resize={config.posemb_resize!r}; expected one '
+                     f'of {schema.POSEMB_METHODS}')
+  dtype = config.dtype
   if dtype not in DTYPES:
     raise ValueError(f'Unknown config.dtype={dtype!r}; expected one of {tuple(DTYPES)}')
-  accum = get(config, 'grad_accum_steps')
+  accum = config.grad_accum_steps
   if not _is_int(accum) or accum < 1:
     raise ValueError(f'config.grad_accum_steps must be a positive integer, got {accum!r}')
   for field in ('batch_size', 'eval_batch_size'):
-    value = config.get(field, None)
+    value = config[field]
     if not _is_int(value) or value < 1:
       raise ValueError(f'config.{field} must be a positive integer, got {value!r}')
   batch = config.batch_size
@@ -185,43 +136,30 @@ def validate_config(config, num_devices: Optional[int] = None,
         raise ValueError(f'config.{field}={config[field]} must be divisible by the number '
                          f'of processes ({num_processes})')
   for field in ('log_every', 'eval_every', 'checkpoint_every'):
-    value = get(config, field)
+    value = config[field]
     if not _is_int(value) or value < 0:
       raise ValueError(f'config.{field} must be an integer >= 0, got {value!r}')
-  if get(config, 'log_every') < 1:
-    raise ValueError(f'config.log_every must be >= 1, got {get(config, "log_every")}')
-  keep = get(config, 'keep_checkpoints')
+  if config.log_every < 1:
+    raise ValueError(f'config.log_every must be >= 1, got {config.log_every}')
+  keep = config.keep_checkpoints
   if not _is_int(keep) or keep < 1:
     raise ValueError(f'config.keep_checkpoints must be a positive integer, got {keep!r}')
   if dataset == SYNTHETIC:
-    classes = get(config, 'num_classes')
+    classes = config.num_classes
     if not _is_int(classes) or classes < 1:
       raise ValueError(f'config.num_classes must be a positive integer, got {classes!r}')
-  path = get(config, 'pretrained_path')
+  path = config.pretrained_path
   if path and not os.path.exists(os.path.expanduser(str(path))):
     raise ValueError(f'config.pretrained_path={path!r} does not exist')
   # The model must accept the overrides, dtype and image size.
-  model = build_model(config, 10 if dataset != SYNTHETIC else get(config, 'num_classes'))
+  model = build_model(config, 10 if dataset != SYNTHETIC else config.num_classes)
   try:
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3)),
                                       train=False))
   except ValueError as e:
-    raise ValueError(f'config.image_size={size} does not fit config.model_name='
-                     f'{config.model_name!r}: {e}') from None
-
-
-class _OptimizerView:
-  """The config with `DEFAULTS` filled in, as `optimizers` reads it."""
-
-  def __init__(self, config):
-    self._config = config
-
-  def get(self, name, default=None):
-    value = get(self._config, name)
-    return default if value is None else value
-
-  def __getattr__(self, name):
-    return self.get(name)
+    raise ValueError(f'config.image_size={tuple(config.image_size)} does not fit '
+                     f'config.model_name={config.model_name!r}: {e}') from None
+  return config
 
 
 # ---------------------------------------------------------------------------
@@ -257,10 +195,11 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *,
   Metrics: 'loss' (mean over the batch, before the update), 'grad_norm' (global
   norm before clipping), 'learning_rate' (used by this update).
   """
-  accum = int(get(config, 'grad_accum_steps'))
-  loss_fn = optimizers.make_loss(_OptimizerView(config))
-  schedule = schedule or optimizers.make_schedule(_OptimizerView(config))
-  dropout_key = jax.random.fold_in(jax.random.key(int(get(config, 'seed'))), 1)
+  config = schema.resolve(config)
+  accum = int(config.grad_accum_steps)
+  loss_fn = optimizers.make_loss(config)
+  schedule = schedule or optimizers.make_schedule(config)
+  dropout_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
 
   def mean_loss(params, images, labels, rng):
     logits, _ = model.apply({'params': params}, images, train=True,
@@ -304,7 +243,7 @@ def make_eval_step(model, config) -> Callable[[Any, dict], dict]:
 
   Top-1 counts an example as right when its highest logit is one of its labels.
   """
-  loss_fn = optimizers.make_loss(_OptimizerView(config))
+  loss_fn = optimizers.make_loss(schema.resolve(config))
 
   def eval_step(params, batch: dict) -> dict:
     logits, _ = model.apply({'params': params}, batch['image'], train=False)
@@ -336,19 +275,19 @@ class SyntheticData:
   POOL = 128
 
   def __init__(self, config, process_index: int = 0, process_count: int = 1):
-    self.config = config
-    self.num_classes = int(get(config, 'num_classes'))
+    config = self.config = schema.resolve(config)
+    self.num_classes = int(config.num_classes)
     self.num_train_examples = 1 << 20  # nominal: batches never repeat
-    self.num_eval_examples = int(get(config, 'num_eval_examples'))
-    self.seed = int(get(config, 'seed'))
+    self.num_eval_examples = int(config.num_eval_examples)
+    self.seed = int(config.seed)
     self.process_index, self.process_count = process_index, process_count
-    size = int(config.image_size)
+    height, width = image_hw(config.image_size)
     rng = np.random.default_rng([self.seed, 7919])
     low = rng.uniform(-1, 1, (self.num_classes, 4, 4, 3)).astype(np.float32)
-    index = (np.arange(size) * 4) // size
-    self.templates = low[:, index][:, :, index]
-    noise = float(get(config, 'synthetic_noise'))
-    self.noise = (rng.standard_normal((self.POOL, size, size, 3)) * noise).astype(np.float32)
+    rows, cols = (np.arange(height) * 4) // height, (np.arange(width) * 4) // width
+    self.templates = low[:, rows][:, :, cols]
+    noise = float(config.synthetic_noise)
+    self.noise = (rng.standard_normal((self.POOL, height, width, 3)) * noise).astype(np.float32)
 
   def _examples(self, rng: np.random.Generator, n: int, start: int, stop: int) -> dict:
     labels = rng.integers(self.num_classes, size=n)[start:stop]
@@ -385,7 +324,7 @@ class PipelineData:
   def __init__(self, config):
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     self._ip = input_pipeline
-    self.config = config
+    self.config = config = schema.resolve(config)
     info = input_pipeline.get_dataset_info(config)
     self.num_classes = info.num_classes
     self.num_train_examples = info.num_train_examples
@@ -489,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stopped by SIGTERM saves a checkpoint and returns with `preempted=True`.
   """
   mesh = parallel.make_mesh()
-  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
+  config = validate_config(config, num_devices=mesh.devices.size,
+                           num_processes=jax.process_count())
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -497,23 +437,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = get_data(config)
   model_config = model_config_from(config)
   model = build_model(config, data.num_classes)
-  opt_view = _OptimizerView(config)
+  opt_view = config
   schedule = optimizers.make_schedule(opt_view)
   tx = optimizers.make_optimizer(opt_view, schedule)
   total_steps = int(config.total_steps)
   batch_size = int(config.batch_size)
-  size = int(config.image_size)
+  height, width = image_hw(config.image_size)
 
   def init_params(rng):
-    return model.init({'params': rng}, jnp.zeros((1, size, size, 3), jnp.float32),
+    return model.init({'params': rng}, jnp.zeros((1, height, width, 3), jnp.float32),
                       train=False)['params']
 
   def state_from_params(params):
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
 
-  init_key = jax.random.fold_in(jax.random.key(int(get(config, 'seed'))), 0)
+  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
   abstract_state = jax.eval_shape(lambda: state_from_params(init_params(init_key)))
-  if get(config, 'fsdp'):
+  if config.fsdp:
     state_sharding = parallel.fsdp_sharding(abstract_state, mesh)
   else:
     state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
@@ -522,8 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
 
   checkpointer = train_checkpoints.RunCheckpointer(
-      workdir, max_to_keep=int(get(config, 'keep_checkpoints')),
-      async_save=bool(get(config, 'async_checkpoints')))
+      workdir, max_to_keep=int(config.keep_checkpoints),
+      async_save=bool(config.async_checkpoints))
   abstract_with_shardings = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
@@ -535,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Resuming from step %d (checkpoint in %s)', start_step, checkpointer.directory)
   else:
     start_step = 0
-    path = get(config, 'pretrained_path')
+    path = config.pretrained_path
     if path:
       state = _pretrained_state(config, path, abstract_state, model_config,
                                 state_sharding, state_from_params)
@@ -558,8 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                'global batch %d (%d per device%s).', config.model_name, num_params,
                data.num_classes, mesh.devices.size, jax.process_count(), batch_size,
                batch_size // mesh.devices.size,
-               f', {get(config, "grad_accum_steps")} micro-batches'
-               if get(config, 'grad_accum_steps') > 1 else '')
+               f', {config.grad_accum_steps} micro-batches'
+               if config.grad_accum_steps > 1 else '')
 
   def evaluate(params) -> dict:
     totals = None
@@ -582,16 +522,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preempted = False
   train_seconds = 0.0
   timed_steps = 0
-  log_every = int(get(config, 'log_every'))
-  eval_every = int(get(config, 'eval_every'))
-  ckpt_every = int(get(config, 'checkpoint_every'))
+  log_every = int(config.log_every)
+  eval_every = int(config.eval_every)
+  ckpt_every = int(config.checkpoint_every)
   step = start_step
   batches = None
 
   try:
     with _StopRequests() as stop:
       batches = parallel.prefetch_to_device(
-          data.train_batches(start_step), batch_sharding, size=int(get(config, 'prefetch')))
+          data.train_batches(start_step), batch_sharding, size=int(config.prefetch))
       pending: list[tuple[int, dict]] = []
       interval_start, interval_step = time.monotonic(), start_step
 
@@ -670,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if start_step >= total_steps:
     final.update(evaluate(state.params))
-  if get(config, 'export_params') and not preempted:
+  if config.export_params and not preempted:
     params = _gather(state.params, mesh)
     if is_main:
       from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -701,11 +641,13 @@ def _pretrained_state(config, path, abstract_state, model_config, state_sharding
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(str(path))
   source: Any = path
-  if get(config, 'reset_head'):
+  if config.reset_head:
     flat = checkpoint.load_flat(path)
     flat = {k: v for k, v in flat.items() if not k.startswith('head/')}
     source = checkpoint.unflatten(flat)
-  params = checkpoint.load_pretrained(source, abstract_state.params, model_config)
+  params = checkpoint.load_pretrained(source, abstract_state.params, model_config,
+                                      image_size=image_hw(config.image_size),
+                                      posemb_method=config.posemb_resize)
   logging.info('Fine-tuning from %s', path)
   params = _place(params, state_sharding.params)
   return jax.jit(state_from_params, out_shardings=state_sharding)(params)

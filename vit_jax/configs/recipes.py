@@ -1,0 +1,308 @@
+"""The paper's training recipes as data, each row with its source.
+
+Three tables:
+
+* `PRETRAIN`: pre-training from scratch per model group and dataset (paper
+  Table 3 and Appendix B.1; Adam b1 0.9, b2 0.999, batch 4096, 10k linear
+  warm-up steps, global-norm clipping at 1, 224 px for all);
+* `FINETUNE`: fine-tuning a pre-trained ViT per dataset (Appendix B.1.1: SGD
+  momentum 0.9, batch 512, no weight decay, clipping at 1, cosine decay after
+  500 warm-up steps, learning rate swept over `FINETUNE_LEARNING_RATES`, 384 px;
+  the reference code also accumulates 8 micro-batches and keeps momentum in bf16);
+* `bit_hyperrule(...)`: the BiT-HyperRule for the ResNet baseline
+  (Kolesnikov et al. 2020, Sec. 3.3).
+
+`pretrain_config`, `finetune_config` and `bit_config` turn a row into a full
+config over `schema.base_config()`; configs/*.py are one call each.
+`runlocal(config)` shrinks any of them to a seconds-long run on the embedded
+digits (big_vision's `runlocal` idea), so tests run the real configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import ml_collections
+
+from vit_jax.configs import models
+from vit_jax.configs import schema
+
+PAPER = 'Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words"'
+BIT_PAPER = 'Kolesnikov et al. 2020, "Big Transfer (BiT)"'
+
+# Training-set sizes used to turn epochs into steps.
+DATASET_SIZES = {
+    'jft300m': 303_000_000,  # paper Sec. 4.1: 18k classes, 303M images
+    'imagenet21k': 14_197_122,  # paper Sec. 4.1: 21k classes, 14M images
+    'imagenet2012': 1_281_167,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRecipe:
+  models: tuple[str, ...]  # preset names the row covers
+  dataset: str
+  epochs: int
+  learning_rate: float
+  schedule: str  # decay after warm-up
+  weight_decay: float
+  dropout: float
+  source: str
+  # Shared by every row (paper Table 3 header and App. B.1).
+  optimizer: str = 'adamw'
+  b1: float = 0.9
+  b2: float = 0.999
+  batch_size: int = 4096
+  warmup_steps: int = 10_000
+  grad_clip_norm: float = 1.0
+  image_size: int = 224
+
+  @property
+  def total_steps(self) -> int:
+    return round(self.epochs * DATASET_SIZES[self.dataset] / self.batch_size)
+
+
+_VIT_ALL = tuple(n for n in models.names() if n.startswith('ViT-') and '_' in n
+                 and n.split('-')[1].split('_')[0] in ('Ti', 'S', 'B', 'L', 'H', 'g'))
+
+PRETRAIN: tuple[PretrainRecipe, ...] = (
+    PretrainRecipe(('ViT-B_16', 'ViT-B_32'), 'jft300m', 7, 1e-3, 'linear', 0.1, 0.0,
+                   f'{PAPER}, Table 3'),
+    PretrainRecipe(('ViT-L_32',), 'jft300m', 7, 6e-4, 'linear', 0.1, 0.0,
+                   f'{PAPER}, Table 3'),
+    PretrainRecipe(('ViT-L_16',), 'jft300m', 7, 4e-4, 'linear', 0.1, 0.0,
+                   f'{PAPER}, Table 3 (7 epochs; 14 for the longest run)'),
+    PretrainRecipe(('ViT-H_14',), 'jft300m', 14, 3e-4, 'linear', 0.1, 0.0,
+                   f'{PAPER}, Table 3'),
+    PretrainRecipe(('ViT-B_16', 'ViT-B_32'), 'imagenet21k', 90, 1e-3, 'linear', 0.03, 0.1,
+                   f'{PAPER}, Table 3'),
+    PretrainRecipe(('ViT-L_16', 'ViT-L_32'), 'imagenet21k', 90, 1e-3, 'linear', 0.03, 0.1,
+                   f'{PAPER}, Table 3 (30 or 90 epochs)'),
+    PretrainRecipe(_VIT_ALL, 'imagenet2012', 300, 3e-3, 'cosine', 0.3, 0.1,
+                   f'{PAPER}, Table 3 (ViT-* on ImageNet)'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRecipe:
+  dataset: str  # TFDS name
+  total_steps: int
+  num_train_examples: int  # of train_split; the BiT-HyperRule reads it
+  native_px: int  # typical image side; the BiT-HyperRule reads it
+  source: str
+  train_split: str = 'train'
+  eval_split: str = 'test'
+  image_size: int = 384
+  # Shared by every row (App. B.1.1 and the reference fine-tuning code).
+  optimizer: str = 'sgd'
+  momentum: float = 0.9
+  batch_size: int = 512
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0
+  schedule: str = 'cosine'
+  warmup_steps: int = 500
+  grad_accum_steps: int = 8
+  accumulator_dtype: str = 'bfloat16'
+
+
+# The learning rates App. B.1.1 sweeps; configs start at the largest.
+FINETUNE_LEARNING_RATES = (0.001, 0.003, 0.01, 0.03)
+
+FINETUNE: dict[str, FinetuneRecipe] = {r.dataset: r for r in (
+    FinetuneRecipe('imagenet2012', 20_000, 1_281_167, 400, f'{PAPER}, App. B.1.1',
+                   eval_split='validation'),
+    FinetuneRecipe('cifar10', 10_000, 50_000, 32, f'{PAPER}, App. B.1.1'),
+    FinetuneRecipe('cifar100', 10_000, 50_000, 32, f'{PAPER}, App. B.1.1'),
+    FinetuneRecipe('oxford_iiit_pet', 500, 3_680, 400, f'{PAPER}, App. B.1.1'),
+    FinetuneRecipe('oxford_flowers102', 500, 1_020, 500, f'{PAPER}, App. B.1.1'),
+)}
+
+# Published fine-tuned top-1 (%), paper Table 2, for the docs and notebooks.
+PAPER_TOP1 = {
+    'imagenet2012': {'ViT-H_14 (JFT)': 88.55, 'ViT-L_16 (JFT)': 87.76,
+                     'ViT-L_16 (I21k)': 85.30, 'BiT-L R152x4': 87.54},
+    'cifar10': {'ViT-H_14 (JFT)': 99.50, 'ViT-L_16 (JFT)': 99.42,
+                'ViT-L_16 (I21k)': 99.15, 'BiT-L R152x4': 99.37},
+    'cifar100': {'ViT-H_14 (JFT)': 94.55, 'ViT-L_16 (JFT)': 93.90,
+                 'ViT-L_16 (I21k)': 93.25, 'BiT-L R152x4': 93.51},
+    'oxford_iiit_pet': {'ViT-H_14 (JFT)': 97.56, 'ViT-L_16 (JFT)': 97.32,
+                        'ViT-L_16 (I21k)': 94.67, 'BiT-L R152x4': 96.62},
+    'oxford_flowers102': {'ViT-H_14 (JFT)': 99.68, 'ViT-L_16 (JFT)': 99.74,
+                          'ViT-L_16 (I21k)': 99.61, 'BiT-L R152x4': 99.63},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BitRecipe:
+  """BiT-HyperRule for one dataset size and image size."""
+  total_steps: int
+  mixup_alpha: float
+  resize: int  # images are resized to this, then cropped to `crop`
+  crop: int
+  source: str = f'{BIT_PAPER}, Sec. 3.3'
+  optimizer: str = 'sgd'
+  momentum: float = 0.9
+  learning_rate: float = 0.003
+  batch_size: int = 512
+  warmup_steps: int = 500
+  weight_decay: float = 0.0
+  schedule: str = 'step'  # rate / 10 at 30%, 60%, 90% of the steps
+
+
+def bit_hyperrule(num_train_examples: int, image_px: int) -> BitRecipe:
+  """The BiT-HyperRule: schedule by training-set size, resolution by image size."""
+  if num_train_examples < 20_000:
+    steps = 500
+  elif num_train_examples < 500_000:
+    steps = 10_000
+  else:
+    steps = 20_000
+  mixup = 0.0 if num_train_examples < 20_000 else 0.1
+  resize, crop = (160, 128) if image_px < 96 else (448, 384)
+  return BitRecipe(steps, mixup, resize, crop)
+
+
+# ---------------------------------------------------------------------------
+# Rows -> configs.
+# ---------------------------------------------------------------------------
+
+
+def pretrain_recipe(model_name: str, dataset: str) -> PretrainRecipe:
+  """The row for `model_name` on `dataset`; ValueError listing the covered pairs."""
+  for row in PRETRAIN:
+    if dataset == row.dataset and model_name in row.models:
+      return row
+  pairs = sorted({(m, r.dataset) for r in PRETRAIN for m in r.models if m in
+                  ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')})
+  raise ValueError(f'No pre-training recipe for {model_name!r} on {dataset!r}; the paper '
+                   f'gives: {", ".join(f"{m} on {d}" for m, d in pairs)} and ViT-* on '
+                   'imagenet2012')
+
+
+def pretrain_config(model_name: str, dataset: str) -> ml_collections.ConfigDict:
+  """A from-scratch run with the paper's recipe for (model, dataset)."""
+  row = pretrain_recipe(model_name, dataset)
+  c = schema.base_config()
+  c.model_name = model_name
+  # The paper's pre-training head: an MLP with one hidden (tanh) layer.
+  c.model.representation_size = models.get_config(model_name).hidden_size
+  c.model.transformer.dropout_rate = row.dropout
+  c.dataset = dataset
+  c.image_size = (row.image_size, row.image_size)
+  c.pp.train, c.pp.eval, c.pp.flip = 'inception_crop', 'resize_crop', True
+  c.batch_size = c.eval_batch_size = row.batch_size
+  c.shuffle_buffer = 250_000
+  c.optimizer, c.b1, c.b2 = row.optimizer, row.b1, row.b2
+  c.learning_rate, c.weight_decay = row.learning_rate, row.weight_decay
+  c.schedule, c.warmup_steps, c.total_steps = row.schedule, row.warmup_steps, row.total_steps
+  c.grad_clip_norm = row.grad_clip_norm
+  c.dtype, c.accumulator_dtype = 'bfloat16', 'bfloat16'
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
+  return c
+
+
+def finetune_config(dataset: str, model_name: str,
+                    pretrained_dir: str = 'pretrained') -> ml_collections.ConfigDict:
+  """Fine-tuning `model_name` on `dataset` with the paper's recipe."""
+  if dataset not in FINETUNE:
+    raise ValueError(f'No fine-tuning recipe for {dataset!r}; known: {", ".join(FINETUNE)}')
+  row = FINETUNE[dataset]
+  c = schema.base_config()
+  c.model_name = model_name
+  # ImageNet-21k checkpoints as published (`ViT-B_16.npz`, ...): point it at yours.
+  c.pretrained_path = f'{pretrained_dir}/{model_name}.npz'
+  c.dataset, c.train_split, c.eval_split = dataset, row.train_split, row.eval_split
+  c.image_size = (row.image_size, row.image_size)
+  # The reference's fine-tuning crop: inception crop -> resize, flip; eval: resize.
+  c.pp.train, c.pp.eval, c.pp.flip = 'inception_crop', 'resize', True
+  c.batch_size = c.eval_batch_size = row.batch_size
+  c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
+  c.learning_rate = FINETUNE_LEARNING_RATES[-1]
+  c.schedule, c.warmup_steps, c.total_steps = row.schedule, row.warmup_steps, row.total_steps
+  c.grad_clip_norm = row.grad_clip_norm
+  c.grad_accum_steps, c.accumulator_dtype = row.grad_accum_steps, row.accumulator_dtype
+  c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)
+  return c
+
+
+def bit_config(dataset: str, model_name: str,
+               pretrained_dir: str = 'pretrained') -> ml_collections.ConfigDict:
+  """Fine-tuning a BiT ResNet on `dataset` with the BiT-HyperRule."""
+  if dataset not in FINETUNE:
+    raise ValueError(f'No BiT-HyperRule inputs for {dataset!r}; known: {", ".join(FINETUNE)}')
+  data = FINETUNE[dataset]
+  row = bit_hyperrule(data.num_train_examples, data.native_px)
+  c = schema.base_config()
+  c.model_name = model_name
+  c.pretrained_path = f'{pretrained_dir}/BiT-M-{model_name.replace("BiT-", "")}.npz'
+  c.dataset = dataset
+  c.train_split, c.eval_split = data.train_split, data.eval_split
+  c.image_size = (row.crop, row.crop)
+  c.pp.train, c.pp.eval, c.pp.flip = 'resize_crop', 'resize', True
+  c.pp.crop_pad = row.resize - row.crop
+  c.mixup_alpha = row.mixup_alpha
+  c.batch_size = c.eval_batch_size = row.batch_size
+  c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
+  c.learning_rate, c.schedule = row.learning_rate, row.schedule
+  c.warmup_steps, c.total_steps = row.warmup_steps, row.total_steps
+  c.grad_accum_steps = 8
+  c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)
+  return c
+
+
+def runlocal(config: ml_collections.ConfigDict,
+             model_name: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`config` shrunk to a seconds-long CPU run on the embedded digits, recipe otherwise kept.
+
+  The tiny model is `ViT-Test_4` (or `BiT-Test` for a ResNet config), with the
+  recipe's model overrides (dropout, representation layer, head bias); no
+  pre-trained checkpoint; 16x16 images; batch 16; 4 steps.
+  """
+  family = models.get_config(config.model_name).get('model_type', 'vit')
+  config.model_name = model_name or ('BiT-Test' if family == 'resnet' else 'ViT-Test_4')
+  if config.model.representation_size is not None:
+    config.model.representation_size = models.get_config(config.model_name).hidden_size
+  config.pretrained_path = None
+  config.dataset, config.data_dir = 'digits', None
+  config.train_split, config.eval_split = 'train', 'test'
+  config.image_size = (16, 16)
+  if config.pp.crop_pad is not None:
+    config.pp.crop_pad = 2
+  config.batch_size = config.eval_batch_size = 16
+  config.shuffle_buffer, config.cache = 64, True
+  config.grad_accum_steps = min(config.grad_accum_steps, 2)
+  config.total_steps, config.warmup_steps = 4, 1
+  config.dtype = 'float32'
+  config.log_every, config.eval_every, config.checkpoint_every = 2, 0, 0
+  return config
+
+
+def digits_config(model_name: str = 'ViT-Digits_4') -> ml_collections.ConfigDict:
+  """This project's default run: a small model from scratch on the embedded digits.
+
+  A ViT trains with AdamW (lr 2e-3, wd 0.05, label smoothing 0.1, 600 steps);
+  a BiT ResNet with SGD momentum as in BiT (lr 0.03, 200 steps). Measured
+  accuracies and times: docs/training.md.
+  """
+  c = schema.base_config()
+  c.model_name = model_name
+  c.dataset = 'digits'
+  c.image_size = (16, 16)  # the digits are 8x8 originals: 16x16 loses nothing
+  # No augmentation: on these tiny, centred digits random crops cost about 1%
+  # top-1 at the same step count, and flips are wrong (a mirrored digit is
+  # another digit, or none).
+  c.pp.train, c.pp.eval, c.pp.flip = 'plain', 'resize', False
+  c.shuffle_buffer, c.cache = 2048, True
+  c.batch_size = c.eval_batch_size = 128
+  c.keep_checkpoints = 2
+  if models.get_config(model_name).get('model_type', 'vit') == 'resnet':
+    c.optimizer, c.momentum, c.learning_rate, c.weight_decay = 'sgd', 0.9, 0.03, 0.0
+    c.warmup_steps, c.total_steps = 20, 200
+    c.eval_every = c.checkpoint_every = 100
+  else:
+    c.optimizer, c.learning_rate, c.weight_decay = 'adamw', 2e-3, 0.05
+    c.label_smoothing = 0.1
+    c.warmup_steps, c.total_steps = 50, 600
+    c.eval_every = c.checkpoint_every = 200
+  return c

@@ -1,0 +1,300 @@
+"""The one config schema: every field a run reads, with its type and default.
+
+`base_config()` is the only place defaults live. Optional values are typed
+placeholders (`config_dict.placeholder(str)`), so every field, optional or
+not, can be overridden on the command line on every config
+(`--config.data_dir=DIR`, `--config.accumulator_dtype=bfloat16`,
+`--config.model.transformer.dropout_rate=0.1`).
+
+`config.model` holds typed placeholders for every field of a model preset
+(`vit_jax.configs.models`); the ones that are set override the preset named by
+`config.model_name`, the rest keep the preset's value.
+
+`resolve(config)` is what the code calls at its edge: it lays a (possibly
+partial, possibly plain-dict) config over `base_config()`, refusing unknown
+fields and wrong types by name, and returns a complete, locked ConfigDict that
+the trainer and the input pipeline read with plain attribute access.
+
+`parse_arg(arg, **defaults)` reads the argument after ':' in
+`--config=file.py:ARG` (`ViT-B_16`, `ViT-B_16,runlocal`, `model=ViT-L_16,lr=0.01`),
+the way big_vision's configs do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from vit_jax.configs import models
+
+_placeholder = config_dict.placeholder
+
+# How `config.posemb_resize` resamples position embeddings (vit_jax.checkpoint).
+POSEMB_METHODS = ('linear', 'bicubic')
+
+def _placeholders_like(value: Any) -> Any:
+  """A tree of typed placeholders shaped like a preset's fields."""
+  if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+    items = value.items()
+    return ml_collections.ConfigDict({k: _placeholders_like(v) for k, v in items})
+  if isinstance(value, bool):
+    return _placeholder(bool)
+  if isinstance(value, int):
+    return _placeholder(int)
+  if isinstance(value, float):
+    return _placeholder(float)
+  if isinstance(value, (tuple, list)):
+    return _placeholder(tuple)
+  return _placeholder(str)
+
+
+# Fields of a preset that are not the model's to override (identity, not shape).
+_NOT_OVERRIDABLE = ('model_type', 'name')
+
+# Preset fields whose value is None in every preset, with the type they take.
+_OPTIONAL_FIELD_TYPES = {
+    'representation_size': int,
+    'attention_implementation': str,
+    'resnet': None,  # a sub-tree, given below
+}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """`config.model`: a typed placeholder for every field of every model family."""
+  vit = models.get_config('ViT-B_16').to_dict()
+  hybrid = models.get_config('R50+ViT-B_16').to_dict()
+  resnet = models.get_config('BiT-R50x1').to_dict()
+  fields: dict[str, Any] = {}
+  for preset in (vit, resnet):
+    for key, value in preset.items():
+      if key in _NOT_OVERRIDABLE or key in fields:
+        continue
+      if value is None:
+        if key == 'resnet':
+          fields[key] = _placeholders_like(hybrid['resnet'])
+        elif key in _OPTIONAL_FIELD_TYPES:
+          fields[key] = _placeholder(_OPTIONAL_FIELD_TYPES[key])
+        else:
+          raise TypeError(f'model preset field {key!r} is None: give its type in schema.py')
+      else:
+        fields[key] = _placeholders_like(value)
+  # Module fields that no preset sets: the sigmoid-loss head starts at this bias.
+  fields['head_bias_init'] = _placeholder(float)
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default (docs/training.md explains each)."""
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model_name = 'ViT-B_16'  # a preset of vit_jax.configs.models
+  c.model = model_overrides()  # set fields override the preset's
+  c.pretrained_path = _placeholder(str)  # .npz (published layout) to fine-tune from
+  c.reset_head = True  # fine-tuning starts from a fresh, zero head
+  c.posemb_resize = 'linear'  # 'linear' (the reference's zoom) or 'bicubic' (timm's)
+
+  # Data (vit_jax.input_pipeline).
+  c.dataset = 'digits'  # TFDS name, 'digits', 'image_folder:/path' or 'synthetic'
+  c.data_dir = _placeholder(str)  # TFDS data dir; None: TFDS's default
+  c.train_split = 'train'
+  c.eval_split = 'test'
+  c.image_size = (224, 224)  # (height, width); `--config.image_size=384` is square
+  c.pp = ml_collections.ConfigDict(dict(
+      # 'inception_crop': random area (min_area..max_area) / aspect crop, resized
+      #   (the reference's fine-tuning and pre-training crop);
+      # 'resize_crop': resize to image_size + crop_pad, random crop; 'plain': resize.
+      train='inception_crop',
+      eval='resize',  # 'resize' (the reference's) or 'resize_crop' (central crop)
+      crop_pad=_placeholder(int),  # None: round(size / 0.875) - size (224 -> 256)
+      flip=True,  # random left-right flips in training
+      min_area=0.05,
+      max_area=1.0,
+      resize_method='bilinear',  # tf.image.resize method
+  ))
+  c.mixup_alpha = 0.0
+  c.shuffle_buffer = 50_000
+  c.cache = False
+  c.batch_size = 512  # global, over all devices and processes
+  c.eval_batch_size = 512
+  c.seed = 0
+  # dataset='synthetic' only (timing, machines without TensorFlow):
+  c.num_classes = 10
+  c.synthetic_noise = 0.5
+  c.num_eval_examples = 512
+
+  # Optimisation.
+  c.optimizer = 'sgd'  # 'sgd' (momentum) or 'adamw' (Adam, decoupled weight decay)
+  c.learning_rate = 0.03
+  c.end_learning_rate = 0.0
+  c.momentum = 0.9
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 0.0
+  c.accumulator_dtype = _placeholder(str)  # 'bfloat16': momentum / first moment in bf16
+  c.schedule = 'cosine'  # after warm-up: 'cosine', 'linear' or 'constant'
+  c.warmup_steps = 500
+  c.total_steps = 10_000
+  c.grad_clip_norm = 1.0  # global norm; 0 turns clipping off
+  c.grad_accum_steps = 1  # micro-batches per step (same update, less memory)
+  c.loss = 'softmax_xent'  # or 'sigmoid_xent'
+  c.label_smoothing = 0.0
+
+  # Compute.
+  c.dtype = 'float32'  # or 'bfloat16' (params and optimizer state stay float32)
+  c.fsdp = False  # shard params / optimizer state over the devices
+
+  # Bookkeeping.
+  c.log_every = 50
+  c.eval_every = 1000  # 0: at the end only
+  c.checkpoint_every = 1000  # 0: at the end only
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.export_params = False  # also write workdir/params.npz (published layout) at the end
+  c.prefetch = 2
+  return c
+
+
+def _merge(target: ml_collections.ConfigDict, given: Mapping, path: str) -> None:
+  for key, value in given.items():
+    name = f'{path}.{key}'
+    if key not in target:
+      raise ValueError(f'Unknown field {name}; known fields of {path}: '
+                       f'{", ".join(sorted(target.keys()))}')
+    current = target[key]
+    if isinstance(current, ml_collections.ConfigDict):
+      if value is None:
+        continue  # `model=None`: no overrides
+      if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        raise ValueError(f'{name} must be a mapping of fields, got {value!r}')
+      _merge(current, value, name)
+      continue
+    if key == 'image_size' and path == 'config' and value is not None:
+      value = _as_tuple(value)
+    try:
+      target[key] = value
+    except TypeError as e:
+      raise ValueError(f'{name}={value!r} has the wrong type: {e}') from None
+
+
+def _as_tuple(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(value)
+  if isinstance(value, int) and not isinstance(value, bool):
+    return (value, value)
+  return value
+
+
+def resolve(config: Any) -> ml_collections.ConfigDict:
+  """`config` laid over `base_config()`: complete, type-checked, locked.
+
+  Accepts a ConfigDict (e.g. from `--config`) or a plain dict with any subset
+  of the fields. An unknown field or a value of the wrong type raises
+  ValueError naming the field.
+  """
+  if isinstance(config, ml_collections.ConfigDict):
+    given = config.to_dict()
+  elif isinstance(config, Mapping):
+    given = dict(config)
+  else:
+    raise ValueError(f'A config must be a ConfigDict or a dict, got {type(config).__name__}')
+  out = base_config()
+  _merge(out, given, 'config')
+  out.lock()
+  return out
+
+
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The preset `config.model_name` with the set fields of `config.model` applied."""
+  name = config.model_name
+  if not name or not isinstance(name, str):
+    raise ValueError(f'config.model_name must name a model preset, got {name!r}; '
+                     f'valid names: {", ".join(models.names())}')
+  try:
+    preset = models.get_config(name)
+  except ValueError as e:
+    raise ValueError(f'config.model_name: {e}') from None
+  overrides = _set_fields(config.model.to_dict() if config.model is not None else {})
+  with preset.unlocked():
+    _apply(preset, overrides, 'config.model', name)
+  return preset
+
+
+def _set_fields(tree: Mapping) -> dict:
+  """The non-None leaves of a placeholder tree, as a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      sub = _set_fields(value)
+      if sub:
+        out[key] = sub
+    elif value is not None:
+      out[key] = value
+  return out
+
+
+def _apply(preset: ml_collections.ConfigDict, overrides: Mapping, path: str,
+           name: str) -> None:
+  for key, value in overrides.items():
+    field = f'{path}.{key}'
+    if key not in preset:
+      raise ValueError(f'{field} does not apply to model {name!r} (a '
+                       f'{preset.get("model_type", "vit")} preset; its fields: '
+                       f'{", ".join(sorted(preset.keys()))})')
+    current = preset[key]
+    if isinstance(value, Mapping):
+      if current is None:
+        preset[key] = ml_collections.ConfigDict(value)
+      elif isinstance(current, ml_collections.ConfigDict):
+        _apply(current, value, field, name)
+      else:
+        raise ValueError(f'{field} is not a group of fields in model {name!r}')
+    else:
+      preset[key] = tuple(value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------------------
+# Config-file arguments.
+# ---------------------------------------------------------------------------
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
+  """`'ViT-L_16,runlocal,steps=100'` -> ConfigDict(model='ViT-L_16', runlocal=True, steps=100).
+
+  A bare first word that is not a flag names the model preset (`model`);
+  `key=value` sets a value of the type of its default; a bare known flag sets a
+  boolean default to True. Unknown keys raise ValueError listing the known ones.
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for index, token in enumerate(t.strip() for t in arg.split(',')):
+    if not token:
+      continue
+    if '=' in token:
+      key, text = (s.strip() for s in token.split('=', 1))
+    elif isinstance(defaults.get(token), bool):
+      key, text = token, 'True'
+    elif index == 0 and 'model' in defaults:
+      key, text = 'model', token
+    else:
+      key, text = token, None
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; known: '
+                       f'{", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = text.lower() in ('1', 'true', 'yes', '')
+    elif isinstance(default, int):
+      value = int(text)
+    elif isinstance(default, float):
+      value = float(text)
+    else:
+      value = text
+    result[key] = value
+  if 'model' in result and isinstance(result.model, str):
+    result.model = models.canonical_name(result.model)
+    models.get_config(result.model)  # ValueError listing the valid names
+  return result
