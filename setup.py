@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'pillow>=10.0',
     'matplotlib>=3.8',
     'scikit-learn>=1.5',  # ships the embedded default dataset (digits)
+    'scipy>=1.11',  # position-embedding resampling as the reference does it
     'tensorboard>=2.16',  # event files; its writer needs no TensorFlow
     'tensorflow-cpu>=2.18; platform_machine == "x86_64"',
     'tensorflow>=2.18; platform_machine != "x86_64"',

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from vit_jax import checkpoint
 from vit_jax.configs import models as model_configs
@@ -269,9 +270,10 @@ def test_load_pretrained_new_resolution_and_classes(tmp_path, vit_test, caplog):
   assert new['head/bias'][0] == -2.0 and not np.any(new['head/kernel'])
   assert src[posemb].shape == (1, 65, 32) and new[posemb].shape == (1, 145, 32)
   np.testing.assert_array_equal(new[posemb][:, 0], src[posemb][:, 0])  # class token kept
+  # The reference's resampling: corner-aligned linear zoom of the 8x8 grid.
   np.testing.assert_allclose(
       new[posemb][0, 1:].reshape(12, 12, 32),
-      jax.image.resize(src[posemb][0, 1:].reshape(8, 8, 32), (12, 12, 32), 'bilinear'),
+      ndimage.zoom(src[posemb][0, 1:].reshape(8, 8, 32), (12 / 8, 12 / 8, 1), order=1),
       atol=1e-6)
   log = caplog.text
   assert 'head/kernel' in log and 'pre_logits/kernel' in log and 'resized' in log

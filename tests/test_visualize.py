@@ -323,3 +323,43 @@ def test_cli_main_random_init(tmp_path):
 def test_cli_needs_parameters(tmp_path):
   with pytest.raises(SystemExit):
     visualize.main(['--model', 'ViT-Test_4', '--out', str(tmp_path)])
+
+
+# --- non-square inputs ------------------------------------------------------------
+
+def test_prepare_image_and_digits_non_square():
+  image = (np.random.default_rng(5).random((60, 50, 3)) * 255).astype(np.uint8)
+  model_input, shown = visualize.prepare_image(image, (16, 24), 64)
+  assert model_input.shape == (16, 24, 3)
+  assert shown.shape[0] >= 64 and abs(shown.shape[1] / shown.shape[0] - 1.5) < 0.05
+  assert visualize.center_crop(image, (2, 3)).shape[:2] == (33, 50)  # full width kept
+  assert visualize.center_crop(image, (1, 1)).shape[:2] == (50, 50)
+  digits = visualize.load_images('digits:test:0-1', image_size=(16, 24))
+  assert digits[0].shape == (16, 24, 3)
+
+
+def test_non_square_checkpoint_size_resamples_position_embeddings(tmp_path):
+  """A 16x16 checkpoint visualised at 16x24: its 4x4 grid is zoomed to 4x6."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint
+  _, params = make_params('ViT-Test_4', image_size=16)
+  checkpoint.save(params, str(tmp_path / 'vit.npz'))
+  pos = np.asarray(params['Transformer']['posembed_input']['pos_embedding'])
+  fitted = visualize.fit_position_embedding(params, (4, 4), (16, 24))
+  new = fitted['Transformer']['posembed_input']['pos_embedding']
+  expected = ndimage.zoom(pos[0, 1:].reshape(4, 4, -1), (1, 6 / 4, 1), order=1)
+  np.testing.assert_allclose(new[0, 1:], expected.reshape(24, -1), atol=1e-6)
+  np.testing.assert_array_equal(new[:, :1], pos[:, :1])
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 32)
+
+  paths = visualize.main([
+      '--model', 'ViT-Test_4', '--checkpoint', str(tmp_path / 'vit.npz'),
+      '--image-size', '16x24', '--image', 'skimage:chelsea', '--display-size', '48',
+      '--dpi', '30', '--out', str(tmp_path / 'out')])
+  for path in paths.values():
+    assert is_png(path)
+  with open(tmp_path / 'out' / 'analysis.json') as f:
+    summary = json.load(f)
+  assert summary['image_size'] == [16, 24] and summary['grid_shape'] == [4, 6]
+  with pytest.raises(SystemExit):
+    visualize.parse_args(['--image-size', '16x', '--out', str(tmp_path)])

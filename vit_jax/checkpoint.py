@@ -14,7 +14,9 @@ found in the wild and normalises them to ours:
 `load_pretrained` turns a pre-trained tree into the starting point of a
 fine-tuning run, the way the paper does: a fresh zero-initialised head for a new
 class count, no representation layer unless the new model has one, and position
-embeddings interpolated in 2-D when the resolution (so the patch grid) changes.
+embeddings resampled in 2-D when the resolution (so the patch grid) changes --
+by default linearly with corner alignment, as the reference implementation's
+`scipy.ndimage.zoom(order=1)` does (`resize_posemb`).
 Anything else that does not fit is an error naming the keys and both shapes.
 
 Files are always opened with `allow_pickle=False`: a checkpoint is data and must
@@ -375,30 +377,103 @@ def infer_image_size(params_or_flat: Mapping, model_config: Any) -> tuple[int, i
   return rows * ph, cols * pw
 
 
-def resize_posemb(posemb: np.ndarray, new_grid: tuple[int, int], num_prefix: int,
-                  old_grid: Optional[tuple[int, int]] = None) -> np.ndarray:
-  """Bilinearly resamples the 2-D grid part of (1, prefix + rows*cols, D) embeddings.
+POSEMB_METHODS = ('linear', 'bicubic')
 
-  The prefix (class-token) embeddings are kept as they are, as in the paper's
-  fine-tuning at higher resolution. Computed in float32; returned in the input dtype.
+
+def _grid_pair(grid: Any, name: str) -> tuple[int, int]:
+  """(rows, cols) of positive ints, or ValueError naming the argument."""
+  try:
+    rows, cols = (int(g) for g in grid)
+  except (TypeError, ValueError):
+    raise ValueError(f'{name} must be (rows, cols), got {grid!r}') from None
+  if rows < 1 or cols < 1:
+    raise ValueError(f'{name} must be positive, got {grid!r}')
+  return rows, cols
+
+
+def _check_posemb_method(method: str) -> None:
+  if method not in POSEMB_METHODS:
+    raise ValueError(f'Unknown position-embedding resize method {method!r}; '
+                     f'valid methods: {", ".join(repr(m) for m in POSEMB_METHODS)}')
+
+
+def _zoom_linear(grid: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
+  """The reference's resampling: scipy.ndimage.zoom(order=1) over rows and columns.
+
+  scipy maps output index i to input i * (n_in - 1) / (n_out - 1), so the first
+  and last rows/columns coincide with the old ones (corner alignment).
+  """
+  # Imported here: scipy.ndimage takes a while to import and only this needs it.
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  (old_h, old_w), (new_h, new_w) = grid.shape[:2], new_grid
+  # float64: scipy has no bfloat16, and for float32 inputs its double-precision
+  # arithmetic rounds to the same float32 values the reference gets.
+  resized = ndimage.zoom(grid.astype(np.float64), (new_h / old_h, new_w / old_w, 1), order=1)
+  # scipy's output shape is round(n_in * zoom); it must be exactly the new grid.
+  if resized.shape[:2] != (new_h, new_w):
+    raise ValueError(f'scipy.ndimage.zoom gave a {resized.shape[:2]} grid for '
+                     f'{grid.shape[:2]} -> {new_grid}')
+  return resized
+
+
+def _resize_bicubic(grid: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
+  """timm's resampling (torch bicubic, antialias=True, half-pixel centres).
+
+  jax.image.resize's 'cubic' is the same Keys kernel (a = -0.5), widened when
+  shrinking and renormalised at the borders as torch's antialiased path does;
+  the two agree to about 1e-6 (tests/test_posemb.py).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  posemb = np.asarray(posemb)
+  shape = (new_grid[0], new_grid[1], grid.shape[2])
+  return np.asarray(jax.image.resize(grid.astype(np.float32), shape, method='cubic',
+                                     antialias=True))
+
+
+def resize_posemb(posemb: Any, new_grid: tuple[int, int], num_prefix: int,
+                  old_grid: Optional[tuple[int, int]] = None,
+                  method: str = 'linear') -> np.ndarray:
+  """Resamples the 2-D grid part of (1, prefix + rows*cols, D) position embeddings.
+
+  Args:
+    posemb: (1, num_prefix + old_rows * old_cols, D) embeddings.
+    new_grid: (rows, cols) of the result's patch grid.
+    num_prefix: leading tokens that are not on the grid (1 for a class token);
+      they are kept unchanged, as in the paper's fine-tuning at a new resolution.
+    old_grid: (rows, cols) of `posemb`'s grid; default: square.
+    method: 'linear' (default): the reference implementation's
+      `scipy.ndimage.zoom(order=1)`, linear interpolation with corner alignment.
+      'bicubic': timm's `resample_abs_pos_embed` (bicubic with antialiasing,
+      half-pixel centres).
+
+  Returns:
+    (1, num_prefix + rows * cols, D) in the input dtype (computed in float32 or
+    float64).
+  """
+  _check_posemb_method(method)
+  posemb = _to_numpy(posemb)
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise ValueError(f'position embeddings must be (1, tokens, hidden), got {posemb.shape}')
+  if not 0 <= num_prefix <= posemb.shape[1]:
+    raise ValueError(f'num_prefix={num_prefix} for {posemb.shape[1]} position embeddings')
+  new_grid = _grid_pair(new_grid, 'new_grid')
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   if old_grid is None:
     side = math.isqrt(grid.shape[0])
-    if side * side != grid.shape[0]:
-      raise ValueError(f'{grid.shape[0]} position embeddings do not form a square grid')
+    if grid.shape[0] == 0 or side * side != grid.shape[0]:
+      raise ValueError(f'{grid.shape[0]} position embeddings do not form a square grid; '
+                       'pass old_grid=(rows, cols)')
     old_grid = (side, side)
+  old_grid = _grid_pair(old_grid, 'old_grid')
   if old_grid[0] * old_grid[1] != grid.shape[0]:
     raise ValueError(f'grid {old_grid} does not match {grid.shape[0]} position embeddings')
   hidden = posemb.shape[-1]
-  grid = grid.reshape(old_grid[0], old_grid[1], hidden).astype(np.float32)
-  resized = jax.image.resize(grid, (new_grid[0], new_grid[1], hidden), method='bilinear')
-  resized = np.asarray(resized).reshape(1, new_grid[0] * new_grid[1], hidden)
-  return np.concatenate([prefix, resized.astype(posemb.dtype)], axis=1)
+  grid = grid.reshape(old_grid[0], old_grid[1], hidden)
+  if method == 'linear':
+    resized = _zoom_linear(grid, new_grid)
+  else:
+    resized = _resize_bicubic(grid, new_grid)
+  resized = resized.reshape(1, new_grid[0] * new_grid[1], hidden).astype(posemb.dtype)
+  return np.concatenate([prefix, resized], axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +517,9 @@ def _format_problems(title: str, rows: list[str]) -> str:
 
 def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mapping,
                     model_config: Any, *,
-                    image_size: Optional[tuple[int, int]] = None) -> Params:
+                    image_size: Union[int, tuple[int, int], None] = None,
+                    posemb_method: str = 'linear',
+                    source_grid: Optional[tuple[int, int]] = None) -> Params:
   """Adapts a pre-trained checkpoint to a model for a new task.
 
   Args:
@@ -450,8 +527,15 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
     init_params: the new model's freshly initialised params (arrays, or
       `jax.ShapeDtypeStruct`s from `jax.eval_shape` -- then a replaced head is zeros).
     model_config: the new model's config (ConfigDict, dict or preset name).
-    image_size: optional (height, width) of the new model, for non-square
-      grids; otherwise the grid is read off `init_params`' position embeddings.
+    image_size: the new model's input size, an int or (height, width); it
+      gives the new patch grid (size // patch stride). Needed for non-square
+      grids; without it the grid is read off `init_params`' position
+      embeddings, which must then be square.
+    posemb_method: how position embeddings are resampled when the grid
+      changes: 'linear' (the reference's corner-aligned `scipy.ndimage.zoom`,
+      order 1) or 'bicubic' (timm's); see `resize_posemb`.
+    source_grid: (rows, cols) of the checkpoint's patch grid. Needed when it is
+      not square; by default it is read off the token count.
 
   Returns:
     A params tree shaped and typed like `init_params` (numpy arrays). Every
@@ -463,6 +547,13 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
       (both shapes), or a checkpoint of another model family.
   """
   config = _resolve_config(model_config)
+  # Checked up front so that a typo in a config fails even when no resize is needed.
+  _check_posemb_method(posemb_method)
+  if image_size is not None:
+    from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
+    image_size = image_hw(image_size)
+  if source_grid is not None:
+    source_grid = _grid_pair(source_grid, 'source_grid')
   if isinstance(path_or_params, Mapping):
     source = 'params'
     restored = normalize_layout(
@@ -503,7 +594,11 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
       continue
     value = restored[key]
     shape = _shape(value)
-    if shape == target_shape:
+    # With both grids given, a grid of the same token count but another shape
+    # (4x6 -> 6x4) is resampled too; otherwise equal shapes mean the same grid.
+    regrid = (key == POSEMB_KEY and source_grid is not None and image_size is not None
+              and shape == target_shape)
+    if shape == target_shape and not regrid:
       out[key] = value
     elif key in HEAD_KEYS:
       logging.info('load_pretrained: replacing %s %s with the fresh %s (class count differs)',
@@ -512,11 +607,15 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
       out[key] = _fresh(key, target)
     elif key == POSEMB_KEY:
       try:
-        out[key] = _adapt_posemb(value, target_shape, restored, config, image_size)
+        out[key], old_grid, new_grid = _adapt_posemb(
+            value, target_shape, restored, config, image_size, posemb_method, source_grid)
       except ValueError as e:
         mismatched.append(f'{key}: checkpoint {shape} vs model {target_shape} ({e})')
         continue
-      logging.info('load_pretrained: resized %s %s -> %s', key, shape, target_shape)
+      if old_grid == new_grid:
+        continue
+      logging.info('load_pretrained: resized %s %s -> %s (grid %dx%d -> %dx%d, %s)', key,
+                   shape, target_shape, *old_grid, *new_grid, posemb_method)
       notes.append(f'resized {key}')
     elif tuple(d for d in shape if d != 1) == tuple(d for d in target_shape if d != 1):
       # Old hybrid checkpoints store GroupNorm scales as (1, 1, 1, C).
@@ -545,8 +644,11 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
   return unflatten(result)
 
 
-def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping,
-                  config: Any, image_size: Optional[tuple[int, int]]) -> np.ndarray:
+def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping, config: Any,
+                  image_size: Optional[tuple[int, int]], method: str,
+                  source_grid: Optional[tuple[int, int]]
+                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+  """(resized embeddings, old grid, new grid); ValueError says what does not fit."""
   if value.ndim != 3 or len(target_shape) != 3 or value.shape[0] != 1 or target_shape[0] != 1:
     raise ValueError('position embeddings must be (1, tokens, hidden)')
   if value.shape[2] != target_shape[2]:
@@ -556,9 +658,17 @@ def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping,
   if prefix != ckpt_prefix:
     raise ValueError(f'class-token count differs: checkpoint {ckpt_prefix}, model {prefix}')
   old_n = value.shape[1] - prefix
-  old_side = math.isqrt(max(old_n, 0))
-  if old_n <= 0 or old_side * old_side != old_n:
-    raise ValueError(f'checkpoint grid of {old_n} tokens is not square')
+  if source_grid is not None:
+    if source_grid[0] * source_grid[1] != old_n:
+      raise ValueError(f'source_grid {source_grid} has {source_grid[0] * source_grid[1]} '
+                       f'tokens but the checkpoint grid has {old_n}')
+    old_grid = source_grid
+  else:
+    old_side = math.isqrt(max(old_n, 0))
+    if old_n <= 0 or old_side * old_side != old_n:
+      raise ValueError(f'checkpoint grid of {old_n} tokens is not square; '
+                       'pass source_grid=(rows, cols)')
+    old_grid = (old_side, old_side)
   new_n = target_shape[1] - prefix
   if image_size is not None:
     ph, pw = patch_stride(config)
@@ -570,7 +680,10 @@ def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping,
     if new_n <= 0 or new_side * new_side != new_n:
       raise ValueError(f'model grid of {new_n} tokens is not square; pass image_size')
     new_grid = (new_side, new_side)
-  return resize_posemb(value, new_grid, prefix, old_grid=(old_side, old_side))
+  if new_grid == old_grid:
+    return value, old_grid, new_grid
+  resized = resize_posemb(value, new_grid, prefix, old_grid=old_grid, method=method)
+  return resized, old_grid, new_grid
 
 
 # ---------------------------------------------------------------------------

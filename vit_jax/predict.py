@@ -4,9 +4,12 @@
       --checkpoint imagenet21k+imagenet2012_ViT-B_16.npz --image photo.jpg --top_k 5
 
 The input resolution is the checkpoint's own (position-embedding grid times the
-patch size), the image is resized to it (no crop) and scaled to [-1, 1], as in
-the published fine-tuning. 1000-class checkpoints get the ImageNet-1k class
-names; other class counts print indices unless `--labels FILE` is given.
+patch size) unless `--image_size H` or `--image_size HxW` asks for another; then
+the position embeddings are resampled to the new patch grid the way fine-tuning
+does it (`checkpoint.resize_posemb`, linear). The image is resized to the
+resolution (no crop) and scaled to [-1, 1], as in the published fine-tuning.
+1000-class checkpoints get the ImageNet-1k class names; other class counts
+print indices unless `--labels FILE` is given.
 
 The functions here (`load_image`, `load_model`, `predict`, `top_k`) are the
 building blocks other modules (the visualisations) reuse.
@@ -79,28 +82,73 @@ def _config_for_checkpoint(model_name: str, flat: dict) -> Any:
   return config
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+  """'384' -> (384, 384); '384x512' (or '384,512') -> (height, width) = (384, 512)."""
+  from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
+  parts = text.lower().replace(',', 'x').split('x')
+  try:
+    return image_hw(tuple(int(p) for p in parts))
+  except ValueError:
+    raise ValueError(f'image size must be H or HxW (positive ints), got {text!r}') from None
+
+
+def _argparse_image_size(text: str) -> tuple[int, int]:
+  try:
+    return parse_image_size(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
-               image_size: Optional[Sequence[int]] = None):
+               image_size: Union[None, int, Sequence[int]] = None,
+               source_grid: Optional[Sequence[int]] = None):
   """(model, params, image_size) for a checkpoint, its shapes checked against the model.
 
   The class count comes from the head, the resolution from the position
-  embeddings (or `image_size` for models without them, the BiT ResNets).
+  embeddings, or from `image_size` (an int or (height, width)): when that gives
+  another patch grid, the position embeddings are resampled to it
+  (`checkpoint.resize_posemb`, the reference's linear method). `source_grid`
+  (rows, cols) is the checkpoint's grid when it is not square. Models without
+  position embeddings (the BiT ResNets) default to 224x224.
   """
   from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
   flat = checkpoint.load_flat(checkpoint_path)
+  source = f'checkpoint {os.fspath(checkpoint_path)!r}'
   if 'head/kernel' not in flat:
     raise ValueError(f'Checkpoint {os.fspath(checkpoint_path)!r} has no classification head')
   config = _config_for_checkpoint(model_name, flat)
   num_classes = int(flat['head/kernel'].shape[-1])
-  if image_size is None:
-    if checkpoint.POSEMB_KEY in flat:
-      image_size = checkpoint.infer_image_size(flat, config)
+  has_posemb = checkpoint.POSEMB_KEY in flat
+  if has_posemb:
+    prefix = checkpoint.num_prefix_tokens(flat, config)
+    if source_grid is not None:
+      old_grid = tuple(int(g) for g in source_grid)
+      tokens = flat[checkpoint.POSEMB_KEY].shape[1] - prefix
+      if len(old_grid) != 2 or old_grid[0] * old_grid[1] != tokens:
+        raise ValueError(f'{source}: source_grid {tuple(source_grid)} does not match its '
+                         f'{tokens} position embeddings')
     else:
-      image_size = (224, 224)
-  image_size = tuple(int(s) for s in image_size)
-  params = checkpoint.unflatten(flat)
+      try:
+        old_grid = checkpoint.infer_grid(flat, config)
+      except ValueError as e:
+        raise ValueError(f'{source}: {e}; pass source_grid=(rows, cols)') from None
+    stride = checkpoint.patch_stride(config)
+    own_size = (old_grid[0] * stride[0], old_grid[1] * stride[1])
+  else:
+    own_size = (224, 224)
+  image_size = own_size if image_size is None else image_hw(image_size)
   expected = checkpoint.abstract_params(config, num_classes, image_size)
-  checkpoint.check_params(params, expected, source=f'checkpoint {os.fspath(checkpoint_path)!r}')
+  if has_posemb:
+    new_grid = (image_size[0] // stride[0], image_size[1] // stride[1])
+    if new_grid != old_grid:
+      logging.info('Resizing the position embeddings from grid %dx%d to %dx%d for %dx%d input',
+                   *old_grid, *new_grid, *image_size)
+      flat = dict(flat)
+      flat[checkpoint.POSEMB_KEY] = checkpoint.resize_posemb(
+          flat[checkpoint.POSEMB_KEY], new_grid, prefix, old_grid=old_grid, method='linear')
+  params = checkpoint.unflatten(flat)
+  checkpoint.check_params(params, expected, source=source)
   model = models_config.build_model(config, num_classes)
   return model, params, image_size
 
@@ -174,12 +222,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--top_k', type=int, default=5)
   parser.add_argument('--labels', default=None,
                       help='class names, one per line (default: ImageNet-1k for 1000 classes)')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='override the resolution read off the checkpoint')
+  parser.add_argument('--image_size', type=_argparse_image_size, default=None,
+                      help='input resolution, H (square) or HxW, e.g. 384x512; default: '
+                      "the checkpoint's. Another patch grid resamples the position embeddings")
   args = parser.parse_args(argv)
   try:
-    size = (args.image_size,) * 2 if args.image_size else None
-    model, params, image_size = load_model(args.model, args.checkpoint, size)
+    model, params, image_size = load_model(args.model, args.checkpoint, args.image_size)
     num_classes = int(params['head']['kernel'].shape[-1])
     names = class_names(num_classes, args.labels)
     images = np.stack([load_image(path, image_size) for path in args.image])

@@ -16,7 +16,7 @@ turns an `Analysis` into PNG files. The command line does both:
       --image cat.jpg --out /tmp/vis
   python -m vit_jax.visualize --workdir /tmp/digits --config configs/default.py \
       --image digits:test:0 --out /tmp/vis       # a `vit_jax.train` run
-  python -m vit_jax.visualize --model ViT-Test_4 --random-init --image-size 32 \
+  python -m vit_jax.visualize --model ViT-Test_4 --random-init --image-size 32x48 \
       --image skimage:chelsea --out /tmp/vis
 
 `--image` takes a file, `skimage:NAME` (a photo shipped with scikit-image,
@@ -24,6 +24,9 @@ e.g. `skimage:chelsea`, `skimage:astronaut`) or `digits:SPLIT:INDEX` (an image
 of the embedded digits dataset). Repeated, or as a range `digits:test:0-127`,
 it averages the mean attention distance over all the images; the other figures
 show the first. `--palette` writes 256-colour PNGs, small enough for docs.
+`--image-size` is H (square) or HxW; when it gives another patch grid than the
+checkpoint's, the position embeddings are resampled to it
+(`checkpoint.resize_posemb`, linear, as fine-tuning does).
 """
 
 from __future__ import annotations
@@ -253,10 +256,19 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
 
 def square_crop(image: np.ndarray) -> np.ndarray:
   """The largest centred square of an (H, W, C) image."""
+  return center_crop(image, (1, 1))
+
+
+def center_crop(image: np.ndarray, aspect: Sequence[int]) -> np.ndarray:
+  """The largest centred crop of an (H, W, C) image with height:width = aspect."""
   h, w = image.shape[:2]
-  s = min(h, w)
-  top, left = (h - s) // 2, (w - s) // 2
-  return image[top:top + s, left:left + s]
+  ah, aw = _pair(aspect)
+  if w * ah > h * aw:  # wider than the target: keep the full height
+    ch, cw = h, max(1, int(round(h * aw / ah)))
+  else:
+    ch, cw = max(1, int(round(w * ah / aw))), w
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return image[top:top + ch, left:left + cw]
 
 
 def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
@@ -681,7 +693,8 @@ def load_image_spec(spec: str) -> np.ndarray:
   return image
 
 
-def load_images(spec: str, image_size: Optional[int] = None) -> list[np.ndarray]:
+def load_images(spec: str, image_size: Optional[int | Sequence[int]] = None
+                ) -> list[np.ndarray]:
   """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive).
 
   Digits are resized to `image_size` the way the input pipeline does it, so
@@ -698,20 +711,23 @@ def load_images(spec: str, image_size: Optional[int] = None) -> list[np.ndarray]
 
 
 def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
-                  image_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+                  image_size: Optional[int | Sequence[int]] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset.
 
-  With `image_size`, the images are resized to it exactly as the input
-  pipeline's eval 'resize' does (`tf.image.resize`, bilinear, no antialiasing).
+  With `image_size` (an int or (height, width)), the images are resized to it
+  exactly as the input pipeline's eval 'resize' does (`tf.image.resize`,
+  bilinear, no antialiasing).
   """
   from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
   images, labels = digits.load_arrays(split)
   if indices is not None:
     indices = list(indices)
     images, labels = images[indices], labels[indices]
-  if image_size is not None and images.shape[1] != image_size:
-    rows = _bilinear_matrix(image_size, images.shape[1])
-    cols = _bilinear_matrix(image_size, images.shape[2])
+  if image_size is not None and images.shape[1:3] != _pair(image_size):
+    height, width = _pair(image_size)
+    rows = _bilinear_matrix(height, images.shape[1])
+    cols = _bilinear_matrix(width, images.shape[2])
     resized = np.einsum('ij,njkc,lk->nilc', rows, images.astype(np.float64), cols)
     images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
   return images, labels
@@ -731,17 +747,21 @@ def _bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, size: int | Sequence[int],
                   display_size: int = 224) -> tuple[np.ndarray, np.ndarray]:
-  """(model input, display image): a centred square crop, resized both ways.
+  """(model input, display image): a centred crop, resized both ways.
 
-  The display image is the same crop at `display_size` (never smaller than the
-  model input), so overlays computed at the model's resolution are drawn on a
-  sharper picture.
+  `size` is an int (square) or (height, width); the crop is the largest centred
+  one with that aspect ratio. The display image is the same crop with its
+  shorter side `display_size` (never smaller than the model input), so
+  overlays computed at the model's resolution are drawn on a sharper picture.
   """
-  crop = square_crop(np.asarray(image))
-  model_input = resize(crop, size)
-  display = max(display_size, model_input.shape[0])
-  if crop.shape[0] < display:  # small source: enlarge by repeating pixels
-    factor = int(np.ceil(display / crop.shape[0]))
+  height, width = _pair(size)
+  crop = center_crop(np.asarray(image), (height, width))
+  model_input = resize(crop, (height, width))
+  scale = max(display_size, min(height, width)) / min(height, width)
+  display = (int(round(height * scale)), int(round(width * scale)))
+  if crop.shape[0] < display[0] or crop.shape[1] < display[1]:
+    # Small source: enlarge by repeating pixels, so no blur is invented.
+    factor = int(np.ceil(max(display[0] / crop.shape[0], display[1] / crop.shape[1])))
     shown = np.kron(crop, np.ones((factor, factor, 1), crop.dtype))
   else:
     shown = resize(crop, display)
@@ -764,7 +784,10 @@ def load_params(path: str) -> dict:
 
 
 def image_size_from_params(params, patch_stride: Sequence[int]) -> Optional[int]:
-  """Square input size implied by the position embeddings, if it is unambiguous."""
+  """Square input size implied by the position embeddings, if it is unambiguous.
+
+  A non-square grid cannot be read off the token count: then None.
+  """
   pos = _find_pos_embedding(params)
   if pos is None:
     return None
@@ -774,6 +797,37 @@ def image_size_from_params(params, patch_stride: Sequence[int]) -> Optional[int]
     if side * side == tokens - prefix:
       return side * int(patch_stride[0])
   return None
+
+
+def fit_position_embedding(params: dict, patch_stride: Sequence[int],
+                           image_size: int | Sequence[int]) -> dict:
+  """`params` with position embeddings for `image_size`, resampled if the grid differs.
+
+  The stored grid must be square (its token count says nothing else) unless it
+  already has the new grid's token count. Resampling is the reference's linear
+  one (`checkpoint.resize_posemb`), as fine-tuning at a new resolution does.
+  """
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  pos = _find_pos_embedding(params)
+  if pos is None:
+    return params
+  height, width = _pair(image_size)
+  ph, pw = _pair(patch_stride)
+  new_grid = (height // ph, width // pw)
+  prefix = 1 if 'cls' in params else 0
+  tokens = pos.shape[1] - prefix
+  if tokens == new_grid[0] * new_grid[1]:
+    return params
+  side = int(np.sqrt(tokens))
+  if side * side != tokens:
+    raise ValueError(f'the position embeddings have {tokens} patch tokens, not a square '
+                     f'grid, and {height}x{width} input needs {new_grid[0]}x{new_grid[1]}')
+  resized = checkpoint.resize_posemb(pos, new_grid, prefix, old_grid=(side, side))
+  params = dict(params)
+  params['Transformer'] = dict(params['Transformer'])
+  params['Transformer']['posembed_input'] = dict(params['Transformer']['posembed_input'],
+                                                 pos_embedding=resized)
+  return params
 
 
 def params_from_workdir(workdir: str) -> tuple[dict, dict]:
@@ -819,10 +873,11 @@ def load_config_file(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def build_from_args(args) -> tuple[Any, dict, int, Optional[str]]:
-  """(model, params, image size, dataset name) from the command-line flags."""
+def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
+  """(model, params, (height, width), dataset name) from the command-line flags."""
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models as model_configs  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
 
   model_config, dataset, params = None, None, None
   image_size = args.image_size
@@ -853,14 +908,27 @@ def build_from_args(args) -> tuple[Any, dict, int, Optional[str]]:
                      'it has no attention to visualise')
   if image_size is None and params is not None:
     image_size = image_size_from_params(params, model.patch_stride)
-  image_size = int(image_size or 224)
+  image_size = image_hw(image_size or 224)
+  if params is not None:
+    try:
+      params = fit_position_embedding(params, model.patch_stride, image_size)
+    except ValueError as e:
+      raise SystemExit(f'--image-size {image_size[0]}x{image_size[1]}: {e}') from None
   if params is None:
     if not args.random_init:
       raise SystemExit('give --checkpoint, --workdir or --random-init')
-    dummy = np.zeros((1, image_size, image_size, 3), np.float32)
+    dummy = np.zeros((1, *image_size, 3), np.float32)
     params = jax.jit(lambda r, x: model.init(r, x, train=False))(
         jax.random.PRNGKey(args.seed), dummy)['params']
   return model, params, image_size, dataset
+
+
+def _image_size_arg(text: str) -> tuple[int, int]:
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  try:
+    return predict.parse_image_size(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -881,8 +949,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help='image file, skimage:NAME or digits:SPLIT:INDEX (default skimage:chelsea); '
                  'repeat it, or give digits:SPLIT:A-B, to average the attention distance over '
                  'several images (the other figures show the first)')
-  p.add_argument('--image-size', type=int,
-                 help='model input size (default: from the config or position embeddings)')
+  p.add_argument('--image-size', type=_image_size_arg,
+                 help='model input size, H (square) or HxW (default: from the config or the '
+                 'position embeddings, which are resampled when the patch grid differs)')
   p.add_argument('--display-size', type=int, default=224,
                  help='pixels of the images drawn under the overlays')
   p.add_argument('--labels', help='class names file, one per line')
