@@ -9,7 +9,7 @@ need no download:
   size (default 500x375; decode cost dominates, as for real photos).
 
 For each, it times the training pipeline with the fine-tuning recipe
-(`pp.train='finetune'`: resize to image_size + crop_pad, random crop, flip)
+(`pp.train='resize_crop'`: resize to image_size + crop_pad, random crop, flip)
 and, unless --quick, the pre-training recipe (Inception crop) and the eval
 pipeline (`resize_crop`), at --image_size (224 by default).
 
@@ -134,7 +134,7 @@ def run(args, parser, tmp, results):
       datasets[f'folder ({w}x{h} JPEG)'] = f'image_folder:{root}'
     else:
       parser.error(f'unknown source {source!r}')
-  recipes = ['finetune'] if args.quick else ['finetune', 'pretrain']
+  recipes = ['inception_crop'] if args.quick else ['inception_crop', 'resize_crop']
   for label, dataset in datasets.items():
     for recipe in recipes:
       config = make_config(dataset, data_dir, args.image_size,
@@ -144,7 +144,7 @@ def run(args, parser, tmp, results):
                           **time_dataset(ds, args.num_batches, args.warmup)))
     if not args.quick:
       config = make_config(dataset, data_dir, args.image_size,
-                           args.batch_size, 'finetune', 'resize_crop')
+                           args.batch_size, 'inception_crop', 'resize_crop')
       results.append(dict(source=label, pipeline='eval/resize_crop',
                           **eval_throughput(config, args.eval_repeats)))
 

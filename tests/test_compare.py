@@ -54,14 +54,14 @@ def test_shared_settings_dataset_flag():
                              '--image-size', '64'])
   settings = compare.shared_settings(args, vit)
   assert (settings['dataset'], settings['data_dir'], settings['image_size']) == (
-      'cifar10', '/d', 64)
+      'cifar10', '/d', (64, 64))
   assert settings['total_steps'] == vit.total_steps
 
 
 def test_model_costs_vit_and_resnet():
   vit = compare.load_config(compare.DEFAULT_CONFIGS['ViT'])
   with vit.unlocked():
-    vit.model_name, vit.image_size = 'ViT-Test_4', 16
+    vit.model_name, vit.image_size = 'ViT-Test_4', (16, 16)
   costs = compare.model_costs(vit, 10)
   assert costs['model_type'] == 'vit'
   assert costs['num_params'] > 0

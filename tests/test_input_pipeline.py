@@ -120,8 +120,8 @@ def test_prepared_tfds_dataset_by_name(data_dir, digits_arrays):
 # ----------------------------------------------------------------- train ----
 
 
-@pytest.mark.parametrize('pp,size', [('plain', 32), ('finetune', 32),
-                                     ('pretrain', 24)])
+@pytest.mark.parametrize('pp,size', [('plain', 32), ('resize_crop', 32),
+                                     ('inception_crop', 24)])
 def test_train_batches(data_dir, pp, size):
   config = make_config(data_dir=data_dir, pp=dict(train=pp), image_size=size,
                        batch_size=64)
@@ -153,7 +153,7 @@ def test_plain_train_images_are_the_split(data_dir, digits_arrays):
 
 
 def test_train_deterministic_given_seed(data_dir):
-  config = make_config(data_dir=data_dir, pp=dict(train='finetune'),
+  config = make_config(data_dir=data_dir, pp=dict(train='resize_crop'),
                        batch_size=32, mixup_alpha=0.5)
   a = batches(ip.get_train_dataset(config, process_index=0,
                                    process_count=1), 3)
@@ -171,7 +171,7 @@ def test_train_deterministic_given_seed(data_dir):
   np.testing.assert_array_equal(d['image'], a[0]['image'])
 
 
-@pytest.mark.parametrize('pp,alpha', [('finetune', 0.0), ('pretrain', 0.2)])
+@pytest.mark.parametrize('pp,alpha', [('resize_crop', 0.0), ('inception_crop', 0.2)])
 def test_train_resume(data_dir, pp, alpha):
   # 300 images / 64 = 4.7 batches per epoch: resuming at 4 and 5 covers a
   # batch spanning two epochs and a start inside the second epoch.
@@ -302,7 +302,7 @@ def test_image_folder_end_to_end(tmp_path, cache):
   config = make_config(
       dataset=f'image_folder:{root}', train_split='train[:80%]',
       eval_split='train[80%:]', image_size=24, batch_size=4,
-      eval_batch_size=3, cache=cache, pp=dict(train='pretrain'))
+      eval_batch_size=3, cache=cache, pp=dict(train='inception_crop'))
   info = ip.get_dataset_info(config)
   assert info.num_classes == 3
   assert info.class_names == ('cat', 'dog', 'emu')
@@ -319,7 +319,7 @@ def test_image_folder_end_to_end(tmp_path, cache):
   np.testing.assert_array_equal(resumed[0]['image'], train[3]['image'])
   np.testing.assert_array_equal(resumed[1]['label'], train[4]['label'])
 
-  config.pp.train = 'finetune'
+  config.pp.train = 'resize_crop'
   assert batches(ip.get_train_dataset(config, process_index=0,
                                       process_count=1), 1)[0]['image'].shape \
       == (4, 24, 24, 3)

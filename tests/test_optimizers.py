@@ -109,7 +109,7 @@ def test_sigmoid_xent():
 
 @pytest.mark.parametrize('field,value', [
     ('learning_rate', 0.0), ('learning_rate', -1e-3), ('optimizer', 'lamb'),
-    ('schedule', 'step'), ('loss', 'hinge'), ('warmup_steps', 1000),
+    ('schedule', 'exponential'), ('loss', 'hinge'), ('warmup_steps', 1000),
     ('label_smoothing', 1.0), ('accumulator_dtype', 'float16'), ('momentum', 1.5),
 ])
 def test_validation_names_the_field(field, value):

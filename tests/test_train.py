@@ -66,7 +66,7 @@ def run_steps(config, devices, batches, *, fsdp=False):
   mesh = parallel.make_mesh(devices)
   model = train.build_model(config, config.num_classes)
   from vit_jax import optimizers  # pylint: disable=g-import-not-at-top
-  tx = optimizers.make_optimizer(train._OptimizerView(config))  # pylint: disable=protected-access
+  tx = optimizers.make_optimizer(config)
   params = host_init(config)
   host_state = train.TrainState(step=np.zeros([], np.int32), params=params,
                                 opt_state=jax.device_get(tx.init(params)))

@@ -38,6 +38,9 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from vit_jax.configs import schema
+from vit_jax.configs.image_size import image_hw
+
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,18 +52,8 @@ TRAIN_FLOPS_FACTOR = 3  # forward + backward (activations and weights)
 
 
 def load_config(spec: str):
-  """`get_config()` of a config file (`path` or `path:argument`)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, arg = spec, ''
-  if not os.path.exists(spec) and ':' in spec:
-    path, _, arg = spec.rpartition(':')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist')
-  module_spec = importlib.util.spec_from_file_location(
-      f'_vit_jax_compare_{abs(hash(path))}', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  """The resolved config of a config file (`path` or `path:argument`)."""
+  return schema.load_file(spec)
 
 
 def shared_settings(args: argparse.Namespace, base) -> dict[str, Any]:
@@ -74,7 +67,7 @@ def shared_settings(args: argparse.Namespace, base) -> dict[str, Any]:
       'data_dir': args.data_dir if args.data_dir is not None else base.get('data_dir'),
       'train_split': args.train_split or base.get('train_split', 'train'),
       'eval_split': args.eval_split or base.get('eval_split', 'test'),
-      'image_size': int(args.image_size or base.image_size),
+      'image_size': image_hw(args.image_size or base.image_size),
       'batch_size': int(args.batch_size or base.batch_size),
       'eval_batch_size': int(args.eval_batch_size or args.batch_size
                              or base.get('eval_batch_size', base.batch_size)),
@@ -130,10 +123,10 @@ def model_costs(config, num_classes: int, params: Any = None,
 
   model_config = train.model_config_from(config)
   model = train.build_model(config, num_classes)
-  size = int(config.image_size)
+  height, width = image_hw(config.image_size)
   if params is None:
     params = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))['params']
+        jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)), train=False))['params']
   num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
   xla_flops = None
   if xla_count:
@@ -143,12 +136,12 @@ def model_costs(config, num_classes: int, params: Any = None,
     forward = jax.jit(lambda p, im: model.apply({'params': p}, im, train=False)[0])
     try:
       xla_flops = _cost_flops(
-          forward.lower(p_spec, spec((1, size, size, 3), jnp.float32)).compile())
+          forward.lower(p_spec, spec((1, height, width, 3), jnp.float32)).compile())
     except Exception:  # pylint: disable=broad-except
       xla_flops = None
   analytic = None
   if model_config.get('model_type', 'vit') == 'vit' and not model_config.get('resnet'):
-    analytic = float(flops_lib.vit_flops(model_config, size, num_classes))
+    analytic = float(flops_lib.vit_flops(model_config, (height, width), num_classes))
   return {
       'model_name': config.model_name,
       'model_type': model_config.get('model_type', 'vit'),
@@ -171,9 +164,9 @@ def forward_benchmark(config, params, batch_size: int,
 
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   model = train.build_model(config, num_classes)
-  size = int(config.image_size)
+  height, width = image_hw(config.image_size)
   images = jnp.asarray(np.random.default_rng(0).uniform(
-      -1, 1, (batch_size, size, size, 3)).astype(np.float32))
+      -1, 1, (batch_size, height, width, 3)).astype(np.float32))
   params = jax.device_put(params)
   compiled = jax.jit(lambda p, im: model.apply({'params': p}, im, train=False)[0]).lower(
       params, images).compile()
@@ -246,7 +239,7 @@ def run_one(name: str, config, workdir: str, *, resume: bool = False,
       'name': name,
       **costs,
       'dataset': config.dataset,
-      'image_size': int(config.image_size),
+      'image_size': list(image_hw(config.image_size)),
       'batch_size': batch,
       'steps': int(final.get('step', config.total_steps)),
       'examples_seen': float(final.get('examples_seen', batch * config.total_steps)),
@@ -319,7 +312,7 @@ def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) ->
       '# ViT vs ResNet',
       '',
       f"Dataset `{settings['dataset']}` ({settings['train_split']} -> "
-      f"{settings['eval_split']}), {settings['image_size']}x{settings['image_size']}, "
+      f"{settings['eval_split']}), {settings['image_size'][0]}x{settings['image_size'][1]}, "
       f"{settings['total_steps']} steps of batch {settings['batch_size']} "
       f"({first.get('examples_seen', 0):,.0f} examples) for each model, seed "
       f"{settings['seed']}.",

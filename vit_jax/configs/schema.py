@@ -22,6 +22,8 @@ the way big_vision's configs do.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -298,3 +300,22 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
     result.model = models.canonical_name(result.model)
     models.get_config(result.model)  # ValueError listing the valid names
   return result
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given as `path` or `path:arg`, resolved.
+
+  The same `path:arg` form as `--config=` on the command line (absl's
+  config_flags), for tools that take a config file as a plain argument.
+  """
+  path, arg = spec, None
+  if not os.path.exists(spec) and ':' in spec:
+    path, _, arg = spec.rpartition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(
+      f'_vit_jax_config_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  return resolve(config)
