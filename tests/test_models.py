@@ -255,3 +255,52 @@ def test_unknown_classifier_is_named():
   model = model_configs.build_model(config, 3)
   with pytest.raises(ValueError, match="classifier"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_every_vit_preset_computes_tanh_gelu_by_default():
+  """The published checkpoints were trained with flax's default (tanh) GELU."""
+  vits = [n for n in model_configs.names()
+          if model_configs.get_config(n).model_type == 'vit']
+  assert 'R50+ViT-B_16' in vits and 'ViT-B_16' in vits
+  for name in vits:
+    assert model_configs.get_config(name).approximate_gelu is True, name
+    assert model_configs.build_model(name, 3).approximate_gelu is True, name
+  # The module's own default agrees with the presets'.
+  from vit_jax import models_vit
+  assert models_vit.VisionTransformer.approximate_gelu is True
+  assert models_vit.MlpBlock.approximate_gelu is True
+
+
+@pytest.mark.parametrize('approximate', [True, False])
+def test_mlp_block_gelu_form(approximate):
+  from vit_jax import models_vit
+  block = models_vit.MlpBlock(mlp_dim=8, approximate_gelu=approximate)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+  variables = block.init(jax.random.PRNGKey(1), x, deterministic=True)
+  p = variables['params']
+  hidden = x @ p['Dense_0']['kernel'] + p['Dense_0']['bias']
+  act = jax.nn.gelu(hidden, approximate=approximate)
+  expected = act @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+  np.testing.assert_allclose(block.apply(variables, x, deterministic=True), expected,
+                             atol=1e-6)
+
+
+def test_exact_gelu_matches_erfc_form():
+  from vit_jax import models_vit
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_allclose(models_vit.gelu(x), jax.nn.gelu(x, approximate=False),
+                             atol=1e-6)
+  # ... and is not the tanh form: they differ by up to ~4.7e-4.
+  assert float(jnp.abs(models_vit.gelu(x) - jax.nn.gelu(x, approximate=True)).max()) > 4e-4
+
+
+def test_approximate_gelu_override_reaches_the_logits():
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  tanh = model_configs.build_model('ViT-Test_4', 5)
+  exact = model_configs.build_model('ViT-Test_4', 5, approximate_gelu=False)
+  variables = jax.jit(tanh.init)(jax.random.PRNGKey(0), images)
+  variables['params']['head']['kernel'] = jnp.ones_like(variables['params']['head']['kernel'])
+  a, _ = jax.jit(tanh.apply)(variables, images)
+  b, _ = jax.jit(exact.apply)(variables, images)
+  assert not np.allclose(a, b, rtol=0, atol=1e-7)
+  np.testing.assert_allclose(a, b, atol=1e-2)

@@ -17,8 +17,22 @@ function once the arrays are laid out their way:
 | head (D,C)                             | head (C,D)                 | classifier                                |
 
 A torch Linear stores (out, in), so dense kernels are transposed. Both
-libraries need LayerNorm eps 1e-6 and the exact GELU, which `build_timm_model`
-and `hf_config_dict` set. Transformers 5 renamed the per-layer modules
+libraries need LayerNorm eps 1e-6, which `build_timm_model` and `hf_config_dict`
+set.
+
+GELU: our models compute the tanh form by default (`approximate_gelu=True`,
+what the published checkpoints were trained with); timm and HF ViTs compute the
+exact erf form. The two differ by 3e-4 to 6.5e-4 in a ViT's logits, so:
+- weights read from timm / HF compute their function in our model only with
+  `approximate_gelu=False`: build it from `pytorch_model_config(config)`, as
+  `convert_file` does (`from_timm` / `from_hf` warn about a tanh config);
+- exports follow the config: `hf_config_dict` says
+  `hidden_act='gelu_pytorch_tanh'` (HF's name for the tanh form) or `'gelu'`,
+  and `timm_kwargs` / `build_timm_model` give `act_layer='gelu_tanh'` or
+  `'gelu'`. A timm state dict cannot record its activation, so `to_timm` warns
+  that a timm ViT built the usual way will compute exact GELU.
+
+Transformers 5 renamed the per-layer modules
 (`vit.layers.i.attention.q_proj`); the Hub's files keep the classic names
 (`vit.encoder.layer.i.attention.attention.query`). Both are read; exports use
 the names of the installed transformers unless `layout` says otherwise.
@@ -40,6 +54,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -173,6 +188,37 @@ def _conv_to_torch(kernel: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))  # HWIO -> OIHW
 
 
+def uses_tanh_gelu(model_config: Any) -> bool:
+  """Whether the model config computes the tanh GELU (the default, as in the presets)."""
+  return bool(_get(_resolve(model_config), 'approximate_gelu', True))
+
+
+def pytorch_model_config(model_config: Any) -> Any:
+  """A copy of `model_config` (a config, dict or preset name) with `approximate_gelu=False`.
+
+  The model that computes what timm and Hugging Face ViTs compute (exact erf
+  GELU): build it for weights read with `from_timm` / `from_hf`.
+  """
+  config = _resolve(model_config)
+  if isinstance(config, Mapping):
+    return dict(config, approximate_gelu=False)
+  if not hasattr(config, 'unlocked'):
+    raise TypeError(f'model config must be a ConfigDict, a dict or a preset name, '
+                    f'got {type(config).__name__}')
+  config = copy.deepcopy(config)
+  with config.unlocked():  # a locked config refuses a field its preset lacked
+    config.approximate_gelu = False
+  return config
+
+
+def _warn_if_tanh(config: Any, source: str) -> None:
+  if config is not None and uses_tanh_gelu(config):
+    logging.warning(
+        '%s computes exact (erf) GELU, but this model config says approximate_gelu=True '
+        '(tanh): its logits will differ from %s by up to ~6e-4. Build the model from '
+        'convert.pytorch_model_config(config) to reproduce them.', source, source)
+
+
 def _heads_from_config(config: Any, hidden: int) -> int:
   transformer = _get(config, 'transformer')
   heads = _get(transformer, 'num_heads')
@@ -242,10 +288,21 @@ def _check_dims(config: Any, hidden: int, num_layers: int, mlp_dim: int, source:
 # timm
 # ---------------------------------------------------------------------------
 
-def to_timm(params: Mapping) -> dict[str, np.ndarray]:
-  """Our params -> a timm `VisionTransformer` state dict (numpy arrays)."""
+def to_timm(params: Mapping, approximate_gelu: bool = True) -> dict[str, np.ndarray]:
+  """Our params -> a timm `VisionTransformer` state dict (numpy arrays).
+
+  `approximate_gelu`: the GELU of the model these params belong to. The state
+  dict cannot say which GELU to use; with True (tanh) the timm model must be
+  built with `act_layer='gelu_tanh'` (`timm_kwargs` does) to give our logits,
+  which is logged as a warning.
+  """
   flat = {k: checkpoint._to_numpy(v) for k, v in checkpoint.flatten(params).items()}  # pylint: disable=protected-access
   _check_plain_vit(flat, 'timm')
+  if approximate_gelu:
+    logging.warning(
+        "to_timm: these params are for tanh GELU, which a timm state dict cannot record; a "
+        "timm ViT built the usual way computes exact GELU, differing by up to ~6e-4 in "
+        "logits. Build it with act_layer='gelu_tanh' (convert.timm_kwargs) to match.")
   sd = {}
   if 'cls' in flat:
     sd['cls_token'] = flat['cls']
@@ -284,8 +341,11 @@ def from_timm(state_dict: Mapping[str, Any], model_config: Any) -> dict:
 
   `model_config` (a config or preset name) supplies the head count, which a fused
   qkv matrix does not reveal; the result is checked against the model it builds.
+  timm computes exact GELU: run the result in the model of
+  `pytorch_model_config(model_config)` (a tanh config is warned about).
   """
   config = _resolve(model_config)
+  _warn_if_tanh(config, 'timm')
   take = _Taker(_numpy_dict(state_dict), 'timm')
   flat = {}
   cls = take.optional('cls_token')
@@ -361,6 +421,8 @@ def timm_kwargs(model_config: Any, num_classes: int,
   mlp_dim = int(_get(transformer, 'mlp_dim'))
   token = _get(config, 'classifier', 'token') == 'token'
   return dict(
+      # timm's names of the two forms (its default is the exact one).
+      act_layer='gelu_tanh' if uses_tanh_gelu(config) else 'gelu',
       img_size=tuple(int(s) for s in image_size),
       patch_size=tuple(int(s) for s in _get(_get(config, 'patches'), 'size')),
       embed_dim=hidden,
@@ -381,8 +443,7 @@ def build_timm_model(model_config: Any, num_classes: int, image_size: Sequence[i
   from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
   kwargs = timm_kwargs(model_config, num_classes, image_size)
   model = vision_transformer.VisionTransformer(
-      norm_layer=functools.partial(torch.nn.LayerNorm, eps=LAYER_NORM_EPSILON),
-      act_layer=torch.nn.GELU, **kwargs)
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=LAYER_NORM_EPSILON), **kwargs)
   mlp_dim = int(_get(_get(_resolve(model_config), 'transformer'), 'mlp_dim'))
   if model.blocks and model.blocks[0].mlp.fc1.out_features != mlp_dim:
     raise ValueError(f'timm rounded the MLP size to {model.blocks[0].mlp.fc1.out_features}, '
@@ -474,9 +535,12 @@ def from_hf(state_dict: Mapping[str, Any], model_config: Any) -> dict:
   Reads `ViTForImageClassification` and also the bare `ViTModel` (keys without
   `vit.`, no classifier), whose pooler (Dense + tanh on the class token) is the
   representation layer `pre_logits` of the ImageNet-21k checkpoints.
-  `model_config` supplies the head count.
+  `model_config` supplies the head count. HF computes exact GELU (for
+  `hidden_act='gelu'`): run the result in the model of
+  `pytorch_model_config(model_config)` (a tanh config is warned about).
   """
   config = _resolve(model_config)
+  _warn_if_tanh(config, 'Hugging Face')
   sd = _numpy_dict(state_dict)
   if not any(k.startswith('vit.') for k in sd) and any(k.startswith('embeddings.') for k in sd):
     logging.info('from_hf: a bare ViTModel state dict (no classifier)')
@@ -565,7 +629,8 @@ def hf_config_dict(model_config: Any, num_classes: int, image_size: Sequence[int
       num_hidden_layers=int(_get(transformer, 'num_layers')),
       num_attention_heads=int(_get(transformer, 'num_heads')),
       intermediate_size=int(_get(transformer, 'mlp_dim')),
-      hidden_act='gelu',  # the exact (erf) form
+      # HF's names: 'gelu' is the exact (erf) form, 'gelu_pytorch_tanh' the tanh one.
+      hidden_act='gelu_pytorch_tanh' if uses_tanh_gelu(config) else 'gelu',
       layer_norm_eps=LAYER_NORM_EPSILON,
       hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0,
@@ -676,6 +741,11 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
     config.classifier = classifier
   if representation_size:
     config.representation_size = representation_size
+  if source in ('timm', 'hf'):
+    # Those weights were computed with exact GELU; exports keep saying so.
+    config = pytorch_model_config(config)
+    logging.info('%s weights compute exact GELU: our model needs approximate_gelu=False '
+                 '(convert.pytorch_model_config) to reproduce them', source)
   if source == 'npz':
     params = checkpoint.load(input_path)
   elif source == 'timm':
@@ -688,9 +758,14 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
   if target == 'npz':
     checkpoint.save(params, output_path)
   elif target == 'timm':
-    write_torch_file(to_timm(params), output_path)
+    write_torch_file(to_timm(params, uses_tanh_gelu(config)), output_path)
   elif target == 'hf':
     if output_path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
+      if uses_tanh_gelu(config):
+        # A bare state dict has no config.json to carry hidden_act.
+        logging.warning("%s holds no config: build its ViTConfig with "
+                        "hidden_act='gelu_pytorch_tanh' (HF's default 'gelu' is exact GELU, "
+                        'up to ~6e-4 off in logits)', output_path)
       write_torch_file(to_hf(params), output_path)
     else:
       labels = None

@@ -39,6 +39,9 @@ def vit_config(name: str, *, hidden_size: int, patch: int, mlp_dim: int,
       resnet=None,
       remat=False,
       attention_implementation=None,
+      # The reference code's (and so the published checkpoints') tanh GELU;
+      # weights converted from timm / Hugging Face need False (exact erf).
+      approximate_gelu=True,
   ))
 
 
