@@ -5,7 +5,7 @@ gives the same optimizer on one device or a thousand:
 
 - `make_schedule(config)`: linear warm-up from 0 to `config.learning_rate`
   over `config.warmup_steps`, then `'cosine'`, `'linear'`, `'step'` (BiT: / 10
-  at 30, 60, 90% of the steps) or `'constant'` decay (`config.schedule`) until
+  at each of `config.decay_boundaries`) or `'constant'` decay (`config.schedule`) until
   `config.total_steps`, ending at `config.end_learning_rate` (0 by default).
 - `make_optimizer(config, schedule)`: global-norm clipping
   (`config.grad_clip_norm`, 0 turns it off) followed by SGD with momentum
@@ -31,8 +31,6 @@ from vit_jax.configs import schema
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'linear', 'step', 'constant')
-# 'step' (the BiT-HyperRule): the rate is divided by 10 at these fractions of total_steps.
-STEP_BOUNDARIES = (0.3, 0.6, 0.9)
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 ACCUMULATOR_DTYPES = {None: None, 'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -79,6 +77,11 @@ def validate(config) -> None:
   smoothing = config.label_smoothing
   if not 0 <= smoothing < 1:
     raise ValueError(f'config.label_smoothing must be in [0, 1), got {smoothing!r}')
+  bounds = tuple(config.decay_boundaries)
+  if not all(isinstance(b, (int, float)) and 0 < b < 1 for b in bounds) or list(
+      bounds) != sorted(bounds):
+    raise ValueError(f'config.decay_boundaries must be increasing fractions in (0, 1), '
+                     f'got {bounds}')
   acc = config.accumulator_dtype
   if acc not in ACCUMULATOR_DTYPES:
     raise ValueError(f'Unknown config.accumulator_dtype={acc!r}; expected one of '
@@ -98,11 +101,13 @@ def make_schedule(config) -> Callable[[Any], jax.Array]:
   total = int(config.total_steps)
   warmup = int(config.warmup_steps)
   kind = config.schedule
-  return warmup_decay_schedule(base, total, warmup, kind, end)
+  return warmup_decay_schedule(base, total, warmup, kind, end,
+                               boundaries=tuple(config.decay_boundaries))
 
 
 def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
-                          decay: str = 'cosine', end: float = 0.0):
+                          decay: str = 'cosine', end: float = 0.0,
+                          boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)):
   """The learning rate at `step` (0-based: the rate used by the step-th update).
 
   Warm-up goes linearly from base/warmup_steps (first step) to base; the decay
@@ -124,7 +129,7 @@ def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
     elif decay == 'linear':
       factor = 1.0 - progress
     elif decay == 'step':
-      passed = sum((step >= b * total_steps).astype(jnp.float32) for b in STEP_BOUNDARIES)
+      passed = sum((step >= b * total_steps).astype(jnp.float32) for b in boundaries)
       factor = 0.1 ** passed
     else:
       factor = jnp.ones_like(progress)

@@ -147,20 +147,23 @@ class BitRecipe:
   batch_size: int = 512
   warmup_steps: int = 500
   weight_decay: float = 0.0
-  schedule: str = 'step'  # rate / 10 at 30%, 60%, 90% of the steps
+  schedule: str = 'step'  # rate / 10 at each of `decay_boundaries` (fractions of the steps)
+  decay_boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)
 
 
 def bit_hyperrule(num_train_examples: int, image_px: int) -> BitRecipe:
-  """The BiT-HyperRule: schedule by training-set size, resolution by image size."""
-  if num_train_examples < 20_000:
-    steps = 500
-  elif num_train_examples < 500_000:
-    steps = 10_000
-  else:
-    steps = 20_000
-  mixup = 0.0 if num_train_examples < 20_000 else 0.1
+  """The BiT-HyperRule: schedule by training-set size, resolution by image size.
+
+  Step counts, warm-up and decay points as the BiT release's `get_schedule`
+  gives them: (warm-up, decays..., end) = (100, 200, 300, 400, 500) below 20k
+  examples, (500, 3k, 6k, 9k, 10k) below 500k, (500, 6k, 12k, 18k, 20k) above.
+  """
   resize, crop = (160, 128) if image_px < 96 else (448, 384)
-  return BitRecipe(steps, mixup, resize, crop)
+  if num_train_examples < 20_000:
+    return BitRecipe(500, 0.0, resize, crop, warmup_steps=100,
+                     decay_boundaries=(0.4, 0.6, 0.8))
+  steps = 10_000 if num_train_examples < 500_000 else 20_000
+  return BitRecipe(steps, 0.1, resize, crop)
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +248,7 @@ def bit_config(dataset: str, model_name: str,
   c.batch_size = c.eval_batch_size = row.batch_size
   c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
   c.learning_rate, c.schedule = row.learning_rate, row.schedule
+  c.decay_boundaries = row.decay_boundaries
   c.warmup_steps, c.total_steps = row.warmup_steps, row.total_steps
   c.grad_accum_steps = 8
   c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)

@@ -63,6 +63,11 @@ _OPTIONAL_FIELD_TYPES = {
 }
 
 
+# Module fields of every family that no preset sets: the sigmoid-loss head starts at
+# this bias (ViT and ResNet alike).
+_MODULE_ONLY_FIELDS = {'head_bias_init': float}
+
+
 def model_overrides() -> ml_collections.ConfigDict:
   """`config.model`: a typed placeholder for every field of every model family."""
   vit = models.get_config('ViT-B_16').to_dict()
@@ -82,8 +87,8 @@ def model_overrides() -> ml_collections.ConfigDict:
           raise TypeError(f'model preset field {key!r} is None: give its type in schema.py')
       else:
         fields[key] = _placeholders_like(value)
-  # Module fields that no preset sets: the sigmoid-loss head starts at this bias.
-  fields['head_bias_init'] = _placeholder(float)
+  for key, kind in _MODULE_ONLY_FIELDS.items():
+    fields[key] = _placeholder(kind)
   return ml_collections.ConfigDict(fields)
 
 
@@ -136,7 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.weight_decay = 0.0
   c.accumulator_dtype = _placeholder(str)  # 'bfloat16': momentum / first moment in bf16
-  c.schedule = 'cosine'  # after warm-up: 'cosine', 'linear' or 'constant'
+  c.schedule = 'cosine'  # after warm-up: 'cosine', 'linear', 'step' or 'constant'
+  c.decay_boundaries = (0.3, 0.6, 0.9)  # 'step': rate / 10 at these fractions of total_steps
   c.warmup_steps = 500
   c.total_steps = 10_000
   c.grad_clip_norm = 1.0  # global norm; 0 turns clipping off
@@ -241,6 +247,9 @@ def _apply(preset: ml_collections.ConfigDict, overrides: Mapping, path: str,
            name: str) -> None:
   for key, value in overrides.items():
     field = f'{path}.{key}'
+    if key not in preset and path == 'config.model' and key in _MODULE_ONLY_FIELDS:
+      preset[key] = value
+      continue
     if key not in preset:
       raise ValueError(f'{field} does not apply to model {name!r} (a '
                        f'{preset.get("model_type", "vit")} preset; its fields: '
