@@ -69,3 +69,12 @@ def test_finetune_beats_scratch_at_new_resolution(tmp_path):
   print('pre-trained on 0-4 at 16px:', pre['eval_accuracy'],
         '| 5-9 at 24px fine-tuned:', tuned['eval_accuracy'], 'scratch:', scratch['eval_accuracy'])
   assert tuned['eval_accuracy'] > scratch['eval_accuracy'] + 0.1
+
+  # Non-square fine-tuning (as 224 -> 384x512): grid 4x4 -> 6x8, the reference's zoom.
+  wide = train.train_and_evaluate(
+      config_for(task_b, (24, 32), pretrained_path=pretrained, export_params=True, **finetune),
+      str(tmp_path / 'wide'))
+  posemb = checkpoint.load(str(tmp_path / 'wide' / 'params.npz'))
+  assert posemb['Transformer']['posembed_input']['pos_embedding'].shape == (1, 1 + 6 * 8, 32)
+  print('5-9 at 24x32 fine-tuned:', wide['eval_accuracy'])
+  assert wide['eval_accuracy'] > scratch['eval_accuracy'] + 0.1

@@ -41,11 +41,6 @@ flags.DEFINE_bool('retain_host_memory', False,
                   'training of ViT-S and larger, slower for tiny models (one malloc arena '
                   'for all threads); see vit_jax/host_memory.py.')
 
-# Environment variables by which JAX's cluster detection finds a multi-process job.
-_CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
-                'JAX_COORDINATOR_ADDRESS')
-
-
 def _wants_distributed() -> bool:
   if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
     return True

@@ -863,16 +863,6 @@ def jax_to_numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def load_config_file(spec: str):
-  """`get_config()` of a config file such as `configs/default.py` (`path:arg` passes arg)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(':') if not os.path.exists(spec) else (spec, '', '')
-  module_spec = importlib.util.spec_from_file_location('_vit_jax_vis_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
   """(model, params, (height, width), dataset name) from the command-line flags."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -882,11 +872,11 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
   model_config, dataset, params = None, None, None
   image_size = args.image_size
   if args.config:
-    from vit_jax import train  # pylint: disable=g-import-not-at-top
-    config = load_config_file(args.config)
-    model_config = train.model_config_from(config)
-    image_size = image_size or config.get('image_size')
-    dataset = config.get('dataset')
+    from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+    config = schema.load_file(args.config)
+    model_config = schema.model_config(config)
+    image_size = image_size or tuple(config.image_size)
+    dataset = config.dataset
   if args.workdir:
     params, meta = params_from_workdir(args.workdir)
     if model_config is None and meta.get('model_name') and not args.model:
