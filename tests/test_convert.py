@@ -235,10 +235,10 @@ def test_cli_round_trips(tmp_path, capsys):
   assert_identical(checkpoint.load(tmp_path / 'e.npz'), params)
   loaded = torch.load(tmp_path / 'b.pth', weights_only=True)
   assert 'blocks.0.attn.qkv.weight' in loaded
-  # A wrong preset is an error message and exit status 1, not a traceback.
+  # A wrong preset is an error message and exit status 2, not a traceback.
   assert convert.main(['--from', 'timm', '--to', 'npz', '--model', 'ViT-Digits_4',
                        '--input', str(tmp_path / 'b.pth'),
-                       '--output', str(tmp_path / 'f.npz')]) == 1
+                       '--output', str(tmp_path / 'f.npz')]) == 2
   assert 'hidden_size' in capsys.readouterr().err
   assert not (tmp_path / 'f.npz').exists()
 

@@ -116,9 +116,9 @@ def test_cli_custom_labels_and_errors(tmp_path, cat_jpg, capsys):
   assert len(re.findall(r'\] (cat|dog|bird)$', out, re.M)) == 2
   (tmp_path / 'bad.txt').write_text('cat\ndog\n')
   assert predict.main(['--model', 'ViT-Test_4', '--checkpoint', str(tmp_path / 'three.npz'),
-                       '--image', cat_jpg, '--labels', str(tmp_path / 'bad.txt')]) == 1
+                       '--image', cat_jpg, '--labels', str(tmp_path / 'bad.txt')]) == 2
   assert '2 labels but the model has 3 classes' in capsys.readouterr().err
   (tmp_path / 'broken.npz').write_bytes(b'PK\x03\x04broken')
   assert predict.main(['--model', 'ViT-Test_4', '--checkpoint', str(tmp_path / 'broken.npz'),
-                       '--image', cat_jpg]) == 1
+                       '--image', cat_jpg]) == 2
   assert 'broken.npz' in capsys.readouterr().err

@@ -19,16 +19,25 @@ by default linearly with corner alignment, as the reference implementation's
 `scipy.ndimage.zoom(order=1)` does (`resize_posemb`).
 Anything else that does not fit is an error naming the keys and both shapes.
 
-Files are always opened with `allow_pickle=False`: a checkpoint is data and must
-not be able to run code.
+Files are read without unpickling anything: a checkpoint is data and must
+not be able to run code. Every array's shape and dtype is read from its .npy
+header and checked (sizes against the zip directory and a limit, float dtypes,
+the expected tree when one is given) before any data is read; the data is then
+read in bounded pieces and checked finite (`load_flat`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import math
 import os
+import shutil
+import sys
 import tempfile
+import traceback
 import zipfile
+import zlib
 from typing import Any, Mapping, Optional, Union
 
 from absl import logging
@@ -105,41 +114,272 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# load / save
+# Reading .npz files: headers first, bounded, validated
 # ---------------------------------------------------------------------------
 
-def _read_npz(path: PathLike) -> dict[str, np.ndarray]:
-  """All arrays of an .npz, read eagerly; every failure is a ValueError naming the file."""
-  path = os.fspath(path)
+# An .npz is a zip of .npy files whose headers declare each array's shape and
+# dtype, so everything a load will allocate is known from the headers and the
+# zip directory before one byte of data is read. Files that cannot be right are
+# refused at that point, with a message naming the file and the array, instead
+# of ending in a MemoryError, an OOM kill or a silently wrong model.
+MAX_NPZ_BYTES_ENV = 'VIT_JAX_MAX_NPZ_BYTES'
+# ViT-H/14 is 2.5 GB in float32; 8 GiB leaves room for the largest published
+# files while keeping a bad file from exhausting an ordinary machine.
+DEFAULT_MAX_NPZ_BYTES = 8 * 2**30
+# No limit is put on the compression ratio: the memory a load takes is bounded
+# by the declared sizes, which must equal what the zip holds and stay under the
+# limit above, and legitimate arrays (zero-initialised heads, all-zero test
+# models) compress without bound, so a ratio says nothing a size does not.
+# Data is read and checked in pieces of this size, so checking costs no more
+# memory than the arrays themselves plus one piece.
+_CHUNK_BYTES = 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+  """Shape and dtype of one stored array, as its .npy header declares them."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+  info: zipfile.ZipInfo
+  spec: ArraySpec
+  fortran_order: bool
+  data_offset: int  # bytes of .npy header before the data
+
+
+def format_bytes(n: float) -> str:
+  """1536 -> '1.5 KiB'."""
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if abs(n) < 1024 or unit == 'TiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n} B'  # unreachable
+
+
+def _parse_bytes(text: str) -> int:
+  """'8G', '512MiB', '1e9' -> bytes (binary units)."""
+  units = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+  t = text.strip().upper().removesuffix('IB').removesuffix('B')
+  suffix = t[-1:] if t[-1:] in units and t[-1:] else ''
+  return int(float(t[:len(t) - len(suffix)]) * units[suffix])
+
+
+def _limit(value: Optional[float], env: str, default: float, parse) -> float:
+  if value is not None:
+    return value
+  text = os.environ.get(env)
+  if not text:
+    return default
+  try:
+    return parse(text)
+  except ValueError:
+    raise ValueError(f'{env}={text!r} is not a number') from None
+
+
+def max_npz_bytes(value: Optional[int] = None) -> int:
+  """The load size limit: `value`, else $VIT_JAX_MAX_NPZ_BYTES ('16G' works), else 8 GiB."""
+  return int(_limit(value, MAX_NPZ_BYTES_ENV, DEFAULT_MAX_NPZ_BYTES, _parse_bytes))
+
+
+def _not_a_zip_reason(path: str) -> str:
+  """Why `path` is not a readable zip, from its first bytes."""
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  if not head:
+    return 'the file is empty'
+  if head.startswith(b'\x93NUMPY'):
+    return ('it holds a single .npy array (np.save), not an .npz archive of named '
+            'arrays (np.savez)')
+  if head[:1] == b'\x80' and len(head) > 1 and head[1] <= 5:
+    return ('it is a Python pickle, not an npz (zip) file; pickles are never loaded '
+            '(allow_pickle=False), since unpickling can run code')
+  if head.startswith(b'PK'):
+    return 'the file is truncated or its zip directory is corrupt'
+  return f'it is not an npz (zip) file (it starts with {head[:8]!r})'
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
   if not os.path.exists(path):
     raise FileNotFoundError(f'Checkpoint file {path!r} does not exist')
+  if os.path.isdir(path):
+    raise ValueError(f'Cannot read checkpoint {path!r}: it is a directory, not an .npz file')
   try:
-    archive = np.load(path, allow_pickle=False)
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise ValueError('it holds a single .npy array, not an .npz archive of named arrays')
-    with archive:
-      flat = {key: archive[key] for key in archive.files}
+    return zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f'Cannot read checkpoint {path!r}: {_not_a_zip_reason(path)}') from None
+  except zipfile.LargeZipFile as e:
+    raise ValueError(f'Cannot read checkpoint {path!r}: {e}') from None
+
+
+_CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
+                 where: str) -> _Member:
+  try:
+    with zf.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        # 3.0 only adds utf-8 field names, i.e. structured arrays: never parameters.
+        raise ValueError(f'.npy format version {version[0]}.{version[1]} is not supported')
+      offset = f.tell()
   except ValueError as e:
-    message = str(e)
-    if 'pickle' in message or 'Object arrays' in message:
-      raise ValueError(
-          f'Cannot read checkpoint {path!r}: it is not an .npz of plain numeric '
-          'arrays -- reading it would need unpickling Python objects (a pickle '
-          'file, object arrays, or not numpy data at all), which is refused for '
-          'safety (allow_pickle=False)') from None
-    raise ValueError(f'Cannot read checkpoint {path!r}: {message}') from None
-  except (zipfile.BadZipFile, EOFError, OSError, KeyError, zipfile.LargeZipFile) as e:
+    raise ValueError(f'{where}: array {key!r} has no valid .npy header ({e})') from None
+  except _CORRUPT as e:
+    raise ValueError(f'{where}: array {key!r} is truncated or corrupt '
+                     f'({type(e).__name__}: {e})') from None
+  if dtype.hasobject:
     raise ValueError(
-        f'Cannot read checkpoint {path!r}: the file is truncated or is not a valid '
-        f'.npz archive ({type(e).__name__}: {e})') from None
-  if not flat:
-    raise ValueError(f'Checkpoint {path!r} contains no arrays')
-  for key, value in flat.items():
-    if value.dtype.kind not in 'biuf':
+        f'{where}: array {key!r} holds Python objects ({dtype}); reading it would need '
+        'unpickling, which is never done (allow_pickle=False): a checkpoint is data '
+        'and must not be able to run code')
+  if dtype.fields is not None or dtype.subdtype is not None:
+    raise ValueError(f'{where}: array {key!r} has a structured dtype {dtype}; '
+                     'parameters are plain arrays')
+  if any(d < 0 for d in shape):
+    raise ValueError(f'{where}: array {key!r} declares a negative shape {shape}')
+  return _Member(info, ArraySpec(tuple(shape), dtype), fortran_order, offset)
+
+
+def _scan_npz(zf: zipfile.ZipFile, where: str, max_bytes: int) -> dict[str, _Member]:
+  """Every array's header, with the sizes checked; reads no array data."""
+  members: dict[str, _Member] = {}
+  for info in zf.infolist():
+    name = info.filename
+    if info.is_dir() or not name.endswith('.npy'):
+      hint = (' (this looks like a torch file: convert it with vit_jax.convert)'
+              if name.endswith('.pkl') else '')
+      raise ValueError(f'{where}: zip member {name!r} is not an .npy array, so this is '
+                       f'not an .npz of named arrays{hint}')
+    key = name[:-len('.npy')]
+    if key in members:
+      raise ValueError(f'{where}: the archive holds {name!r} twice')
+    if info.flag_bits & 0x1:
+      raise ValueError(f'{where}: array {key!r} is encrypted')
+    member = _read_header(zf, info, key, where)
+    nbytes = member.spec.nbytes
+    if nbytes > max_bytes:
       raise ValueError(
-          f'Checkpoint {path!r}: array {key!r} has unsupported dtype {value.dtype} '
-          '(expected numeric parameters)')
-  return flat
+          f'{where}: array {key!r} declares shape {member.spec.shape} {member.spec.dtype}, '
+          f'{format_bytes(nbytes)}, more than the {format_bytes(max_bytes)} limit for '
+          f'loading (raise it with ${MAX_NPZ_BYTES_ENV} or max_bytes=)')
+    # The zip directory's uncompressed size bounds what decompression can
+    # produce (zipfile stops there); the header's declared size must be exactly it.
+    stored = info.file_size - member.data_offset
+    if stored != nbytes:
+      raise ValueError(
+          f'{where}: array {key!r} declares shape {member.spec.shape} {member.spec.dtype} '
+          f'({nbytes:,} bytes) but its zip member holds {stored:,} bytes of data')
+    members[key] = member
+  total = sum(m.spec.nbytes for m in members.values())
+  if total > max_bytes:
+    raise ValueError(
+        f'{where}: its {len(members)} arrays declare {format_bytes(total)}, more than the '
+        f'{format_bytes(max_bytes)} limit for loading (raise it with ${MAX_NPZ_BYTES_ENV} '
+        'or max_bytes=)')
+  return members
+
+
+_KIND_NAMES = {'b': 'boolean', 'i': 'integer', 'u': 'unsigned integer', 'c': 'complex',
+               'V': 'raw bytes', 'S': 'bytes', 'U': 'string', 'M': 'datetime',
+               'm': 'timedelta'}
+
+
+def _check_float_dtype(key: str, dtype: np.dtype, where: str) -> None:
+  if dtype.kind == 'f':
+    return
+  kind = _KIND_NAMES.get(dtype.kind, dtype.kind)
+  hint = ''
+  if dtype.kind == 'V' and dtype.itemsize in (1, 2):
+    hint = ' (bfloat16 or float8 saved without its type? store it as float32)'
+  raise ValueError(
+      f'{where}: array {key!r} has {kind} dtype {dtype}{hint}; parameters must be '
+      f'floating point (a {kind} array would be cast to floats silently and give a '
+      'wrong model)')
+
+
+def _check_finite(key: str, values: np.ndarray, shape: tuple, where: str,
+                  order: str = 'C') -> None:
+  """ValueError unless every value of the 1-D `values` is finite; bounded memory."""
+  step = max(1, _CHUNK_BYTES // max(values.dtype.itemsize, 1))
+  bad, first = 0, None
+  for start in range(0, values.size, step):
+    finite = np.isfinite(values[start:start + step])
+    if not finite.all():
+      where_bad = np.flatnonzero(~finite)
+      bad += where_bad.size
+      if first is None:
+        first = start + int(where_bad[0])
+  if bad:
+    index = tuple(int(i) for i in np.unravel_index(first, shape, order=order))
+    raise ValueError(
+        f'{where}: array {key!r} {shape} has {bad:,} non-finite value(s) (first: '
+        f'{values[first]} at index {index}); weights must be finite')
+
+
+def check_weights(params_or_flat: Mapping, source: str = 'params') -> None:
+  """ValueError unless every array is floating point and finite, naming the first bad key.
+
+  The check `load` applies to files, for trees already in memory (state dicts
+  read from torch files, trees handed to `load_pretrained`).
+  """
+  flat = _as_flat(params_or_flat)
+  for key, value in flat.items():
+    array = _to_numpy(value)
+    _check_float_dtype(key, array.dtype, source)
+    _check_finite(key, np.ravel(array, order='K'), array.shape, source,
+                  order='F' if array.flags.f_contiguous and not array.flags.c_contiguous
+                  else 'C')
+
+
+def _read_member(zf: zipfile.ZipFile, key: str, member: _Member, where: str) -> np.ndarray:
+  """One array's data, read piece by piece into its final buffer and checked finite."""
+  spec = member.spec
+  try:
+    values = np.empty(spec.size, spec.dtype)
+  except MemoryError:
+    raise MemoryError(f'{where}: not enough memory for array {key!r} '
+                      f'({format_bytes(spec.nbytes)})') from None
+  try:
+    with zf.open(member.info) as f:
+      f.read(member.data_offset)
+      buffer = memoryview(values.view(np.uint8)) if spec.size else memoryview(b'')
+      pos = 0
+      while pos < spec.nbytes:
+        n = f.readinto(buffer[pos:pos + _CHUNK_BYTES])
+        if not n:
+          raise EOFError(f'{spec.nbytes - pos:,} bytes short')
+        pos += n
+      f.read(1)  # at the end of the member: zipfile checks its CRC
+  except _CORRUPT as e:
+    raise ValueError(f'{where}: array {key!r} is truncated or corrupt '
+                     f'({type(e).__name__}: {e})') from None
+  order = 'F' if member.fortran_order else 'C'
+  _check_finite(key, values, spec.shape, where, order)
+  if not spec.dtype.isnative:
+    values = values.astype(spec.dtype.newbyteorder('='))
+  if member.fortran_order:
+    return values.reshape(spec.shape[::-1]).transpose()
+  return values.reshape(spec.shape)
 
 
 def _select_prefix(flat: dict[str, Any], prefix: str, source: str) -> dict[str, Any]:
@@ -149,6 +389,17 @@ def _select_prefix(flat: dict[str, Any], prefix: str, source: str) -> dict[str, 
   logging.info('%s: reading the %d arrays under %r%s', source, len(kept), prefix,
                f', ignoring {dropped} others' if dropped else '')
   return kept
+
+
+def _strip_prefixes(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], bool]:
+  """(the entries under opt/target/ and/or params/, prefixes dropped; big_vision?)."""
+  if any(k.startswith(OPT_TARGET_PREFIX) for k in flat):
+    flat = _select_prefix(flat, OPT_TARGET_PREFIX, source)
+  big_vision = False
+  if any(k.startswith(BIG_VISION_PREFIX) for k in flat):
+    flat = _select_prefix(flat, BIG_VISION_PREFIX, source)
+    big_vision = True
+  return flat, big_vision
 
 
 def _is_group_norm(key: str) -> bool:
@@ -205,12 +456,11 @@ def normalize_layout(flat: dict[str, Any], source: str = 'params') -> dict[str, 
   Also reshapes GroupNorm scales/biases stored as (1, 1, 1, C) by old hybrid
   checkpoints to the (C,) of Flax linen.
   """
-  if any(k.startswith(OPT_TARGET_PREFIX) for k in flat):
-    flat = _select_prefix(flat, OPT_TARGET_PREFIX, source)
-  big_vision = False
-  if any(k.startswith(BIG_VISION_PREFIX) for k in flat):
-    flat = _select_prefix(flat, BIG_VISION_PREFIX, source)
-    big_vision = True
+  flat, big_vision = _strip_prefixes(flat, source)
+  return _normalize_names(flat, source, big_vision)
+
+
+def _normalize_names(flat: dict[str, Any], source: str, big_vision: bool) -> dict[str, Any]:
   if big_vision or _is_big_vision(flat):
     logging.info('%s: renaming big_vision module names to the published layout', source)
     flat = _from_big_vision(flat)
@@ -221,20 +471,100 @@ def normalize_layout(flat: dict[str, Any], source: str = 'params') -> dict[str, 
   return flat
 
 
-def load_flat(path: PathLike) -> dict[str, np.ndarray]:
-  """The checkpoint at `path` as {'/'-joined path: array}, in the published layout."""
-  return normalize_layout(_read_npz(path), source=os.fspath(path))
+def _placeholder(spec: ArraySpec) -> np.ndarray:
+  """An array of `spec`'s shape and dtype that takes no memory (all strides 0)."""
+  return np.lib.stride_tricks.as_strided(np.zeros(1, spec.dtype), shape=spec.shape,
+                                         strides=(0,) * spec.ndim, writeable=False)
 
 
-def load(path: PathLike) -> Params:
-  """Loads an .npz checkpoint into a nested params dict of numpy arrays.
+def _scan_checkpoint(path: str, max_bytes: Optional[int]) -> tuple[zipfile.ZipFile, dict[str, _Member], bool]:
+  """(open zip, the members kept after the layout's prefixes, big_vision?); no data read."""
+  where = f'Checkpoint {path!r}'
+  zf = _open_zip(path)
+  try:
+    members = _scan_npz(zf, where, max_npz_bytes(max_bytes))
+    if not members:
+      raise ValueError(f'{where} contains no arrays')
+    kept, big_vision = _strip_prefixes(members, path)
+    if not kept:
+      raise ValueError(f'{where} has no arrays under {BIG_VISION_PREFIX!r} / '
+                       f'{OPT_TARGET_PREFIX!r}')
+    for key, member in kept.items():
+      _check_float_dtype(key, member.spec.dtype, where)
+  except BaseException:
+    zf.close()
+    raise
+  return zf, kept, big_vision
+
+
+def _specs_of(kept: dict[str, _Member], path: str, big_vision: bool) -> dict[str, ArraySpec]:
+  normalized = _normalize_names({k: _placeholder(m.spec) for k, m in kept.items()},
+                                path, big_vision)
+  return {k: ArraySpec(tuple(v.shape), v.dtype) for k, v in normalized.items()}
+
+
+def read_npz_specs(path: PathLike, *,
+                   max_bytes: Optional[int] = None) -> dict[str, ArraySpec]:
+  """{key: ArraySpec} of a checkpoint, in the published layout, from its headers alone.
+
+  Applies every check of `load_flat` that needs no array data (sizes, limits,
+  dtypes); reads no data, so it costs the same for a 3 GB file as for a 3 kB one.
+  """
+  path = os.fspath(path)
+  zf, kept, big_vision = _scan_checkpoint(path, max_bytes)
+  with zf:
+    return _specs_of(kept, path, big_vision)
+
+
+def load_flat(path: PathLike, expected: Optional[Mapping] = None, *,
+              max_bytes: Optional[int] = None) -> dict[str, np.ndarray]:
+  """The checkpoint at `path` as {'/'-joined path: array}, in the published layout.
+
+  Before any array data is read, the .npy headers and the zip directory are
+  checked: each array's declared size (shape x itemsize) must equal its stored
+  size in the zip directory (which bounds what decompression can produce); the
+  total must be at most `max_bytes` (default: $VIT_JAX_MAX_NPZ_BYTES, else
+  8 GiB); every array must be floating point (int/bool refused); and with
+  `expected` (a tree of anything with a `.shape`, e.g. `abstract_params`), every
+  key and shape must match it (`check_params`). The data is then read in 16 MiB
+  pieces straight into the arrays and checked finite, so peak memory is the
+  arrays plus one piece. Arrays that the layout drops (an optimizer state
+  beside `opt/target/`) are never read.
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: the file is truncated, not an .npz, holds pickled objects or
-      non-numeric arrays, or its keys do not form a tree. The message names the file.
+    ValueError: any check above, or a file that is truncated, corrupt, not an
+      .npz (zip), or holds object (pickled) arrays; the message names the file
+      and the array.
   """
-  flat = load_flat(path)
+  path = os.fspath(path)
+  where = f'Checkpoint {path!r}'
+  zf, kept, big_vision = _scan_checkpoint(path, max_bytes)
+  with zf:
+    if expected is not None:
+      try:
+        specs = unflatten(_specs_of(kept, path, big_vision))
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+      check_params(specs, expected, source=f'checkpoint {path!r}')
+    flat = {key: _read_member(zf, key, member, where) for key, member in kept.items()}
+  return _normalize_names(flat, path, big_vision)
+
+
+def load(path: PathLike, expected: Optional[Mapping] = None, *,
+         max_bytes: Optional[int] = None) -> Params:
+  """Loads an .npz checkpoint into a nested params dict of numpy arrays.
+
+  Every check of `load_flat` applies (sizes, limits, float dtypes, finite
+  values, and the keys and shapes of `expected` if given).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is truncated, not an .npz, holds pickled objects,
+      non-float or non-finite arrays, declares more than the limits, or its
+      keys do not form a tree. The message names the file.
+  """
+  flat = load_flat(path, expected, max_bytes=max_bytes)
   try:
     return unflatten(flat)
   except ValueError as e:
@@ -255,11 +585,27 @@ def _savable(key: str, value: Any) -> np.ndarray:
   return array
 
 
+def _umask() -> int:
+  """The process umask, read without changing it where Linux allows."""
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)  # the portable way has to set it to read it
+  os.umask(mask)
+  return mask
+
+
 def save(params: Mapping, path: PathLike) -> None:
   """Writes `params` (nested dict of arrays) as a flat .npz in the published layout.
 
   The file is written to a temporary name in the same directory and renamed
   over `path` only once complete, so a crash never leaves a half-written file.
+  It gets the permissions of any newly created file (0666 less the umask;
+  usually 0644). A full disk raises OSError(ENOSPC) naming `path`.
   """
   path = os.fspath(path)
   flat = {k: _savable(k, v) for k, v in flatten(params).items()}
@@ -270,11 +616,21 @@ def save(params: Mapping, path: PathLike) -> None:
   fd, tmp_path = tempfile.mkstemp(
       dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
+    # mkstemp creates 0600 files, private to their owner; a checkpoint is meant
+    # to be read by others as any file written with open() would be.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, **flat)  # a file object: numpy does not append '.npz'
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp_path, path)
+  except OSError as e:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    if e.errno == errno.ENOSPC and e.filename is None:
+      # Raised by a write on a file object, which does not know its name.
+      raise OSError(e.errno, e.strerror, path) from None
+    raise
   except BaseException:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
@@ -283,12 +639,15 @@ def save(params: Mapping, path: PathLike) -> None:
 
 
 def inspect(path_or_params: Union[PathLike, Mapping], print_fn=print) -> list[tuple[str, tuple, str]]:
-  """Prints (and returns) every key with its shape and dtype, plus the total count."""
+  """Prints (and returns) every key with its shape and dtype, plus the total count.
+
+  For a file, only the headers are read (`read_npz_specs`).
+  """
   if isinstance(path_or_params, Mapping):
     flat = {k: _to_numpy(v) if not hasattr(v, 'shape') else v
             for k, v in flatten(path_or_params).items()}
   else:
-    flat = load_flat(path_or_params)
+    flat = read_npz_specs(path_or_params)
   rows = [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(flat.items())]
   width = max(len(k) for k, _, _ in rows)
   total = 0
@@ -297,6 +656,41 @@ def inspect(path_or_params: Union[PathLike, Mapping], print_fn=print) -> list[tu
     total += math.prod(shape)
   print_fn(f'{len(rows)} arrays, {total:,} parameters')
   return rows
+
+
+# ---------------------------------------------------------------------------
+# Errors for command-line users
+# ---------------------------------------------------------------------------
+
+TRACEBACK_ENV = 'VIT_JAX_TRACEBACK'
+
+
+def user_error_message(error: BaseException) -> str:
+  """One line for a user: ENOSPC names the path and the free space left there."""
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    path = error.filename
+    free = ''
+    if path:
+      try:
+        free = (f' ({format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)}'
+                ' free there)')
+      except OSError:
+        pass
+    return f'No space left on device writing {path!r}{free}' if path else \
+        'No space left on device'
+  if isinstance(error, OSError) and error.strerror and error.filename:
+    return f'{error.strerror}: {error.filename!r}'
+  return str(error) or type(error).__name__
+
+
+def report_user_error(error: BaseException, verbose: bool = False) -> int:
+  """Prints `error: <message>` to stderr (and the traceback if `verbose` or
+  $VIT_JAX_TRACEBACK=1); returns 2, the CLIs' exit status for user errors."""
+  if verbose or os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+  print(f'error: {user_error_message(error)}', file=sys.stderr)
+  return 2
+
 
 
 # ---------------------------------------------------------------------------
@@ -519,7 +913,8 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
                     model_config: Any, *,
                     image_size: Union[int, tuple[int, int], None] = None,
                     posemb_method: str = 'linear',
-                    source_grid: Optional[tuple[int, int]] = None) -> Params:
+                    source_grid: Optional[tuple[int, int]] = None,
+                    source_name: Optional[str] = None) -> Params:
   """Adapts a pre-trained checkpoint to a model for a new task.
 
   Args:
@@ -536,6 +931,8 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
       order 1) or 'bicubic' (timm's); see `resize_posemb`.
     source_grid: (rows, cols) of the checkpoint's patch grid. Needed when it is
       not square; by default it is read off the token count.
+    source_name: what error messages call the checkpoint (default: the path,
+      or 'params' for a tree): the file a tree was read from.
 
   Returns:
     A params tree shaped and typed like `init_params` (numpy arrays). Every
@@ -544,7 +941,8 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
 
   Raises:
     ValueError: listing every missing key, unexpected key and shape mismatch
-      (both shapes), or a checkpoint of another model family.
+      (both shapes), a checkpoint of another model family, or arrays that are
+      not floating point or not finite (as `load_flat` checks files).
   """
   config = _resolve_config(model_config)
   # Checked up front so that a typo in a config fails even when no resize is needed.
@@ -554,21 +952,19 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
     image_size = image_hw(image_size)
   if source_grid is not None:
     source_grid = _grid_pair(source_grid, 'source_grid')
-  if isinstance(path_or_params, Mapping):
-    source = 'params'
-    restored = normalize_layout(
-        {k: _to_numpy(v) for k, v in flatten(path_or_params).items()})
-  else:
-    source = os.fspath(path_or_params)
-    restored = load_flat(path_or_params)
   init = flatten(init_params)
-
-  family_ckpt, family_model = model_family(restored), model_family(init)
-  if family_ckpt != family_model:
-    raise ValueError(
-        f'Checkpoint {source!r} looks like a {family_ckpt!r} model but the target '
-        f'model is {family_model!r}; e.g. checkpoint keys '
-        f'{sorted(restored)[:4]} vs model keys {sorted(init)[:4]}')
+  if isinstance(path_or_params, Mapping):
+    source = source_name or 'params'
+    restored = normalize_layout(
+        {k: _to_numpy(v) for k, v in flatten(path_or_params).items()}, source)
+    check_weights(restored, f'Checkpoint {source!r}')
+  else:
+    source = source_name or os.fspath(path_or_params)
+    # The key set is checked from the headers, before any data is read: a file
+    # of the wrong model (or of junk) costs nothing to refuse.
+    _check_keys_fit(read_npz_specs(path_or_params), init, source)
+    restored = load_flat(path_or_params)
+  _check_family(restored, init, source)
 
   out: dict[str, np.ndarray] = {}
   missing, mismatched, notes = [], [], []
@@ -642,6 +1038,44 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
   logging.info('load_pretrained: %d arrays from %s%s', len(result), source,
                f' ({"; ".join(notes)})' if notes else ', no changes')
   return unflatten(result)
+
+
+def _check_family(restored: Mapping[str, Any], init: Mapping[str, Any], source: str) -> None:
+  family_ckpt, family_model = model_family(restored), model_family(init)
+  if family_ckpt != family_model:
+    raise ValueError(
+        f'Checkpoint {source!r} looks like a {family_ckpt!r} model but the target '
+        f'model is {family_model!r}; e.g. checkpoint keys '
+        f'{sorted(restored)[:4]} vs model keys {sorted(init)[:4]}')
+
+
+def _check_keys_fit(specs: Mapping[str, Any], init: Mapping[str, Any], source: str) -> None:
+  """What `load_pretrained` will refuse that shapes alone show, before data is read.
+
+  A head is replaced when missing or of another class count, a representation
+  layer dropped when the model has none and position embeddings resampled (their
+  fit is checked once loaded); any other difference in keys or (squeezed)
+  shapes cannot be adapted.
+  """
+  _check_family(specs, init, source)
+  missing = [f'{k}: model {_shape(v)}, not in checkpoint' for k, v in sorted(init.items())
+             if k not in specs and k not in HEAD_KEYS]
+  unexpected = [f'{k}: checkpoint {_shape(v)}, not in model' for k, v in sorted(specs.items())
+                if k not in init and not k.startswith('pre_logits/')]
+  squeeze = lambda shape: tuple(d for d in shape if d != 1)
+  mismatched = [f'{k}: checkpoint {_shape(specs[k])} vs model {_shape(v)}'
+                for k, v in sorted(init.items())
+                if k in specs and k not in HEAD_KEYS and k != POSEMB_KEY
+                and squeeze(_shape(specs[k])) != squeeze(_shape(v))]
+  if missing or unexpected or mismatched:
+    parts = [f'Checkpoint {source!r} does not fit the model:']
+    if missing:
+      parts.append(_format_problems('missing keys', missing))
+    if unexpected:
+      parts.append(_format_problems('unexpected keys', unexpected))
+    if mismatched:
+      parts.append(_format_problems('shape mismatches', mismatched))
+    raise ValueError('\n'.join(parts))
 
 
 def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping, config: Any,

@@ -55,9 +55,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
@@ -211,6 +213,42 @@ def pytorch_model_config(model_config: Any) -> Any:
   return config
 
 
+def _with_approximate_gelu(config: Any, approximate: bool) -> Any:
+  if approximate:
+    config = copy.deepcopy(_resolve(config))
+    with config.unlocked():
+      config.approximate_gelu = True
+    return config
+  return pytorch_model_config(config)
+
+
+# transformers' names of the tanh approximation, and of the exact form.
+_HF_TANH_ACTS = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast')
+_HF_EXACT_ACTS = ('gelu',)
+
+
+def hf_directory_uses_tanh_gelu(path: str) -> bool:
+  """Whether a HF model directory's config.json says tanh GELU; False for a bare file.
+
+  ValueError for an activation this ViT cannot compute.
+  """
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isdir(path) or not os.path.exists(config_path):
+    return False
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'Cannot read {config_path!r}: {e}') from None
+  act = fields.get('hidden_act', 'gelu') if isinstance(fields, dict) else None
+  if act in _HF_TANH_ACTS:
+    return True
+  if act in _HF_EXACT_ACTS:
+    return False
+  raise ValueError(f'{config_path!r} says hidden_act={act!r}; this ViT computes '
+                   f'{_HF_EXACT_ACTS + _HF_TANH_ACTS} only')
+
+
 def _warn_if_tanh(config: Any, source: str) -> None:
   if config is not None and uses_tanh_gelu(config):
     logging.warning(
@@ -244,29 +282,58 @@ def _out_kernel(weight: np.ndarray, heads: int) -> np.ndarray:
   return np.ascontiguousarray(weight.T.reshape(heads, inner // heads, hidden))
 
 
-def _finish_params(flat: dict[str, np.ndarray], config: Any, source: str) -> dict:
-  """Checks converted params against the model built from `config`; returns the tree.
+def _expected_params(flat: Mapping[str, Any], config: Any, source: str) -> dict:
+  """The tree of shapes the `config` model has for weights `flat` (arrays or ArraySpecs).
 
-  Weights without a classification head (a timm model with num_classes=0, a HF
-  `ViTModel`) are checked without one: `checkpoint.load_pretrained` adds a fresh head.
+  The class count is read off the head and the resolution off the position
+  embeddings; weights without a head (a timm model with num_classes=0, a HF
+  `ViTModel`) are expected without one: `checkpoint.load_pretrained` adds a fresh one.
   """
+  if checkpoint.POSEMB_KEY not in flat:
+    raise ValueError(f'{source} weights have no position embeddings '
+                     f'({checkpoint.POSEMB_KEY}): not a ViT of this layout')
+  has_head = 'head/kernel' in flat
+  num_classes = int(flat['head/kernel'].shape[-1]) if has_head else 1
+  try:
+    image_size = checkpoint.infer_image_size(flat, config)
+  except ValueError as e:
+    raise ValueError(f'{source} weights: {e}') from None
+  expected = checkpoint.abstract_params(config, num_classes, image_size)
+  if not has_head:
+    logging.info('%s weights have no classification head', source)
+    expected.pop('head', None)
+  return expected
+
+
+def check_against_config(flat: Mapping[str, Any], config: Any, source: str) -> None:
+  """ValueError naming every key and shape where weights `flat` differ from the `config` model.
+
+  `flat` is a flat dict of arrays or of `checkpoint.ArraySpec`s (headers), so
+  a file can be checked before its data is read.
+  """
+  config = _resolve(config)
+  expected = _expected_params(flat, config, source)
+  hints = []
+  if 'pre_logits/kernel' in flat and not _get(config, 'representation_size'):
+    hints.append(f'the weights have a representation layer of size '
+                 f'{flat["pre_logits/kernel"].shape[-1]}: set representation_size, '
+                 '--representation_size on the command line')
+  if 'cls' not in flat and _get(config, 'classifier', 'token') == 'token':
+    hints.append("the weights have no class token: set classifier='gap', --classifier gap "
+                 'on the command line')
+  try:
+    checkpoint.check_params(checkpoint.unflatten(dict(flat)), expected,
+                            source=f'{source} weights')
+  except ValueError as e:
+    hint = ''.join(f'\n({h})' for h in hints)
+    raise ValueError(f'{e}{hint}') from None
+
+
+def _finish_params(flat: dict[str, np.ndarray], config: Any, source: str) -> dict:
+  """Checks converted params against the model built from `config`; returns the tree."""
   params = checkpoint.unflatten(flat)
   if config is not None:
-    has_head = 'head/kernel' in flat
-    num_classes = int(flat['head/kernel'].shape[-1]) if has_head else 1
-    image_size = checkpoint.infer_image_size(flat, config)
-    expected = checkpoint.abstract_params(config, num_classes, image_size)
-    if not has_head:
-      logging.info('%s weights have no classification head', source)
-      expected.pop('head')
-    hint = ''
-    if 'pre_logits/kernel' in flat and not _get(config, 'representation_size'):
-      hint = (f'\n(the weights have a representation layer of size '
-              f'{flat["pre_logits/kernel"].shape[-1]}: set representation_size)')
-    try:
-      checkpoint.check_params(params, expected, source=f'converted {source} weights')
-    except ValueError as e:
-      raise ValueError(f'{e}{hint}') from None
+    check_against_config(flat, config, f'converted {source}')
   return params
 
 
@@ -688,18 +755,53 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'No such file: {path!r}')
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return load_file(path)
-    except (TypeError, ValueError):  # bfloat16 & co. have no numpy dtype
-      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
-      return _numpy_dict(load_torch(path))
+    return _read_safetensors(path)
+  _check_zip_size(path)
   import torch  # pylint: disable=g-import-not-at-top
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'Cannot read torch file {path!r}: {type(e).__name__}: {e}') from None
   return _numpy_dict(_unwrap(obj, path))
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A .safetensors state dict; a bad file is a ValueError naming it.
+
+  The format has no compression and its header's offsets must lie inside the
+  file (safetensors checks), so the file's size bounds what a load allocates.
+  """
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    try:
+      return load_file(path)
+    except (TypeError, ValueError):  # bfloat16 & co. have no numpy dtype
+      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
+      return _numpy_dict(load_torch(path))
+  except (OSError, ImportError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError derives from Exception only.
+    raise ValueError(f'Cannot read safetensors file {path!r}: not a valid .safetensors '
+                     f'file ({type(e).__name__}: {e})') from None
+
+
+def _check_zip_size(path: str) -> None:
+  """torch.save files are zips: their declared size must be under the load limit."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  if not zipfile.is_zipfile(path):
+    return
+  try:
+    with zipfile.ZipFile(path) as zf:
+      total = sum(info.file_size for info in zf.infolist())
+  except zipfile.BadZipFile as e:
+    raise ValueError(f'Cannot read torch file {path!r}: {e}') from None
+  limit = checkpoint.max_npz_bytes()
+  if total > limit:
+    raise ValueError(
+        f'Torch file {path!r} declares {checkpoint.format_bytes(total)} of data, more than '
+        f'the {checkpoint.format_bytes(limit)} limit for loading (raise it with '
+        f'${checkpoint.MAX_NPZ_BYTES_ENV})')
 
 
 def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
@@ -731,22 +833,188 @@ def write_hf_directory(params: Mapping, model_config: Any, path: str,
             os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
 
 
-def convert_file(source: str, target: str, model: str, input_path: str, output_path: str,
-                 classifier: Optional[str] = None,
-                 representation_size: Optional[int] = None) -> dict:
-  """Reads `input_path` in format `source`, writes `output_path` in `target`; returns our params."""
+# ---------------------------------------------------------------------------
+# Verifying a conversion: the written model computes the input's function
+# ---------------------------------------------------------------------------
+
+VERIFY_TOLERANCE = 1e-4
+VERIFY_BATCH = 2
+
+
+def verification_images(image_size: Sequence[int], batch: int = VERIFY_BATCH) -> np.ndarray:
+  """The fixed batch conversions are checked on: uniform noise in [-1, 1], seed 0."""
+  height, width = (int(s) for s in image_size)
+  rng = np.random.default_rng(0)
+  return rng.uniform(-1.0, 1.0, (batch, height, width, 3)).astype(np.float32)
+
+
+def _geometry(params: Mapping, config: Any) -> tuple[int, tuple[int, int]]:
+  """(class count, 0 without a head; image size) of converted params."""
+  flat = checkpoint.flatten(params)
+  num_classes = int(flat['head/kernel'].shape[-1]) if 'head/kernel' in flat else 0
+  return num_classes, checkpoint.infer_image_size(flat, config)
+
+
+def our_outputs(params: Mapping, model_config: Any, images: np.ndarray) -> np.ndarray:
+  """Our model's logits on `images` (float32); for weights without a head, the
+  features a head would read (what a timm model with num_classes=0 returns)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
-  config = models_config.get_config(model)
-  if classifier:
-    config.classifier = classifier
-  if representation_size:
-    config.representation_size = representation_size
-  if source in ('timm', 'hf'):
-    # Those weights were computed with exact GELU; exports keep saying so.
-    config = pytorch_model_config(config)
-    logging.info('%s weights compute exact GELU: our model needs approximate_gelu=False '
-                 '(convert.pytorch_model_config) to reproduce them', source)
+  config = _resolve(model_config)
+  params = dict(params)
+  headless = 'head' not in params
+  if headless:
+    # A zero head of one class only makes the model callable; its features are returned.
+    flat = checkpoint.flatten(params)
+    feature = flat['pre_logits/kernel'] if 'pre_logits/kernel' in flat else flat['embedding/kernel']
+    width = int(feature.shape[-1])
+    params['head'] = {'kernel': np.zeros((width, 1), np.float32),
+                      'bias': np.zeros((1,), np.float32)}
+  num_classes = int(params['head']['kernel'].shape[-1])
+  model = models_config.build_model(config, num_classes)
+  logits, out = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, images)
+  return np.asarray(out['pre_logits'] if headless else logits, np.float32)
+
+
+def _nchw(images: np.ndarray):
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def _load_problems(missing: Sequence[str], unexpected: Sequence[str], path: str,
+                   loader: str) -> None:
+  if missing or unexpected:
+    parts = [f'{loader} does not read {path!r} as the model it should be:']
+    if missing:
+      parts.append(f'missing keys ({len(missing)}):\n  ' + '\n  '.join(sorted(missing)))
+    if unexpected:
+      parts.append(f'unexpected keys ({len(unexpected)}):\n  ' + '\n  '.join(sorted(unexpected)))
+    raise ValueError('\n'.join(parts))
+
+
+def timm_outputs(path: str, model_config: Any, num_classes: int, image_size: Sequence[int],
+                 images: np.ndarray) -> np.ndarray:
+  """A timm file's logits on `images`, run by timm (a model built by `build_timm_model`)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = build_timm_model(model_config, num_classes, image_size)
+  try:
+    result = model.load_state_dict(torch_state_dict(read_torch_file(path)), strict=False)
+  except RuntimeError as e:  # shape mismatches, even when not strict
+    raise ValueError(f'timm cannot load {path!r}: {e}') from None
+  _load_problems(result.missing_keys, result.unexpected_keys, path, 'timm')
+  with torch.no_grad():
+    return model(_nchw(images)).float().numpy()
+
+
+def hf_outputs(path: str, model_config: Any, num_classes: int, image_size: Sequence[int],
+               images: np.ndarray) -> np.ndarray:
+  """A HF directory's or state dict's logits on `images`, run by transformers.
+
+  A directory is read with `ViTForImageClassification.from_pretrained` (its own
+  config.json); a bare state dict is loaded into `build_hf_model(model_config)`.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    model, info = transformers.ViTForImageClassification.from_pretrained(
+        path, output_loading_info=True)
+    # from_pretrained initialises missing weights at random with only a warning.
+    _load_problems(info.get('missing_keys', ()), info.get('unexpected_keys', ()), path,
+                   'transformers.ViTForImageClassification.from_pretrained')
+    mismatched = info.get('mismatched_keys', ())
+    if mismatched:
+      raise ValueError(f'from_pretrained found shape mismatches in {path!r}: {mismatched}')
+  else:
+    sd = read_torch_file(path)
+    if _detect_hf_layout(sd.keys()) != installed_hf_layout():
+      # The other naming scheme: laid out by the installed transformers' names.
+      sd = to_hf(from_hf(sd, model_config))
+    model = build_hf_model(model_config, num_classes, image_size)
+    try:
+      result = model.load_state_dict(torch_state_dict(sd), strict=False)
+    except RuntimeError as e:
+      raise ValueError(f'transformers cannot load {path!r}: {e}') from None
+    _load_problems(result.missing_keys, result.unexpected_keys, path, 'transformers')
+  model.eval().float()
+  with torch.no_grad():
+    return model(pixel_values=_nchw(images)).logits.float().numpy()
+
+
+def compare_outputs(name: str, reference: np.ndarray, got: np.ndarray,
+                    tolerance: float = VERIFY_TOLERANCE) -> float:
+  """max |got - reference|; ValueError above `tolerance` x max(1, max |reference|).
+
+  The scale keeps the test at float32 rounding for logits far from 1, where
+  absolute errors grow with the values.
+  """
+  if got.shape != reference.shape:
+    raise ValueError(f'{name}: outputs of shape {got.shape}, expected {reference.shape}')
+  diff = float(np.max(np.abs(got.astype(np.float64) - reference)))
+  scale = max(1.0, float(np.max(np.abs(reference))))
+  if not np.isfinite(diff) or diff > tolerance * scale:
+    raise ValueError(
+        f'{name}: max |logit difference| {diff:.3g} on the check batch exceeds '
+        f'{tolerance:g} x {scale:.3g}: the written model does not compute the input\'s '
+        'function')
+  return diff
+
+
+def _outputs(fmt: str, path: str, config: Any, num_classes: int, image_size: Sequence[int],
+             images: np.ndarray) -> np.ndarray:
+  if fmt == 'npz':
+    return our_outputs(checkpoint.load(path), config, images)
+  try:
+    if fmt == 'timm':
+      return timm_outputs(path, config, num_classes, image_size, images)
+    return hf_outputs(path, config, num_classes, image_size, images)
+  except ImportError as e:
+    raise ImportError(
+        f'checking the {fmt} file with {fmt} needs torch and '
+        f'{"timm" if fmt == "timm" else "transformers"} ({e}); install them, or pass '
+        '--no_verify to keep the file unchecked') from None
+
+
+# ---------------------------------------------------------------------------
+# Files and CLI, continued
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Conversion:
+  """What `convert_file` did: our params, and each check's max |logit difference|."""
+  params: dict
+  checks: dict[str, float]
+
+
+def _staging_path(output_path: str) -> str:
+  """A sibling of `output_path` ending in the same name (the format goes by suffix)."""
+  directory, base = os.path.split(os.path.abspath(output_path))
+  return os.path.join(directory, f'.partial-{os.getpid()}-{base}')
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def _install(staging: str, output_path: str) -> None:
+  """Moves the checked output into place; an existing directory keeps other files."""
+  if os.path.isdir(staging) and os.path.isdir(output_path):
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(output_path, name))
+    os.rmdir(staging)
+  else:
+    os.replace(staging, output_path)
+
+
+def _read_input(source: str, input_path: str, config: Any) -> dict:
+  """Our params from the input, checked against `config` before its data is read where possible."""
   if source == 'npz':
+    # Every key and shape is checked from the .npy headers first.
+    specs = checkpoint.read_npz_specs(input_path)
+    check_against_config(specs, config, f'npz {input_path!r}')
     params = checkpoint.load(input_path)
   elif source == 'timm':
     params = from_timm(read_torch_file(input_path), config)
@@ -754,13 +1022,19 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
     params = from_hf(read_torch_file(input_path), config)
   else:
     raise ValueError(f'Unknown source format {source!r}')
+  # A torch file may hold int / NaN weights that the layout mapping carries over.
+  checkpoint.check_weights(params, f'{source} weights {input_path!r}')
+  return params
 
+
+def _write_output(target: str, params: Mapping, config: Any, output_path: str,
+                  as_file: bool) -> None:
   if target == 'npz':
     checkpoint.save(params, output_path)
   elif target == 'timm':
     write_torch_file(to_timm(params, uses_tanh_gelu(config)), output_path)
   elif target == 'hf':
-    if output_path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
+    if as_file:
       if uses_tanh_gelu(config):
         # A bare state dict has no config.json to carry hidden_act.
         logging.warning("%s holds no config: build its ViTConfig with "
@@ -775,13 +1049,90 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
       write_hf_directory(params, config, output_path, labels)
   else:
     raise ValueError(f'Unknown target format {target!r}')
-  return params
+
+
+def convert_file(source: str, target: str, model: str, input_path: str, output_path: str,
+                 classifier: Optional[str] = None,
+                 representation_size: Optional[int] = None, *,
+                 verify: bool = True, tolerance: float = VERIFY_TOLERANCE) -> Conversion:
+  """Reads `input_path` in format `source`, writes `output_path` in `target`.
+
+  The input is checked against the `model` preset (every key and shape; for an
+  .npz from its headers, before any data is read) and must hold finite float
+  weights. The output is written under a temporary sibling name, read back
+  with the target's own loader (timm, transformers, or `checkpoint.load`), and
+  its logits compared with our model's on the input, on a fixed batch
+  (`verification_images`), within `tolerance` x max(1, max |logit|); for timm /
+  HF input, the input run by its own library is compared too. Only then is it
+  renamed to `output_path`: a conversion that fails any check leaves nothing
+  there. Both sides use the same GELU (the input's), so the comparison is of
+  like with like.
+
+  Raises:
+    ValueError: the input does not fit the preset, or a check failed; the
+      message names the keys, shapes or the difference.
+    ImportError: the target's library, needed for the check, is missing.
+  """
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  if source not in ('npz', 'timm', 'hf'):
+    raise ValueError(f'Unknown source format {source!r}')
+  if target not in ('npz', 'timm', 'hf'):
+    raise ValueError(f'Unknown target format {target!r}')
+  config = models_config.get_config(model)
+  if classifier:
+    config.classifier = classifier
+  if representation_size:
+    config.representation_size = representation_size
+  if source == 'hf' and hf_directory_uses_tanh_gelu(input_path):
+    # A directory's config.json says which GELU its model computes (our own
+    # exports of tanh models say 'gelu_pytorch_tanh').
+    logging.info('%s: config.json says tanh GELU; keeping approximate_gelu=True', input_path)
+    config = _with_approximate_gelu(config, True)
+  elif source in ('timm', 'hf'):
+    # Those weights were computed with exact GELU; exports keep saying so.
+    config = pytorch_model_config(config)
+    logging.info('%s weights compute exact GELU: our model needs approximate_gelu=False '
+                 '(convert.pytorch_model_config) to reproduce them', source)
+  params = _read_input(source, input_path, config)
+
+  output_path = os.path.normpath(output_path)
+  as_file = output_path.endswith(('.safetensors', '.bin', '.pt', '.pth'))
+  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+  staging = _staging_path(output_path)
+  _remove(staging)
+  checks: dict[str, float] = {}
+  try:
+    _write_output(target, params, config, staging, as_file)
+    if verify:
+      num_classes, image_size = _geometry(params, config)
+      images = verification_images(image_size)
+      reference = our_outputs(params, config, images)
+      checks['output'] = compare_outputs(
+          f'{output_path} read back by {target}', reference,
+          _outputs(target, staging, config, num_classes, image_size, images), tolerance)
+      # The input run by its own library, so that our reading of it is checked
+      # too -- where the library can build the model (no representation layer;
+      # HF's classifier model needs its head).
+      if (source != 'npz' and not _get(config, 'representation_size')
+          and (source == 'timm' or num_classes)):
+        checks['input'] = compare_outputs(
+            f'{input_path} run by {source}', reference,
+            _outputs(source, input_path, config, num_classes, image_size, images), tolerance)
+      logging.info('Checked %s: max |logit difference| %s (tolerance %g)', output_path,
+                   ', '.join(f'{k} {v:.2g}' for k, v in checks.items()), tolerance)
+    _install(staging, output_path)
+  except BaseException:
+    _remove(staging)
+    raise
+  return Conversion(params, checks)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.convert',
-      description='Convert ViT weights between our .npz layout, timm and Hugging Face.')
+      description='Convert ViT weights between our .npz layout, timm and Hugging Face. '
+                  'The input is checked against --model and the output against the input '
+                  '(same logits on a fixed batch) before it is written.')
   parser.add_argument('--from', dest='source', required=True, choices=('timm', 'hf', 'npz'))
   parser.add_argument('--to', dest='target', required=True, choices=('npz', 'timm', 'hf'))
   parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
@@ -795,16 +1146,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--representation_size', type=int, default=None,
                       help='size of the pre-logits layer, for weights that have one '
                            '(e.g. HF ViTModel poolers of ImageNet-21k checkpoints)')
+  parser.add_argument('--tolerance', type=float, default=VERIFY_TOLERANCE,
+                      help='largest max |logit difference| accepted, times max(1, max |logit|)')
+  parser.add_argument('--no_verify', action='store_true',
+                      help='write without reading the output back (e.g. without torch)')
+  parser.add_argument('--verbose', action='store_true',
+                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
-    params = convert_file(args.source, args.target, args.model, args.input, args.output,
-                          args.classifier, args.representation_size)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  n = sum(int(np.prod(v.shape)) for v in checkpoint.flatten(params).values())
-  print(f'Wrote {args.output} ({args.target}, {n:,} parameters)')
+    result = convert_file(args.source, args.target, args.model, args.input, args.output,
+                          args.classifier, args.representation_size,
+                          verify=not args.no_verify, tolerance=args.tolerance)
+  except (ValueError, OSError, ImportError, MemoryError) as e:
+    # Bad input, a failed check, a missing library, a full disk: one line, exit 2.
+    return checkpoint.report_user_error(e, args.verbose)
+  n = sum(int(np.prod(v.shape)) for v in checkpoint.flatten(result.params).values())
+  checked = ('unchecked' if not result.checks else 'checked: max |logit difference| ' +
+             ', '.join(f'{k} {v:.2g}' for k, v in result.checks.items()))
+  print(f'Wrote {args.output} ({args.target}, {n:,} parameters; {checked})')
   return 0
 
 

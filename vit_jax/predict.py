@@ -31,32 +31,74 @@ from vit_jax import labels as labels_lib
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
 
 
+# PIL modes of 16-bit (and 32-bit integer) greyscale images: `convert('RGB')`
+# clips them to 0..255, which saturates almost every pixel of a 16-bit image.
+_WIDE_GREY_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+_UINT16_MAX = 65535.0
+
+
+def _resize_unit_float(array: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(H, W) or (H, W, C) floats in [0, 1] -> (height, width, 3) in [-1, 1], kept in float.
+
+  PIL resizes single-channel float ('F') images with the same bilinear filter
+  it uses for 8-bit RGB, so 16-bit images lose no precision to an 8-bit step.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  array = np.clip(np.asarray(array, np.float32), 0.0, 1.0)
+  channels = [array] if array.ndim == 2 else [array[..., c] for c in range(min(array.shape[-1], 3))]
+  resized = [np.asarray(Image.fromarray(np.ascontiguousarray(c), mode='F').resize(
+      (width, height), Image.BILINEAR), np.float32) for c in channels]
+  out = np.stack(resized * 3 if len(resized) == 1 else resized, axis=-1)
+  return out * 2.0 - 1.0
+
+
+def _open_image(path: str, height: int, width: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as f:
+      if f.mode in _WIDE_GREY_MODES:
+        # Scaled by the format's real range (16 bits), not clipped to 8.
+        return _resize_unit_float(np.asarray(f).astype(np.float32) / _UINT16_MAX, height, width)
+      pil = f.convert('RGB')
+  except Image.DecompressionBombError as e:
+    raise ValueError(
+        f'Cannot read image {path!r}: {e} Refused (PIL\'s limit is '
+        f'2 x PIL.Image.MAX_IMAGE_PIXELS); shrink the image first') from None
+  except (OSError, Image.UnidentifiedImageError, SyntaxError) as e:
+    raise ValueError(f'Cannot read image {path!r}: {e}') from None
+  pil = pil.resize((width, height), Image.BILINEAR)
+  return np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+
+
 def load_image(image: ImageLike, image_size: Union[int, Sequence[int]]) -> np.ndarray:
   """An RGB image resized to `image_size` and scaled to [-1, 1]: float32 (H, W, 3).
 
   `image` is a file path, a PIL image, or an (H, W[, C]) array: uint8 in
-  [0, 255] or float in [0, 1]. Grey and RGBA images become RGB.
+  [0, 255], uint16 in [0, 65535] or float in [0, 1]. Grey and RGBA images
+  become RGB; 16-bit greyscale files (PIL modes 'I;16', 'I') are scaled by
+  65535, not clipped to 8 bits. An image too large for PIL's decompression-bomb
+  guard, or one that cannot be decoded, is a ValueError naming the file.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if isinstance(image_size, int):
     image_size = (image_size, image_size)
   height, width = int(image_size[0]), int(image_size[1])
   if isinstance(image, (str, os.PathLike)):
-    try:
-      with Image.open(image) as f:
-        pil = f.convert('RGB')
-    except (OSError, Image.UnidentifiedImageError) as e:
-      raise ValueError(f'Cannot read image {os.fspath(image)!r}: {e}') from None
-  elif isinstance(image, np.ndarray):
+    return _open_image(os.fspath(image), height, width)
+  if isinstance(image, np.ndarray):
     array = image
-    if array.dtype.kind == 'f':
-      array = np.clip(np.rint(array * 255.0), 0, 255)
-    array = array.astype(np.uint8)
     if array.ndim == 3 and array.shape[-1] == 1:
       array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
       raise ValueError(f'image array must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}')
+    if array.dtype == np.uint16:
+      return _resize_unit_float(array.astype(np.float32) / _UINT16_MAX, height, width)
+    if array.dtype.kind == 'f':
+      array = np.clip(np.rint(array * 255.0), 0, 255)
+    array = array.astype(np.uint8)
     pil = Image.fromarray(array).convert('RGB')
+  elif getattr(image, 'mode', None) in _WIDE_GREY_MODES:
+    return _resize_unit_float(np.asarray(image).astype(np.float32) / _UINT16_MAX, height, width)
   else:
     pil = image.convert('RGB')
   pil = pil.resize((width, height), Image.BILINEAR)
@@ -99,6 +141,16 @@ def _argparse_image_size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}')
+  return value
+
+
 def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
                image_size: Union[None, int, Sequence[int]] = None,
                source_grid: Optional[Sequence[int]] = None):
@@ -113,24 +165,27 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
   """
   from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
-  flat = checkpoint.load_flat(checkpoint_path)
-  source = f'checkpoint {os.fspath(checkpoint_path)!r}'
-  if 'head/kernel' not in flat:
-    raise ValueError(f'Checkpoint {os.fspath(checkpoint_path)!r} has no classification head')
-  config = _config_for_checkpoint(model_name, flat)
-  num_classes = int(flat['head/kernel'].shape[-1])
-  has_posemb = checkpoint.POSEMB_KEY in flat
+  path = os.fspath(checkpoint_path)
+  # Geometry and the model's expected shapes come from the .npy headers: a file
+  # that does not fit is refused before any of its data is read.
+  specs = checkpoint.read_npz_specs(path)
+  source = f'checkpoint {path!r}'
+  if 'head/kernel' not in specs:
+    raise ValueError(f'Checkpoint {path!r} has no classification head')
+  config = _config_for_checkpoint(model_name, specs)
+  num_classes = int(specs['head/kernel'].shape[-1])
+  has_posemb = checkpoint.POSEMB_KEY in specs
   if has_posemb:
-    prefix = checkpoint.num_prefix_tokens(flat, config)
+    prefix = checkpoint.num_prefix_tokens(specs, config)
     if source_grid is not None:
       old_grid = tuple(int(g) for g in source_grid)
-      tokens = flat[checkpoint.POSEMB_KEY].shape[1] - prefix
+      tokens = specs[checkpoint.POSEMB_KEY].shape[1] - prefix
       if len(old_grid) != 2 or old_grid[0] * old_grid[1] != tokens:
         raise ValueError(f'{source}: source_grid {tuple(source_grid)} does not match its '
                          f'{tokens} position embeddings')
     else:
       try:
-        old_grid = checkpoint.infer_grid(flat, config)
+        old_grid = checkpoint.infer_grid(specs, config)
       except ValueError as e:
         raise ValueError(f'{source}: {e}; pass source_grid=(rows, cols)') from None
     stride = checkpoint.patch_stride(config)
@@ -139,6 +194,11 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
     own_size = (224, 224)
   image_size = own_size if image_size is None else image_hw(image_size)
   expected = checkpoint.abstract_params(config, num_classes, image_size)
+  stored = checkpoint.flatten(expected)
+  if has_posemb:
+    # The file holds the embeddings of its own grid; they are resampled once read.
+    stored[checkpoint.POSEMB_KEY] = specs[checkpoint.POSEMB_KEY]
+  flat = checkpoint.load_flat(path, expected=checkpoint.unflatten(stored))
   if has_posemb:
     new_grid = (image_size[0] // stride[0], image_size[1] // stride[1])
     if new_grid != old_grid:
@@ -197,11 +257,16 @@ def class_names(num_classes: int, labels_path: Optional[str] = None) -> list[str
 
 def top_k(probs: np.ndarray, k: int = 5,
           labels: Optional[Sequence[str]] = None) -> list[tuple[int, str, float]]:
-  """The k most probable classes of one probability vector: (index, label, prob), best first."""
+  """The k most probable classes of one probability vector: (index, label, prob), best first.
+
+  k larger than the class count gives every class; k < 1 is a ValueError.
+  """
   probs = np.asarray(probs)
   if probs.ndim != 1:
     raise ValueError(f'top_k takes one probability vector, got shape {probs.shape}')
-  k = max(1, min(int(k), probs.shape[0]))
+  if int(k) < 1:
+    raise ValueError(f'k must be a positive number of classes, got {k}')
+  k = min(int(k), probs.shape[0])
   order = np.argsort(-probs, kind='stable')[:k]
   return [(int(i), labels[i] if labels is not None else str(int(i)), float(probs[i]))
           for i in order]
@@ -219,25 +284,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
   parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
   parser.add_argument('--image', required=True, nargs='+', help='image file(s)')
-  parser.add_argument('--top_k', type=int, default=5)
+  parser.add_argument('--top_k', type=_positive_int, default=5,
+                      help='classes to print per image (at most the class count)')
   parser.add_argument('--labels', default=None,
                       help='class names, one per line (default: ImageNet-1k for 1000 classes)')
   parser.add_argument('--image_size', type=_argparse_image_size, default=None,
                       help='input resolution, H (square) or HxW, e.g. 384x512; default: '
                       "the checkpoint's. Another patch grid resamples the position embeddings")
+  parser.add_argument('--verbose', action='store_true',
+                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   try:
     model, params, image_size = load_model(args.model, args.checkpoint, args.image_size)
     num_classes = int(params['head']['kernel'].shape[-1])
     names = class_names(num_classes, args.labels)
     images = np.stack([load_image(path, image_size) for path in args.image])
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  except (ValueError, OSError, MemoryError) as e:
+    # A bad file, image or argument: one line, exit status 2.
+    return checkpoint.report_user_error(e, args.verbose)
   probs = predict(model, params, images)
   for path, p in zip(args.image, probs):
-    print(f'{path} ({image_size[0]}x{image_size[1]}, {args.model}): top-{args.top_k}')
-    for line in format_top_k(top_k(p, args.top_k, names)):
+    rows = top_k(p, args.top_k, names)
+    print(f'{path} ({image_size[0]}x{image_size[1]}, {args.model}): top-{len(rows)}')
+    for line in format_top_k(rows):
       print(line)
   return 0
 
