@@ -546,7 +546,8 @@ def load_flat(path: PathLike, expected: Optional[Mapping] = None, *,
         specs = unflatten(_specs_of(kept, path, big_vision))
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
-      check_params(specs, expected, source=f'checkpoint {path!r}')
+      check_params(specs, expected, source='checkpoint',
+                   title=f'Checkpoint {path!r} does not fit the model:')
     flat = {key: _read_member(zf, key, member, where) for key, member in kept.items()}
   return _normalize_names(flat, path, big_vision)
 
@@ -1137,8 +1138,13 @@ def abstract_params(model_config: Any, num_classes: int,
   return dict(variables['params'])
 
 
-def check_params(params: Mapping, expected: Mapping, source: str = 'params') -> None:
-  """ValueError listing every missing/unexpected key and shape mismatch (both shapes)."""
+def check_params(params: Mapping, expected: Mapping, source: str = 'params',
+                 title: Optional[str] = None) -> None:
+  """ValueError listing every missing/unexpected key and shape mismatch (both shapes).
+
+  Each row calls the checked tree `source`; the message starts with `title`
+  (default: '<source> does not fit the model:').
+  """
   have, want = flatten(params), flatten(expected)
   missing = [f'{k}: model {_shape(v)}, not in {source}' for k, v in sorted(want.items())
              if k not in have]
@@ -1147,7 +1153,7 @@ def check_params(params: Mapping, expected: Mapping, source: str = 'params') -> 
   mismatched = [f'{k}: {source} {_shape(have[k])} vs model {_shape(v)}'
                 for k, v in sorted(want.items()) if k in have and _shape(have[k]) != _shape(v)]
   if missing or unexpected or mismatched:
-    parts = [f'{source} does not fit the model:']
+    parts = [title or f'{source} does not fit the model:']
     if missing:
       parts.append(_format_problems('missing keys', missing))
     if unexpected:

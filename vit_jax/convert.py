@@ -305,14 +305,17 @@ def _expected_params(flat: Mapping[str, Any], config: Any, source: str) -> dict:
   return expected
 
 
-def check_against_config(flat: Mapping[str, Any], config: Any, source: str) -> None:
+def check_against_config(flat: Mapping[str, Any], config: Any, source: str,
+                         path: Optional[str] = None) -> None:
   """ValueError naming every key and shape where weights `flat` differ from the `config` model.
 
   `flat` is a flat dict of arrays or of `checkpoint.ArraySpec`s (headers), so
-  a file can be checked before its data is read.
+  a file can be checked before its data is read. `source` ('npz', 'converted
+  timm') labels the weights in the message, `path` the file they came from.
   """
   config = _resolve(config)
-  expected = _expected_params(flat, config, source)
+  label = f'{source} weights'
+  expected = _expected_params(flat, config, f'{label} {path!r}' if path else label)
   hints = []
   if 'pre_logits/kernel' in flat and not _get(config, 'representation_size'):
     hints.append(f'the weights have a representation layer of size '
@@ -321,9 +324,12 @@ def check_against_config(flat: Mapping[str, Any], config: Any, source: str) -> N
   if 'cls' not in flat and _get(config, 'classifier', 'token') == 'token':
     hints.append("the weights have no class token: set classifier='gap', --classifier gap "
                  'on the command line')
+  name = _get(config, 'name', '')
+  title = (f'{label}{f" {path!r}" if path else ""} do not fit the '
+           f'{f"{name} " if name else ""}model:')
   try:
-    checkpoint.check_params(checkpoint.unflatten(dict(flat)), expected,
-                            source=f'{source} weights')
+    checkpoint.check_params(checkpoint.unflatten(dict(flat)), expected, source=label,
+                            title=title)
   except ValueError as e:
     hint = ''.join(f'\n({h})' for h in hints)
     raise ValueError(f'{e}{hint}') from None
@@ -1014,7 +1020,7 @@ def _read_input(source: str, input_path: str, config: Any) -> dict:
   if source == 'npz':
     # Every key and shape is checked from the .npy headers first.
     specs = checkpoint.read_npz_specs(input_path)
-    check_against_config(specs, config, f'npz {input_path!r}')
+    check_against_config(specs, config, 'npz', input_path)
     params = checkpoint.load(input_path)
   elif source == 'timm':
     params = from_timm(read_torch_file(input_path), config)

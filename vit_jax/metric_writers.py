@@ -8,6 +8,13 @@ the training loop fetches metrics from the devices before it writes them.
 TensorBoard event files are written with the `tensorboard` package's own
 writer, which needs no TensorFlow; when `tensorboard` is missing the writer
 says so once in the log and the other writers carry on.
+
+Every write reaches the operating system before `write_scalars` returns
+(metrics.jsonl is flushed, the event file's queue drained), so a run killed
+with SIGKILL keeps every line written so far. `flush(fsync=True)` also forces
+the files to the disk, so they survive a machine crash too: the trainer calls
+it whenever it saves a checkpoint, so the metrics on disk always reach at
+least the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ class MetricWriter:
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams
 
-  def flush(self) -> None:
-    pass
+  def flush(self, fsync: bool = False) -> None:
+    """Hands buffered writes to the OS; with `fsync`, waits until they are on disk."""
+    del fsync
 
   def close(self) -> None:
-    self.flush()
+    self.flush(fsync=True)
 
 
 class NullWriter(MetricWriter):
@@ -108,28 +116,52 @@ class ConsoleWriter(MetricWriter):
     self._print('hparams: ' + json.dumps(dict(hparams), sort_keys=True, default=str))
 
 
+def _fsync_path(path: str) -> None:
+  """fsync a file (or directory) by name: it flushes the inode, whoever wrote it."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 class JsonLinesWriter(MetricWriter):
-  """Appends `{"step": s, name: value, ...}` lines to a file."""
+  """Appends `{"step": s, name: value, ...}` lines to a file, each flushed as written."""
 
   def __init__(self, path: str):
     self.path = path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._file = open(path, 'a', encoding='utf-8')
+    self._synced_dir = False
+
+  def _write_line(self, line: str) -> None:
+    self._file.write(line + '\n')
+    # One flush per line: a kill loses nothing already written, at the cost of
+    # a write() per log step, which is negligible next to a training step.
+    self._file.flush()
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step), 'time': time.time()}
     record.update({k: _to_float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + '\n')
+    self._write_line(json.dumps(record))
 
   def write_hparams(self, hparams):
-    self._file.write(json.dumps({'hparams': dict(hparams)}, default=str) + '\n')
+    self._write_line(json.dumps({'hparams': dict(hparams)}, default=str))
 
-  def flush(self):
-    if not self._file.closed:
-      self._file.flush()
+  def flush(self, fsync=False):
+    if self._file.closed:
+      return
+    self._file.flush()
+    if fsync:
+      os.fsync(self._file.fileno())
+      if not self._synced_dir:
+        # The new file's directory entry must reach the disk too.
+        _fsync_path(os.path.dirname(os.path.abspath(self.path)))
+        self._synced_dir = True
 
   def close(self):
     if not self._file.closed:
+      self.flush(fsync=True)
       self._file.close()
 
 
@@ -145,6 +177,8 @@ class TensorBoardWriter(MetricWriter):
     self.logdir = logdir
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self._writer = EventFileWriter(logdir, flush_secs=30)
+    self._synced_dir = False
+    self._closed = False
 
   def write_scalars(self, step, scalars):
     values = [self._summary_pb2.Summary.Value(tag=k, simple_value=_to_float(v))
@@ -153,6 +187,9 @@ class TensorBoardWriter(MetricWriter):
         wall_time=time.time(), step=int(step),
         summary=self._summary_pb2.Summary(value=values))
     self._writer.add_event(event)
+    # The writer queues events for a background thread and writes them every
+    # flush_secs; draining the queue now makes a kill lose nothing written.
+    self._writer.flush()
 
   def write_hparams(self, hparams):
     # Plain text summary: readable in TensorBoard's text tab without the
@@ -169,12 +206,30 @@ class TensorBoardWriter(MetricWriter):
     value = self._summary_pb2.Summary.Value(tag='config', metadata=meta, tensor=tensor)
     self._writer.add_event(self._event_pb2.Event(
         wall_time=time.time(), step=0, summary=self._summary_pb2.Summary(value=[value])))
-
-  def flush(self):
     self._writer.flush()
 
+  @property
+  def event_file(self) -> Optional[str]:
+    """The event file's path (None if the tensorboard writer does not say)."""
+    return getattr(self._writer, '_file_name', None)
+
+  def flush(self, fsync=False):
+    if self._closed:
+      return
+    self._writer.flush()
+    path = self.event_file
+    if fsync and path and os.path.exists(path):
+      _fsync_path(path)
+      if not self._synced_dir:
+        _fsync_path(self.logdir)
+        self._synced_dir = True
+
   def close(self):
+    if self._closed:
+      return
+    self.flush(fsync=True)
     self._writer.close()
+    self._closed = True
 
 
 class MultiWriter(MetricWriter):
@@ -191,9 +246,9 @@ class MultiWriter(MetricWriter):
     for w in self.writers:
       w.write_hparams(hparams)
 
-  def flush(self):
+  def flush(self, fsync=False):
     for w in self.writers:
-      w.flush()
+      w.flush(fsync=fsync)
 
   def close(self):
     for w in self.writers:
