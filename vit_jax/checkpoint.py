@@ -220,7 +220,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     raise ValueError(f'Cannot read checkpoint {path!r}: it is a directory, not an .npz file')
   try:
     return zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, EOFError) as e:
+  except (zipfile.BadZipFile, EOFError):
     raise ValueError(f'Cannot read checkpoint {path!r}: {_not_a_zip_reason(path)}') from None
   except zipfile.LargeZipFile as e:
     raise ValueError(f'Cannot read checkpoint {path!r}: {e}') from None

@@ -148,7 +148,7 @@ class JsonLinesWriter(MetricWriter):
   def write_hparams(self, hparams):
     self._write_line(json.dumps({'hparams': dict(hparams)}, default=str))
 
-  def flush(self, fsync=False):
+  def flush(self, fsync: bool = False) -> None:
     if self._file.closed:
       return
     self._file.flush()
@@ -213,7 +213,7 @@ class TensorBoardWriter(MetricWriter):
     """The event file's path (None if the tensorboard writer does not say)."""
     return getattr(self._writer, '_file_name', None)
 
-  def flush(self, fsync=False):
+  def flush(self, fsync: bool = False) -> None:
     if self._closed:
       return
     self._writer.flush()
@@ -246,7 +246,7 @@ class MultiWriter(MetricWriter):
     for w in self.writers:
       w.write_hparams(hparams)
 
-  def flush(self, fsync=False):
+  def flush(self, fsync: bool = False) -> None:
     for w in self.writers:
       w.flush(fsync=fsync)
 
