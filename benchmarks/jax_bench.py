@@ -16,23 +16,10 @@ import time
 from typing import Any
 
 from benchmarks import measure
+from vit_jax import flops as flops_lib
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.1
-
-
-def _cost_flops(compiled) -> float | None:
-  """FLOPs of one call as XLA's cost analysis counts them (None if unavailable)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis:
-    return None
-  flops = analysis.get('flops')
-  return float(flops) if flops is not None and flops >= 0 else None
 
 
 def _memory_stats(device) -> dict[str, int]:
@@ -160,7 +147,7 @@ def setup(spec: dict[str, Any]):
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  flops = _cost_flops(compiled)
+  flops = flops_lib.xla_flops(compiled)
   per_device_batch = batch // num_devices
 
   holder = {'state': args[0], 'out': None}

@@ -13,10 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vit_jax import data_sources
 from vit_jax import parallel
 from vit_jax import train
 from vit_jax import train_checkpoints
 from vit_jax.configs import models
+from vit_jax.configs import schema
 
 
 def tiny_config(**overrides):
@@ -34,7 +36,7 @@ def tiny_config(**overrides):
 
 
 def synthetic_batches(config, num):
-  data = train.SyntheticData(config)
+  data = data_sources.SyntheticData(config)
   it = data.train_batches(0)
   return [next(it) for _ in range(num)]
 
@@ -44,7 +46,7 @@ _HOST_INIT = {}
 
 def host_init(config):
   """Initial params as numpy, computed once per model config (compiling init is slow)."""
-  key = json.dumps(train.model_config_from(config).to_dict(), sort_keys=True) + str(
+  key = json.dumps(schema.model_config(schema.resolve(config)).to_dict(), sort_keys=True) + str(
       config.image_size)
   if key not in _HOST_INIT:
     model = train.build_model(config, config.num_classes)
@@ -74,7 +76,7 @@ def run_steps(config, devices, batches, *, fsdp=False):
     state_sharding = parallel.fsdp_sharding(host_state, mesh, min_size=64)
   else:
     state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), host_state)
-  state = train._place(host_state, state_sharding)  # pylint: disable=protected-access
+  state = parallel.place(host_state, state_sharding)
   step = jax.jit(train.make_train_step(model, tx, config, mesh=mesh),
                  in_shardings=(state_sharding, parallel.data_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)),
@@ -236,7 +238,7 @@ def test_train_module_imports_without_tensorflow():
 
 def test_model_overrides_apply():
   config = tiny_config(model=dict(transformer=dict(num_layers=1)))
-  assert train.model_config_from(config).transformer.num_layers == 1
+  assert schema.model_config(schema.resolve(config)).transformer.num_layers == 1
   assert models.get_config('ViT-Test_4').transformer.num_layers == 2
   with pytest.raises(ValueError, match='config.model'):
     train.validate_config(tiny_config(model=dict(no_such_field=1)))

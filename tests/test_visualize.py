@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vit_jax import visualize
+from vit_jax.datasets import digits
 from vit_jax.configs import models as model_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,8 +283,8 @@ def test_load_digits_images():
   small = visualize.load_images('digits:test:0-4', image_size=16)
   blocks = np.stack(many).astype(float).reshape(5, 16, 2, 16, 2, 3).mean(axis=(2, 4))
   assert np.abs(np.stack(small) - blocks).max() <= 0.5
-  np.testing.assert_allclose(visualize._bilinear_matrix(5, 5), np.eye(5))
-  np.testing.assert_allclose(visualize._bilinear_matrix(7, 3).sum(-1), 1.0)
+  np.testing.assert_allclose(digits.interpolation_matrix(5, 5), np.eye(5))
+  np.testing.assert_allclose(digits.interpolation_matrix(7, 3).sum(-1), 1.0)
 
 
 def test_cli_writes_pngs(tmp_path):

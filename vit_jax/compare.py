@@ -38,17 +38,23 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import numpy as np
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from vit_jax import flops as flops_lib
+from vit_jax import train
+from vit_jax import train_checkpoints
+from vit_jax import visualize
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
-
-import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = {
     'ViT': os.path.join(REPO_ROOT, 'configs', 'default.py'),
     'ResNet': os.path.join(REPO_ROOT, 'configs', 'resnet_baseline.py'),
 }
-TRAIN_FLOPS_FACTOR = 3  # forward + backward (activations and weights)
 
 
 def load_config(spec: str):
@@ -98,16 +104,6 @@ def prepare_config(config, settings: dict[str, Any]):
 # Cost and speed of one model.
 # ---------------------------------------------------------------------------
 
-def _cost_flops(compiled) -> Optional[float]:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost:
-    return None
-  flops = cost.get('flops')
-  return float(flops) if flops is not None and flops > 0 else None
-
-
 def model_costs(config, num_classes: int, params: Any = None,
                 xla_count: bool = True) -> dict[str, Any]:
   """Parameters and forward FLOPs per image of the config's model.
@@ -116,12 +112,8 @@ def model_costs(config, num_classes: int, params: Any = None,
   compiles the forward pass of one image for the CPU, whose cost analysis sees
   every operation (on GPU, library calls such as cuBLAS are not counted).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vit_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
 
-  model_config = train.model_config_from(config)
+  model_config = schema.model_config(schema.resolve(config))
   model = train.build_model(config, num_classes)
   height, width = image_hw(config.image_size)
   if params is None:
@@ -135,7 +127,7 @@ def model_costs(config, num_classes: int, params: Any = None,
     p_spec = jax.tree.map(lambda a: spec(a.shape, a.dtype), params)
     forward = jax.jit(lambda p, im: model.apply({'params': p}, im, train=False)[0])
     try:
-      xla_flops = _cost_flops(
+      xla_flops = flops_lib.xla_flops(
           forward.lower(p_spec, spec((1, height, width, 3), jnp.float32)).compile())
     except Exception:  # pylint: disable=broad-except
       xla_flops = None
@@ -158,9 +150,6 @@ def forward_benchmark(config, params, batch_size: int,
   One compilation serves both: on a CPU backend the cost analysis of the
   batch's forward pass, divided by the batch size, is the per-image count.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
 
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   model = train.build_model(config, num_classes)
@@ -172,7 +161,7 @@ def forward_benchmark(config, params, batch_size: int,
       params, images).compile()
   flops = None
   if jax.default_backend() == 'cpu':
-    total = _cost_flops(compiled)
+    total = flops_lib.xla_flops(compiled)
     flops = total / batch_size if total else None
   jax.block_until_ready(compiled(params, images))  # warm-up
   times = []
@@ -213,7 +202,6 @@ def eval_history(workdir: str) -> list[dict[str, float]]:
 def run_one(name: str, config, workdir: str, *, resume: bool = False,
             inference_batch: Optional[int] = None) -> dict[str, Any]:
   """Trains one config into `workdir`; returns its row of the table."""
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
 
   if os.path.exists(workdir) and not resume:
     shutil.rmtree(workdir)
@@ -231,7 +219,7 @@ def run_one(name: str, config, workdir: str, *, resume: bool = False,
   if bench_flops is not None:
     costs['forward_flops_xla'] = bench_flops
   flops = costs['forward_flops_xla'] or costs['forward_flops_analytic']
-  per_step = TRAIN_FLOPS_FACTOR * flops * batch if flops else None
+  per_step = flops_lib.TRAIN_FLOPS_FACTOR * flops * batch if flops else None
   for point in history:
     point['train_flops'] = per_step * point['step'] if per_step else None
     point['seconds'] = point['time'] - start if math.isfinite(point['time']) else None
@@ -258,7 +246,6 @@ def run_one(name: str, config, workdir: str, *, resume: bool = False,
 
 def _trained_params(workdir: str):
   """The parameters of the run's newest checkpoint (numpy arrays)."""
-  from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
   _, state = train_checkpoints.load_latest(workdir)
   if state is None:
     raise RuntimeError(f'no checkpoint in {workdir} after training')
@@ -364,7 +351,6 @@ def plot_accuracy_vs_compute(rows: Sequence[dict[str, Any]]):
 
 def write_outputs(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
                   out_dir: str) -> dict[str, str]:
-  from vit_jax import visualize  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   paths = {
       'markdown': os.path.join(out_dir, 'compare.md'),
@@ -419,7 +405,6 @@ class _VitJaxRecords(logging_std.Filter):
 
 def show_training_progress() -> None:
   """Logs vit_jax's progress lines at INFO without Orbax's and TensorFlow's chatter."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   absl_logger = logging_std.getLogger('absl')
   if not any(isinstance(f, _VitJaxRecords) for f in absl_logger.filters):

@@ -17,7 +17,7 @@ inside library calls (cuBLAS, cuDNN) on GPU.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 # A backward pass costs about twice the forward pass.
 TRAIN_FLOPS_FACTOR = 3
@@ -65,3 +65,22 @@ def vit_flops(config: Any, image_size: int | Sequence[int], num_classes: int,
   """FLOPs per image (2 per MAC); `train=True` gives forward + backward."""
   flops = 2 * vit_macs(config, image_size, num_classes)
   return flops * TRAIN_FLOPS_FACTOR if train else flops
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of a compiled function as XLA's cost analysis counts them.
+
+  None when the backend has no cost analysis or reports nothing. On GPU it
+  undercounts (library calls such as cuBLAS are not counted): prefer the
+  analytic count there.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (some backends do not implement it)
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None
+  flops = analysis.get('flops')
+  return float(flops) if flops is not None and flops > 0 else None

@@ -82,6 +82,20 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
   return jax.tree.map(spec, tree)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Host arrays -> global arrays with `shardings` (every process holds the whole tree)."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def gather(tree: Any, mesh) -> Any:
+  """Global arrays -> numpy on every process (replicates FSDP shards first)."""
+  replicate = jax.jit(lambda t: t, out_shardings=replicated(mesh))
+  return jax.device_get(replicate(tree))
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = 'batch_size') -> None:
   devices = mesh.devices.size
   if batch_size % devices:

@@ -39,6 +39,15 @@ import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import jax
+from PIL import Image
+
+from vit_jax import checkpoint
+from vit_jax import predict
+from vit_jax import train_checkpoints
+from vit_jax.configs import models as model_configs
+from vit_jax.configs import schema
+from vit_jax.configs.image_size import image_hw
 
 # Files written by `write_figures`, in order.
 FIGURE_FILES = {
@@ -273,7 +282,6 @@ def center_crop(image: np.ndarray, aspect: Sequence[int]) -> np.ndarray:
 
 def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   """uint8 (H, W, 3) resized to (size, size) (or (h, w)) with bilinear filtering."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = _pair(size)
   image = np.asarray(image)
   if image.shape[:2] == (h, w):
@@ -284,7 +292,6 @@ def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of a 2-D float array (PIL's 32-bit float mode)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = size
   return np.asarray(Image.fromarray(np.asarray(values, np.float32)).resize(
       (w, h), Image.BILINEAR))
@@ -375,7 +382,6 @@ def _attention_forward(model):
   Keyed by the module's repr (its full configuration): Flax modules holding
   dicts cannot be hashed.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   key = repr(model)
   if key not in _FORWARD_CACHE:
     if len(_FORWARD_CACHE) >= 8:
@@ -642,7 +648,6 @@ def save_figure(fig, path: str, dpi: int = 100, palette: bool = False) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, format='png', dpi=dpi)
   if palette:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(path) as im:
       rgb = im.convert('RGB')
     rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
@@ -681,7 +686,6 @@ def load_image_spec(spec: str) -> np.ndarray:
     index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
     image = digits_images(split, [index])[0][0]
   else:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(spec) as im:
       image = np.asarray(im.convert('RGB'))
   if image.ndim == 2:
@@ -726,23 +730,11 @@ def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
     images, labels = images[indices], labels[indices]
   if image_size is not None and images.shape[1:3] != _pair(image_size):
     height, width = _pair(image_size)
-    rows = _bilinear_matrix(height, images.shape[1])
-    cols = _bilinear_matrix(width, images.shape[2])
+    rows = digits.interpolation_matrix(height, images.shape[1])
+    cols = digits.interpolation_matrix(width, images.shape[2])
     resized = np.einsum('ij,njkc,lk->nilc', rows, images.astype(np.float64), cols)
     images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
   return images, labels
-
-
-def _bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
-  """(size_out, size_in) weights of bilinear resampling with half-pixel centres."""
-  centres = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
-  low = np.floor(centres).astype(int)
-  high = np.minimum(low + 1, size_in - 1)
-  frac = centres - low
-  m = np.zeros((size_out, size_in))
-  np.add.at(m, (np.arange(size_out), low), 1 - frac)
-  np.add.at(m, (np.arange(size_out), high), frac)
-  return m
 
 
 def prepare_image(image: np.ndarray, size: int | Sequence[int],
@@ -773,13 +765,11 @@ def read_labels(path: Optional[str], num_classes: int,
   """Class names: a file (one per line), 0-9 for digits, ImageNet-1k's for 1000 classes."""
   if not path and dataset == 'digits' and num_classes == 10:
     return [str(i) for i in range(10)]
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
   return predict.class_names(num_classes, path)
 
 
 def load_params(path: str) -> dict:
   """Parameters (nested dict) from a published-format `.npz`."""
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.load(path)
 
 
@@ -807,7 +797,6 @@ def fit_position_embedding(params: dict, patch_stride: Sequence[int],
   already has the new grid's token count. Resampling is the reference's linear
   one (`checkpoint.resize_posemb`), as fine-tuning at a new resolution does.
   """
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   pos = _find_pos_embedding(params)
   if pos is None:
     return params
@@ -837,7 +826,6 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
   newest run checkpoint; the metadata (model_name, dataset, step) comes from
   that checkpoint when there is one.
   """
-  from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
   meta: dict = {}
   params = None
   exported = os.path.join(workdir, 'params.npz')
@@ -859,20 +847,15 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
 
 
 def jax_to_numpy(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(np.asarray, tree)
 
 
 def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
   """(model, params, (height, width), dataset name) from the command-line flags."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs import models as model_configs  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
 
   model_config, dataset, params = None, None, None
   image_size = args.image_size
   if args.config:
-    from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
     config = schema.load_file(args.config)
     model_config = schema.model_config(config)
     image_size = image_size or tuple(config.image_size)
@@ -914,7 +897,6 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
 
 
 def _image_size_arg(text: str) -> tuple[int, int]:
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
   try:
     return predict.parse_image_size(text)
   except ValueError as e:

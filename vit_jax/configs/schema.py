@@ -210,6 +210,8 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
     raise ValueError(f'A config must be a ConfigDict or a dict, got {type(config).__name__}')
   out = base_config()
   _merge(out, given, 'config')
+  if isinstance(out.image_size, tuple) and len(out.image_size) == 1:
+    out.image_size = out.image_size * 2  # `--config.image_size=384` arrives as (384,)
   out.lock()
   return out
 

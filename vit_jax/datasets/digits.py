@@ -38,7 +38,7 @@ _CITATION = """\
 """
 
 
-def _interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
+def interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
   """Matrix M (size_out x size_in) so that M @ x resamples x linearly.
 
   Uses half-pixel centres (like ``tf.image.resize`` with bilinear method) and
@@ -58,7 +58,7 @@ def _interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
 def upsample(images8: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
   """[N, 8, 8] values in 0..16 -> uint8 [N, size, size, 3] in 0..255."""
   images8 = np.asarray(images8, np.float64)
-  m = _interpolation_matrix(size, images8.shape[1])
+  m = interpolation_matrix(size, images8.shape[1])
   big = np.einsum('ij,njk,lk->nil', m, images8, m)
   big = np.clip(np.round(big * (255.0 / 16.0)), 0, 255).astype(np.uint8)
   return np.repeat(big[..., None], 3, axis=-1)

@@ -1,0 +1,161 @@
+"""The training loop's periodic work and its clock, kept out of the loop.
+
+- `Schedule` says which periodic actions (log, eval, checkpoint) fall on a step.
+- `Chrono` measures training time only: the first step (compilation) and
+  whatever runs inside `chrono.paused()` (evaluation, checkpointing) do not count.
+- `StopRequests` turns SIGTERM (one process) or JAX's preemption sync point
+  (multi-process) into "save and stop at this step".
+- `TrainMetrics` holds the step metrics still on the device and, every
+  `log_every` steps, fetches them in one transfer, refuses non-finite values
+  and writes their averages with throughput from the `Chrono`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss or gradient became NaN/inf; nothing was saved after it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Which periodic actions a step triggers (0: at the last step only)."""
+  total_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+  def _due(self, step: int, every: int) -> bool:
+    return bool(every and step % every == 0) or step == self.total_steps
+
+  def eval(self, step: int) -> bool:
+    return self._due(step, self.eval_every)
+
+  def checkpoint(self, step: int) -> bool:
+    return self._due(step, self.checkpoint_every)
+
+  def log(self, step: int) -> bool:
+    return self._due(step, self.log_every)
+
+
+class Chrono:
+  """Training seconds and steps, excluding compilation and paused work."""
+
+  def __init__(self, start_step: int, clock: Callable[[], float] = time.monotonic):
+    self._clock = clock
+    self._mark, self._mark_step = clock(), start_step
+    self.seconds, self.steps = 0.0, 0
+    self.compile_seconds: Optional[float] = None
+    self.last_rate = float('nan')
+
+  def first_step_done(self, step: int) -> None:
+    """Call after the first step's results are ready: its time is compilation."""
+    now = self._clock()
+    self.compile_seconds = now - self._mark
+    self._mark, self._mark_step = now, step
+
+  def lap(self, step: int) -> float:
+    """Steps/s since the last lap (counted into the totals)."""
+    now = self._clock()
+    elapsed, done = now - self._mark, step - self._mark_step
+    if done > 0:
+      self.seconds += elapsed
+      self.steps += done
+    self.last_rate = done / elapsed if elapsed > 0 and done > 0 else float('nan')
+    self._mark, self._mark_step = now, step
+    return self.last_rate
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._mark += self._clock() - start
+
+  @property
+  def steps_per_sec(self) -> float:
+    return self.steps / self.seconds if self.seconds > 0 else float('nan')
+
+
+class TrainMetrics:
+  """Step metrics waiting on the device, fetched and written together."""
+
+  def __init__(self, writer: Any, chrono: Chrono, batch_size: int, num_train_examples: int,
+               describe_last_good: Callable[[], str]):
+    self._writer, self._chrono = writer, chrono
+    self._batch, self._examples = batch_size, max(num_train_examples, 1)
+    self._describe_last_good = describe_last_good
+    self._pending: list[tuple[int, dict]] = []
+    self.last: dict[str, float] = {}
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    """Fetches pending metrics; raises NonFiniteLossError; writes their averages."""
+    if not self._pending:
+      return
+    steps = [s for s, _ in self._pending]
+    fetched = jax.device_get([m for _, m in self._pending])
+    self._pending = []
+    for step, m in zip(steps, fetched):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise NonFiniteLossError(
+            f'Non-finite training loss {float(m["loss"])} (grad norm '
+            f'{float(m["grad_norm"])}) at step {step}; stopping without saving. '
+            f'{self._describe_last_good()} Lower config.learning_rate, keep '
+            'config.grad_clip_norm > 0, or use config.dtype="float32".')
+    speed = self._chrono.lap(steps[-1])
+    self.last = {
+        'train_loss': float(np.mean([m['loss'] for m in fetched])),
+        'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+        'learning_rate': float(fetched[-1]['learning_rate']),
+        'steps_per_sec': speed,
+        'images_per_sec': speed * self._batch,
+        'examples_seen': float(steps[-1] * self._batch),
+        'epoch': steps[-1] * self._batch / self._examples,
+    }
+    self._writer.write_scalars(steps[-1], self.last)
+
+
+class StopRequests:
+  """SIGTERM (one process) or the JAX preemption sync point (multi-process)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception:  # pylint: disable=broad-except
+        return False  # No preemption service (not started via jax.distributed).
+    return self.requested
