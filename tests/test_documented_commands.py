@@ -2,9 +2,8 @@
 
 Commands come from fenced blocks tagged sh, bash, shell or console (in console
 blocks only the `$ ` lines): backslash continuations are joined, `# comments`
-dropped and `a && b` split into two commands. README.md is assembled from
-docs/*.md (tests/test_docs.py), so a block found in both is one block, named
-after its docs file and line. A command runs unless the EXEMPT table below
+dropped and `a && b` split into two commands. A block found both in README.md
+and in a docs page is one block, named after its docs file and line. A command runs unless the EXEMPT table below
 names it with the reason and where else it is covered;
 `test_every_command_runs_or_is_exempt` fails for a newly documented command
 that neither runs nor is exempt, and for an exemption that matches no command.

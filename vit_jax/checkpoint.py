@@ -910,6 +910,19 @@ def _format_problems(title: str, rows: list[str]) -> str:
   return f'{title} ({len(rows)}):\n  ' + '\n  '.join(rows)
 
 
+def _raise_if_problems(title: str, missing: list[str], unexpected: list[str],
+                       mismatched: list[str]) -> None:
+  """ValueError listing every missing / unexpected key and shape mismatch, if any."""
+  if not (missing or unexpected or mismatched):
+    return
+  parts = [title]
+  for name, rows in (('missing keys', missing), ('unexpected keys', unexpected),
+                     ('shape mismatches', mismatched)):
+    if rows:
+      parts.append(_format_problems(name, rows))
+  raise ValueError('\n'.join(parts))
+
+
 def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mapping,
                     model_config: Any, *,
                     image_size: Union[int, tuple[int, int], None] = None,
@@ -1023,15 +1036,8 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
 
   unexpected = [f'{k}: checkpoint {_shape(v)}, not in model'
                 for k, v in sorted(restored.items()) if k not in init]
-  if missing or unexpected or mismatched:
-    parts = [f'Checkpoint {source!r} does not fit the model:']
-    if missing:
-      parts.append(_format_problems('missing keys', missing))
-    if unexpected:
-      parts.append(_format_problems('unexpected keys', unexpected))
-    if mismatched:
-      parts.append(_format_problems('shape mismatches', mismatched))
-    raise ValueError('\n'.join(parts))
+  _raise_if_problems(f'Checkpoint {source!r} does not fit the model:', missing, unexpected,
+                     mismatched)
 
   result = {}
   for key, target in init.items():
@@ -1068,15 +1074,8 @@ def _check_keys_fit(specs: Mapping[str, Any], init: Mapping[str, Any], source: s
                 for k, v in sorted(init.items())
                 if k in specs and k not in HEAD_KEYS and k != POSEMB_KEY
                 and squeeze(_shape(specs[k])) != squeeze(_shape(v))]
-  if missing or unexpected or mismatched:
-    parts = [f'Checkpoint {source!r} does not fit the model:']
-    if missing:
-      parts.append(_format_problems('missing keys', missing))
-    if unexpected:
-      parts.append(_format_problems('unexpected keys', unexpected))
-    if mismatched:
-      parts.append(_format_problems('shape mismatches', mismatched))
-    raise ValueError('\n'.join(parts))
+  _raise_if_problems(f'Checkpoint {source!r} does not fit the model:', missing, unexpected,
+                     mismatched)
 
 
 def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping, config: Any,
@@ -1152,12 +1151,5 @@ def check_params(params: Mapping, expected: Mapping, source: str = 'params',
                 if k not in want]
   mismatched = [f'{k}: {source} {_shape(have[k])} vs model {_shape(v)}'
                 for k, v in sorted(want.items()) if k in have and _shape(have[k]) != _shape(v)]
-  if missing or unexpected or mismatched:
-    parts = [title or f'{source} does not fit the model:']
-    if missing:
-      parts.append(_format_problems('missing keys', missing))
-    if unexpected:
-      parts.append(_format_problems('unexpected keys', unexpected))
-    if mismatched:
-      parts.append(_format_problems('shape mismatches', mismatched))
-    raise ValueError('\n'.join(parts))
+  _raise_if_problems(title or f'{source} does not fit the model:', missing, unexpected,
+                     mismatched)

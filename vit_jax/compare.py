@@ -252,22 +252,15 @@ def _trained_params(workdir: str):
   return state['params'] if isinstance(state, dict) else state.params
 
 
+_FORMATS = {'pct': lambda v: f'{100 * v:.1f}%', 'params': lambda v: f'{v / 1e6:.3f}M',
+            'gflops': lambda v: f'{v / 1e9:.4g}', 'tflops': lambda v: f'{v / 1e12:.4g}',
+            'rate': lambda v: f'{v:,.0f}', 'sec': lambda v: f'{v:.1f}'}
+
+
 def _fmt(value: Any, kind: str) -> str:
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return '-'
-  if kind == 'pct':
-    return f'{100 * value:.1f}%'
-  if kind == 'params':
-    return f'{value / 1e6:.3f}M'
-  if kind == 'gflops':
-    return f'{value / 1e9:.4g}'
-  if kind == 'tflops':
-    return f'{value / 1e12:.4g}'
-  if kind == 'rate':
-    return f'{value:,.0f}'
-  if kind == 'sec':
-    return f'{value:.1f}'
-  return str(value)
+  return _FORMATS[kind](value) if kind in _FORMATS else str(value)
 
 
 TABLE_COLUMNS = [

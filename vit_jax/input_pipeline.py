@@ -534,6 +534,18 @@ def _options(ds):
 # ----------------------------------------------------------------------------
 
 
+def _maybe_cache(records, source: _Source, cache: bool):
+  """(records, whether 'image' still holds paths to read): cached in memory if asked."""
+  tf = _tf()
+  if not cache:
+    return records, source.yields_paths
+  if source.yields_paths:  # Cache file contents, not their paths.
+    records = records.map(
+        lambda r: {'image': tf.io.read_file(r['image']), 'label': r['label']},
+        num_parallel_calls=tf.data.AUTOTUNE)
+  return records.cache(), False
+
+
 def get_train_dataset(config,
                       *,
                       start_step: int = 0,
@@ -574,15 +586,7 @@ def get_train_dataset(config,
   if count == 0:
     raise ValueError(f'Split {split!r} of {source.name!r} gives process {pi} '
                      f'of {pc} no training examples.')
-  needs_read = source.yields_paths
-  if config.cache:
-    if needs_read:  # Cache file contents, not their paths.
-      records = records.map(
-          lambda r: {'image': tf.io.read_file(r['image']),
-                     'label': r['label']},
-          num_parallel_calls=tf.data.AUTOTUNE)
-      needs_read = False
-    records = records.cache()
+  records, needs_read = _maybe_cache(records, source, config.cache)
 
   shuffle_key = _base_key(seed, pi, _SHUFFLE_TAG)
   augment_key = _base_key(seed, pi, _AUGMENT_TAG)
@@ -670,15 +674,7 @@ def get_eval_dataset(config,
     raise ValueError(f'Eval split {split!r} of {source.name!r} is empty.')
   num_batches = max(1, math.ceil(math.ceil(total / pc) / batch))
   records, count = source.read(split, pi, pc)
-  needs_read = source.yields_paths
-  if config.cache:
-    if needs_read:
-      records = records.map(
-          lambda r: {'image': tf.io.read_file(r['image']),
-                     'label': r['label']},
-          num_parallel_calls=tf.data.AUTOTUNE)
-      needs_read = False
-    records = records.cache()
+  records, needs_read = _maybe_cache(records, source, config.cache)
   num_classes = source.num_classes
 
   def preprocess(record):

@@ -141,12 +141,12 @@ class BitRecipe:
   resize: int  # images are resized to this, then cropped to `crop`
   crop: int
   source: str = f'{BIT_PAPER}, Sec. 3.3'
+  learning_rate: float = 0.003  # SGD with momentum 0.9, no weight decay, batch 512
   optimizer: str = 'sgd'
   momentum: float = 0.9
-  learning_rate: float = 0.003
+  weight_decay: float = 0.0
   batch_size: int = 512
   warmup_steps: int = 500
-  weight_decay: float = 0.0
   schedule: str = 'step'  # rate / 10 at each of `decay_boundaries` (fractions of the steps)
   decay_boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)
 
@@ -219,14 +219,19 @@ def finetune_config(dataset: str, model_name: str,
   c.image_size = (row.image_size, row.image_size)
   # The reference's fine-tuning crop: inception crop -> resize, flip; eval: resize.
   c.pp.train, c.pp.eval, c.pp.flip = 'inception_crop', 'resize', True
-  c.batch_size = c.eval_batch_size = row.batch_size
-  c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
-  c.learning_rate = FINETUNE_LEARNING_RATES[-1]
-  c.schedule, c.warmup_steps, c.total_steps = row.schedule, row.warmup_steps, row.total_steps
+  _set_sgd_recipe(c, row, FINETUNE_LEARNING_RATES[-1])
   c.grad_clip_norm = row.grad_clip_norm
   c.grad_accum_steps, c.accumulator_dtype = row.grad_accum_steps, row.accumulator_dtype
-  c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)
   return c
+
+
+def _set_sgd_recipe(c: ml_collections.ConfigDict, row, learning_rate: float) -> None:
+  """The fields the ViT fine-tuning rows and the BiT-HyperRule share."""
+  c.batch_size = c.eval_batch_size = row.batch_size
+  c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
+  c.learning_rate, c.schedule = learning_rate, row.schedule
+  c.warmup_steps, c.total_steps = row.warmup_steps, row.total_steps
+  c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)
 
 
 def bit_config(dataset: str, model_name: str,
@@ -245,13 +250,9 @@ def bit_config(dataset: str, model_name: str,
   c.pp.train, c.pp.eval, c.pp.flip = 'resize_crop', 'resize', True
   c.pp.crop_pad = row.resize - row.crop
   c.mixup_alpha = row.mixup_alpha
-  c.batch_size = c.eval_batch_size = row.batch_size
-  c.optimizer, c.momentum, c.weight_decay = row.optimizer, row.momentum, row.weight_decay
-  c.learning_rate, c.schedule = row.learning_rate, row.schedule
+  _set_sgd_recipe(c, row, row.learning_rate)
   c.decay_boundaries = row.decay_boundaries
-  c.warmup_steps, c.total_steps = row.warmup_steps, row.total_steps
-  c.grad_accum_steps = 8
-  c.eval_every = c.checkpoint_every = max(row.total_steps // 10, 100)
+  c.grad_accum_steps = 8  # same update as one batch of 512, 1/8 of the activation memory
   return c
 
 
@@ -310,3 +311,29 @@ def digits_config(model_name: str = 'ViT-Digits_4') -> ml_collections.ConfigDict
     c.warmup_steps, c.total_steps = 50, 600
     c.eval_every = c.checkpoint_every = 200
   return c
+
+
+def from_arg(kind: str, dataset: str, arg: Optional[str]) -> ml_collections.ConfigDict:
+  """What a configs/ file returns for `--config=FILE:ARG`: the recipe row, or its runlocal.
+
+  `kind` is 'finetune', 'pretrain' or 'bit'; ARG names the model and may add
+  `runlocal` (and `dataset=NAME` for 'bit').
+  """
+  default_model = 'BiT-R50x1' if kind == 'bit' else 'ViT-B_16'
+  extra = {'dataset': dataset} if kind == 'bit' else {}
+  arg = schema.parse_arg(arg, model=default_model, runlocal=False, **extra)
+  if kind == 'finetune':
+    config = finetune_config(dataset, arg.model)
+  elif kind == 'pretrain':
+    config = pretrain_config(arg.model, dataset)
+  elif kind == 'bit':
+    config = bit_config(arg.dataset, arg.model)
+  else:
+    raise ValueError(f"kind must be 'finetune', 'pretrain' or 'bit', got {kind!r}")
+  if kind == 'pretrain' and dataset == 'imagenet21k':
+    config.train_split, config.eval_split = 'train[:99%]', 'train[99%:]'  # no official val
+    config.loss = 'sigmoid_xent'  # multi-label friendly, as big_vision pre-trains on i21k
+    config.model.head_bias_init = -10.0  # every sigmoid starts near p = 5e-5
+  if kind == 'pretrain' and dataset == 'imagenet2012':
+    config.eval_split = 'validation'
+  return runlocal(config) if arg.runlocal else config
