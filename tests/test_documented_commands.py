@@ -15,7 +15,8 @@ What runs differs from the documented text in exactly these ways:
    removed, so each command sees one CPU device as on a plain machine.
 2. Appended options, per program (TINY below): absl flags and argparse options
    both keep the last occurrence, so the documented values are still parsed and
-   then replaced. `vit_jax.main`: 2 steps of ViT-Test_4 at 16x16, batch 16, on
+   then replaced; a tuple-typed config field (`--config.image_size`) would
+   accumulate instead, so its documented value is dropped. `vit_jax.main`: 2 steps of ViT-Test_4 at 16x16, batch 16, on
    the embedded digits in a module-wide data dir. `vit_jax.compare`: the same
    sizes, and `--only ViT` (the ResNet side of the CLI is trained by
    tests/test_compare.py::test_cli_tiny_run). `benchmarks/benchmark.py`: one
@@ -25,7 +26,9 @@ What runs differs from the documented text in exactly these ways:
    `benchmarks/attention_benchmark.py`: 1 x 17 tokens x 2 heads x 8, one round.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
 3. Substitutions:
-   - `--config configs/NAME.py[:ARG]` (main, visualize) -> `configs/NAME.py:ViT-Test_4`;
+   - `--config configs/NAME.py[:ARG]` (main, visualize) -> `configs/NAME.py:ARG,runlocal`
+     for the paper's recipes (vit_jax/configs/recipes.py `from_arg`), else
+     `configs/NAME.py:ViT-Test_4`;
    - `--model NAME` (visualize, convert, predict) -> `ViT-Test_4`;
    - a path `/tmp/NAME...` -> NAME under a fresh directory per docs block, and a
      relative output (`--out`, `--output`, `--json`, and main's `--workdir`)
@@ -124,6 +127,9 @@ TINY = {
     'benchmarks/attention_benchmark.py': [
         '--batch', '1', '--tokens', '17', '--heads', '2', '--head-dim', '8', '--rounds', '1'],
 }
+# Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
+# so the documented value is dropped and TINY's used instead (rule 2).
+REPLACED_FLAGS = ('--config.image_size',)
 # Programs whose `--model` / `--config` values are replaced (rule 3).
 MODEL_FLAG_PROGRAMS = ('vit_jax.visualize', 'vit_jax.convert', 'vit_jax.predict')
 CONFIG_FLAG_PROGRAMS = ('vit_jax.main', 'vit_jax.visualize')
@@ -453,7 +459,12 @@ class BlockContext:
     if flag == '--model' and prog in MODEL_FLAG_PROGRAMS:
       return TINY_MODEL
     if flag == '--config' and prog in CONFIG_FLAG_PROGRAMS and value.startswith('configs/'):
-      return value.split(':')[0] + f':{TINY_MODEL}'
+      path, _, arg = value.partition(':')
+      with open(os.path.join(REPO, path)) as f:
+        recipe = 'recipes.from_arg' in f.read()
+      # A paper recipe keeps its model and gets its runlocal variant (tiny model,
+      # digits); the digits configs take the tiny model as their argument.
+      return f'{path}:{arg},runlocal'.replace(':,', ':') if recipe else f'{path}:{TINY_MODEL}'
     if TMP_PATH.search(value):
       return self._tmp(value, write)
     if write and not os.path.isabs(value):
@@ -482,6 +493,8 @@ class BlockContext:
         opt[1] = self.value(prog, opt[0], opt[1])
     head = words[:len(words) - len(args)]
     extra = [w.format(tfds=self.fx.tfds) for w in TINY[prog]] if tiny else []
+    if tiny:  # tuple-typed config flags accumulate when repeated: replace, not append
+      opts = [o for o in opts if o[0] not in REPLACED_FLAGS]
     return head + unparse(opts) + extra
 
 
