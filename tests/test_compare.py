@@ -148,7 +148,7 @@ def test_cli_tiny_run(tmp_path):
 
 def test_progress_filter_keeps_vit_jax_lines_only():
   import logging
-  keep = compare._VitJaxRecords()
+  keep = compare.VitJaxRecords()
   mine = logging.LogRecord('absl', logging.INFO, os.path.join(REPO, 'vit_jax', 'train.py'),
                            1, 'step 5', None, None)
   chatter = logging.LogRecord('absl', logging.INFO, '/site-packages/orbax/x.py', 1, 'saving',
@@ -162,9 +162,9 @@ def test_progress_filter_keeps_vit_jax_lines_only():
   try:
     compare.show_training_progress()
     compare.show_training_progress()  # idempotent: one filter
-    ours = [f for f in absl_logger.filters if isinstance(f, compare._VitJaxRecords)]
+    ours = [f for f in absl_logger.filters if isinstance(f, compare.VitJaxRecords)]
     assert len(ours) == 1
   finally:
-    for f in [f for f in absl_logger.filters if isinstance(f, compare._VitJaxRecords)]:
+    for f in [f for f in absl_logger.filters if isinstance(f, compare.VitJaxRecords)]:
       absl_logger.removeFilter(f)
     absl_logging.set_verbosity(verbosity)

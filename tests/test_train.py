@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vit_jax import data_sources
+from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import train
 from vit_jax import train_checkpoints
@@ -41,33 +42,37 @@ def synthetic_batches(config, num):
   return [next(it) for _ in range(num)]
 
 
-_HOST_INIT = {}
-
-
 def host_init(config):
-  """Initial params as numpy, computed once per model config (compiling init is slow)."""
-  key = json.dumps(schema.model_config(schema.resolve(config)).to_dict(), sort_keys=True) + str(
-      config.image_size)
-  if key not in _HOST_INIT:
-    model = train.build_model(config, config.num_classes)
-    size = config.image_size
-    init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, size, size, 3)),
-                                        train=False)['params'])
-    _HOST_INIT[key] = jax.device_get(init(jax.random.key(0)))
-  return _HOST_INIT[key]
+  """Initial params as numpy (the same for every mesh: a function of the config only)."""
+  model = train.build_model(config, config.num_classes)
+  size = config.image_size
+  init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, size, size, 3)),
+                                      train=False)['params'])
+  return jax.device_get(init(jax.random.key(0)))
 
 
-_RUNS = {}
+@pytest.fixture(scope='module')
+def run_steps():
+  """`run_steps(config, devices, batches, fsdp=False) -> (losses, params)`.
+
+  The same run asked for by two tests (e.g. the 8-device baseline) is trained
+  once per module: compiling is most of the cost on CPU.
+  """
+  runs = {}
+
+  def run(config, devices, batches, *, fsdp=False):
+    key = (json.dumps(config.to_dict(), sort_keys=True), len(devices), fsdp, len(batches))
+    if key not in runs:
+      runs[key] = train_steps(config, devices, batches, fsdp=fsdp)
+    return runs[key]
+
+  return run
 
 
-def run_steps(config, devices, batches, *, fsdp=False):
+def train_steps(config, devices, batches, *, fsdp=False):
   """Trains on `batches` over a mesh of `devices`; returns (losses, params as numpy)."""
-  key = (json.dumps(config.to_dict(), sort_keys=True), len(devices), fsdp, len(batches))
-  if key in _RUNS:
-    return _RUNS[key]
   mesh = parallel.make_mesh(devices)
   model = train.build_model(config, config.num_classes)
-  from vit_jax import optimizers  # pylint: disable=g-import-not-at-top
   tx = optimizers.make_optimizer(config)
   params = host_init(config)
   host_state = train.TrainState(step=np.zeros([], np.int32), params=params,
@@ -85,8 +90,7 @@ def run_steps(config, devices, batches, *, fsdp=False):
   for batch in batches:
     state, metrics = step(state, parallel.shard_batch(batch, parallel.data_sharding(mesh)))
     losses.append(float(metrics['loss']))
-  _RUNS[key] = np.array(losses), jax.device_get(state.params)
-  return _RUNS[key]
+  return np.array(losses), jax.device_get(state.params)
 
 
 def assert_trees_close(a, b, **kw):
@@ -95,7 +99,7 @@ def assert_trees_close(a, b, **kw):
 
 # SGD for the equivalence checks: Adam divides by sqrt(v), which turns the
 # rounding noise of near-zero gradients into O(lr) differences.
-def test_eight_devices_equal_one_device():
+def test_eight_devices_equal_one_device(run_steps):
   assert jax.device_count() == 8
   config = tiny_config(batch_size=16, optimizer='sgd', learning_rate=0.1)
   batches = synthetic_batches(config, 3)
@@ -106,7 +110,7 @@ def test_eight_devices_equal_one_device():
   assert loss8[-1] < loss8[0]
 
 
-def test_fsdp_equals_replicated():
+def test_fsdp_equals_replicated(run_steps):
   config = tiny_config(batch_size=16, optimizer='sgd', learning_rate=0.1)
   batches = synthetic_batches(config, 3)  # the replicated run is shared with the test above
   loss_r, params_r = run_steps(config, jax.devices(), batches)
@@ -115,7 +119,7 @@ def test_fsdp_equals_replicated():
   assert_trees_close(params_f, params_r, atol=1e-5, rtol=1e-5)
 
 
-def test_grad_accumulation_equals_big_batch():
+def test_grad_accumulation_equals_big_batch(run_steps):
   devices = jax.devices()[:2]  # each micro-batch of 2 is split over 2 devices
   big = tiny_config(batch_size=8, grad_accum_steps=1, optimizer='sgd', learning_rate=0.1)
   accum = tiny_config(batch_size=8, grad_accum_steps=4, optimizer='sgd', learning_rate=0.1)  # 4 micro-batches of 2
@@ -126,7 +130,7 @@ def test_grad_accumulation_equals_big_batch():
   assert_trees_close(params_acc, params_big, atol=1e-6, rtol=1e-5)
 
 
-def test_bf16_compute_step_is_finite():
+def test_bf16_compute_step_is_finite(run_steps):
   config = tiny_config(dtype='bfloat16', accumulator_dtype='bfloat16', optimizer='sgd',
                        learning_rate=0.05)
   losses, params = run_steps(config, jax.devices()[:1], synthetic_batches(config, 2))

@@ -388,7 +388,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-class _VitJaxRecords(logging_std.Filter):
+class VitJaxRecords(logging_std.Filter):
   """Passes vit_jax's own INFO lines (training progress) and every warning."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
@@ -400,8 +400,8 @@ def show_training_progress() -> None:
   """Logs vit_jax's progress lines at INFO without Orbax's and TensorFlow's chatter."""
   logging.set_verbosity(logging.INFO)
   absl_logger = logging_std.getLogger('absl')
-  if not any(isinstance(f, _VitJaxRecords) for f in absl_logger.filters):
-    absl_logger.addFilter(_VitJaxRecords())
+  if not any(isinstance(f, VitJaxRecords) for f in absl_logger.filters):
+    absl_logger.addFilter(VitJaxRecords())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
