@@ -21,7 +21,7 @@ writer is TensorFlow's `tf.summary`, and the trainer must run where TensorFlow
 is missing (the GPU machine has none, ../shared/README.md); clu itself is not
 installed there either. tensorboardX would add a dependency for the one writer
 that the `tensorboard` package already provides. What is left here is the
-console line with its ETA and a JSON-lines file, ~200 lines in all.
+console line with its ETA and a JSON-lines file.
 """
 
 from __future__ import annotations
