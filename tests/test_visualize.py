@@ -364,3 +364,13 @@ def test_non_square_checkpoint_size_resamples_position_embeddings(tmp_path):
   assert summary['image_size'] == [16, 24] and summary['grid_shape'] == [4, 6]
   with pytest.raises(SystemExit):
     visualize.parse_args(['--image-size', '16x', '--out', str(tmp_path)])
+
+
+def test_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+  path = str(tmp_path / 'grey16.png')
+  Image.fromarray(ramp).save(path)
+  image = visualize.load_image_spec(path)
+  assert image.shape == (16, 64, 3) and image.dtype == np.uint8
+  np.testing.assert_allclose(image[0, :, 0], np.round(ramp[0] / 257.0), atol=1)

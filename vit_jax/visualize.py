@@ -43,6 +43,7 @@ import jax
 from PIL import Image
 
 from vit_jax import checkpoint
+from vit_jax import images as images_lib
 from vit_jax import predict
 from vit_jax import train_checkpoints
 from vit_jax.configs import models as model_configs
@@ -686,15 +687,8 @@ def load_image_spec(spec: str) -> np.ndarray:
     index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
     image = digits_images(split, [index])[0][0]
   else:
-    with Image.open(spec) as im:
-      image = np.asarray(im.convert('RGB'))
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  if image.shape[-1] == 4:
-    image = image[..., :3]
-  if image.dtype != np.uint8:
-    image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-  return image
+    return images_lib.read_uint8(spec)
+  return images_lib.read_uint8(image)
 
 
 def load_images(spec: str, image_size: Optional[int | Sequence[int]] = None
