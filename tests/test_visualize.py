@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from vit_jax import attention_maps
+from vit_jax import images as images_lib
 from vit_jax import visualize
 from vit_jax.datasets import digits
 from vit_jax.configs import models as model_configs
@@ -32,17 +34,17 @@ def random_attention(rng, layers, batch, heads, tokens):
 
 def test_patch_grid_count_and_content():
   image = np.arange(32 * 24 * 3).reshape(32, 24, 3)
-  patches = visualize.patch_grid(image, 8)
+  patches = attention_maps.patch_grid(image, 8)
   assert patches.shape == (4, 3, 8, 8, 3)
   assert patches.shape[0] * patches.shape[1] == (32 // 8) * (24 // 8)
   np.testing.assert_array_equal(patches[2, 1], image[16:24, 8:16])
-  patches = visualize.patch_grid(image, (4, 6))
+  patches = attention_maps.patch_grid(image, (4, 6))
   assert patches.shape[:2] == (8, 4)
 
 
 def test_patch_grid_rejects_indivisible_size():
   with pytest.raises(ValueError, match='not divisible'):
-    visualize.patch_grid(np.zeros((30, 32, 3)), 4)
+    attention_maps.patch_grid(np.zeros((30, 32, 3)), 4)
 
 
 # --- position embedding similarity ---------------------------------------------
@@ -50,7 +52,7 @@ def test_patch_grid_rejects_indivisible_size():
 def test_position_similarity_symmetric_unit_diagonal():
   rng = np.random.default_rng(0)
   pos = rng.normal(size=(1, 1 + 5 * 5, 16))  # class token + 5x5 grid
-  sim = visualize.position_embedding_similarity(pos)
+  sim = attention_maps.position_embedding_similarity(pos)
   assert sim.shape == (5, 5, 5, 5)
   flat = sim.reshape(25, 25)
   np.testing.assert_allclose(flat, flat.T, atol=1e-12)
@@ -63,17 +65,17 @@ def test_position_similarity_symmetric_unit_diagonal():
 def test_position_similarity_known_values():
   # Orthogonal embeddings: identity; the class token (row 0) is dropped.
   pos = np.concatenate([np.ones((1, 4)), np.eye(4)])[None]
-  sim = visualize.position_embedding_similarity(pos, (2, 2))
+  sim = attention_maps.position_embedding_similarity(pos, (2, 2))
   np.testing.assert_allclose(sim.reshape(4, 4), np.eye(4))
   # Antiparallel embeddings: -1.
-  sim = visualize.position_embedding_similarity(np.array([[1.0, 2.0], [-2.0, -4.0]]), (1, 2))
+  sim = attention_maps.position_embedding_similarity(np.array([[1.0, 2.0], [-2.0, -4.0]]), (1, 2))
   np.testing.assert_allclose(sim.reshape(2, 2), [[1, -1], [-1, 1]])
 
 
 def test_position_similarity_non_square_grid_needs_shape():
   with pytest.raises(ValueError, match='square'):
-    visualize.position_embedding_similarity(np.ones((1, 1 + 6, 4)))
-  assert visualize.position_embedding_similarity(
+    attention_maps.position_embedding_similarity(np.ones((1, 1 + 6, 4)))
+  assert attention_maps.position_embedding_similarity(
       np.random.rand(1, 7, 4), (2, 3)).shape == (2, 3, 2, 3)
 
 
@@ -82,11 +84,11 @@ def test_position_similarity_non_square_grid_needs_shape():
 def test_rollout_rows_sum_to_one():
   rng = np.random.default_rng(1)
   attn = random_attention(rng, layers=3, batch=2, heads=4, tokens=10)
-  rollout = visualize.attention_rollout(attn)
+  rollout = attention_maps.attention_rollout(attn)
   assert rollout.shape == (2, 10, 10)
   np.testing.assert_allclose(rollout.sum(-1), 1.0, atol=1e-12)
   assert rollout.min() >= 0
-  raw = visualize.attention_rollout(attn, add_residual=False)
+  raw = attention_maps.attention_rollout(attn, add_residual=False)
   np.testing.assert_allclose(raw.sum(-1), 1.0, atol=1e-12)
 
 
@@ -100,26 +102,26 @@ def test_rollout_matches_hand_computation():
     return m / m.sum(-1, keepdims=True)
 
   expected = layer(attn[1]) @ layer(attn[0])  # later layers multiply from the left
-  np.testing.assert_allclose(visualize.attention_rollout(attn)[0], expected, atol=1e-12)
+  np.testing.assert_allclose(attention_maps.attention_rollout(attn)[0], expected, atol=1e-12)
 
 
 def test_rollout_of_identity_attention_is_identity():
   attn = [np.broadcast_to(np.eye(6), (1, 2, 6, 6))] * 4
-  np.testing.assert_allclose(visualize.attention_rollout(attn)[0], np.eye(6))
+  np.testing.assert_allclose(attention_maps.attention_rollout(attn)[0], np.eye(6))
 
 
 def test_rollout_map_and_class_attention_pick_class_token_row():
   rng = np.random.default_rng(3)
   attn = random_attention(rng, layers=2, batch=1, heads=2, tokens=1 + 9)
-  maps = visualize.class_token_attention(attn, (3, 3))
+  maps = attention_maps.class_token_attention(attn, (3, 3))
   assert maps.shape == (2, 1, 2, 3, 3)
   np.testing.assert_allclose(maps[1, 0, 1].ravel(), attn[1][0, 1, 0, 1:])
-  rollout = visualize.attention_rollout(attn)
-  rmap = visualize.rollout_map(rollout, (3, 3))
+  rollout = attention_maps.attention_rollout(attn)
+  rmap = attention_maps.rollout_map(rollout, (3, 3))
   np.testing.assert_allclose(rmap[0].ravel(), rollout[0, 0, 1:])
   # Without a class token the mean query stands in for it.
   attn = random_attention(rng, layers=1, batch=1, heads=2, tokens=4)
-  gap = visualize.class_token_attention(attn, (2, 2), num_prefix_tokens=0)
+  gap = attention_maps.class_token_attention(attn, (2, 2), num_prefix_tokens=0)
   np.testing.assert_allclose(gap[0, 0, 0].ravel(), attn[0][0, 0].mean(0))
 
 
@@ -128,7 +130,7 @@ def test_rollout_map_and_class_attention_pick_class_token_row():
 def test_attention_distance_bounds():
   rng = np.random.default_rng(4)
   attn = random_attention(rng, layers=3, batch=2, heads=4, tokens=1 + 16)
-  dist = visualize.mean_attention_distance(attn, patch_size=8)
+  dist = attention_maps.mean_attention_distance(attn, patch_size=8)
   assert dist.shape == (3, 4)
   diagonal = np.hypot(32, 32)  # 4x4 patches of 8 pixels
   assert np.all(dist >= 0) and np.all(dist <= diagonal)
@@ -138,29 +140,29 @@ def test_attention_distance_known_values():
   tokens = 1 + 4  # 2x2 grid of 10-pixel patches: neighbours 10 px apart, diagonal 14.1
   local = np.zeros((1, 1, tokens, tokens))
   local[..., np.arange(tokens), np.arange(tokens)] = 1.0  # every patch attends to itself
-  assert visualize.mean_attention_distance([local], 10)[0, 0] == 0.0
+  assert attention_maps.mean_attention_distance([local], 10)[0, 0] == 0.0
   uniform = np.full((1, 1, tokens, tokens), 1.0 / tokens)
   expected = (0 + 10 + 10 + np.hypot(10, 10)) / 4  # same for every query by symmetry
-  np.testing.assert_allclose(visualize.mean_attention_distance([uniform], 10)[0, 0], expected)
+  np.testing.assert_allclose(attention_maps.mean_attention_distance([uniform], 10)[0, 0], expected)
   far = np.zeros((1, 1, tokens, tokens))
   far[0, 0, 1:, 1:] = np.fliplr(np.eye(4))  # patch k attends to the opposite corner
   far[0, 0, 0, 0] = 1.0
-  np.testing.assert_allclose(visualize.mean_attention_distance([far], 10)[0, 0],
+  np.testing.assert_allclose(attention_maps.mean_attention_distance([far], 10)[0, 0],
                              np.hypot(10, 10))
 
 
 def test_patch_distances():
-  d = visualize.patch_distances((2, 3), (4, 5))
+  d = attention_maps.patch_distances((2, 3), (4, 5))
   assert d.shape == (6, 6)
   np.testing.assert_allclose(d, d.T)
   np.testing.assert_allclose(d[0, 5], np.hypot(4, 10))
 
 
 def test_top_k():
-  idx, probs = visualize.top_k(np.array([0.0, 3.0, 1.0, 2.0]), k=3)
+  idx, probs = attention_maps.top_k(np.array([0.0, 3.0, 1.0, 2.0]), k=3)
   assert idx.tolist() == [1, 3, 2]
   assert np.all(np.diff(probs) <= 0) and probs.sum() <= 1
-  assert len(visualize.top_k(np.zeros(3), 5)[0]) == 3
+  assert len(attention_maps.top_k(np.zeros(3), 5)[0]) == 3
 
 
 # --- with a model -----------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_analyze_rejects_resnet():
 
 def test_write_figures_pngs(vit_test, tmp_path):
   model, params = vit_test
-  image, shown = visualize.prepare_image(
+  image, shown = images_lib.prepare_image(
       (np.random.default_rng(1).random((40, 50, 3)) * 255).astype(np.uint8), 16, 64)
   assert image.shape == (16, 16, 3) and shown.shape[0] >= 64
   a = visualize.analyze(model, params, image, display_image=shown)
@@ -241,7 +243,7 @@ def test_figures_individually():
   assert fig.axes[0].get_ylim()[1] == pytest.approx(32.0)  # half the diagonal * sqrt(2)
   fig = visualize.plot_top_k([('a', 0.5), ('b', 0.3)])
   assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['a', 'b']
-  sim = visualize.position_embedding_similarity(np.random.rand(1, 10, 4), (3, 3))
+  sim = attention_maps.position_embedding_similarity(np.random.rand(1, 10, 4), (3, 3))
   fig = visualize.plot_position_embedding_similarity(sim)
   assert fig.axes[0].get_images()[0].get_array().shape == (3 * 4 - 1,) * 2
 
@@ -265,22 +267,22 @@ def test_read_labels(tmp_path):
 
 
 def test_load_image_spec():
-  cat = visualize.load_image_spec('skimage:chelsea')
+  cat = images_lib.load_image_spec('skimage:chelsea')
   assert cat.dtype == np.uint8 and cat.ndim == 3 and cat.shape[-1] == 3
   with pytest.raises(ValueError):
-    visualize.load_image_spec('skimage:no_such_image')
-  assert len(visualize.load_images('skimage:astronaut')) == 1
+    images_lib.load_image_spec('skimage:no_such_image')
+  assert len(images_lib.load_images('skimage:astronaut')) == 1
 
 
 def test_load_digits_images():
-  digit = visualize.load_image_spec('digits:test:2')
+  digit = images_lib.load_image_spec('digits:test:2')
   assert digit.shape == (32, 32, 3) and digit.dtype == np.uint8
-  many = visualize.load_images('digits:test:0-4')
+  many = images_lib.load_images('digits:test:0-4')
   assert len(many) == 5
   np.testing.assert_array_equal(many[2], digit)
   # Resized like the eval pipeline (tf.image.resize, bilinear, half-pixel centres):
   # halving the size averages 2x2 blocks.
-  small = visualize.load_images('digits:test:0-4', image_size=16)
+  small = images_lib.load_images('digits:test:0-4', image_size=16)
   blocks = np.stack(many).astype(float).reshape(5, 16, 2, 16, 2, 3).mean(axis=(2, 4))
   assert np.abs(np.stack(small) - blocks).max() <= 0.5
   np.testing.assert_allclose(digits.interpolation_matrix(5, 5), np.eye(5))
@@ -330,12 +332,12 @@ def test_cli_needs_parameters(tmp_path):
 
 def test_prepare_image_and_digits_non_square():
   image = (np.random.default_rng(5).random((60, 50, 3)) * 255).astype(np.uint8)
-  model_input, shown = visualize.prepare_image(image, (16, 24), 64)
+  model_input, shown = images_lib.prepare_image(image, (16, 24), 64)
   assert model_input.shape == (16, 24, 3)
   assert shown.shape[0] >= 64 and abs(shown.shape[1] / shown.shape[0] - 1.5) < 0.05
-  assert visualize.center_crop(image, (2, 3)).shape[:2] == (33, 50)  # full width kept
-  assert visualize.center_crop(image, (1, 1)).shape[:2] == (50, 50)
-  digits = visualize.load_images('digits:test:0-1', image_size=(16, 24))
+  assert images_lib.center_crop(image, (2, 3)).shape[:2] == (33, 50)  # full width kept
+  assert images_lib.center_crop(image, (1, 1)).shape[:2] == (50, 50)
+  digits = images_lib.load_images('digits:test:0-1', image_size=(16, 24))
   assert digits[0].shape == (16, 24, 3)
 
 
@@ -371,6 +373,6 @@ def test_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
   ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
   path = str(tmp_path / 'grey16.png')
   Image.fromarray(ramp).save(path)
-  image = visualize.load_image_spec(path)
+  image = images_lib.load_image_spec(path)
   assert image.shape == (16, 64, 3) and image.dtype == np.uint8
   np.testing.assert_allclose(image[0, :, 0], np.round(ramp[0] / 257.0), atol=1)

@@ -2,7 +2,9 @@
 
 `load_image(image, size)` gives what a model eats: float32 (H, W, 3) in [-1, 1],
 resized (bilinear, no crop) from a file path, a PIL image or an array.
-`read_uint8(image)` gives the same picture as uint8 RGB for display and crops.
+`read_uint8(image)` gives the same picture as uint8 RGB for display and crops;
+`load_image_spec` adds `skimage:NAME` and `digits:SPLIT:INDEX` sources,
+`prepare_image` the centred crop and display copy the visualisations draw on.
 Both read files the same way: grey, RGBA and palette images become RGB;
 16-bit greyscale files (PIL modes 'I;16', 'I') are scaled by their real range
 (65535), not clipped to 8 bits; a file PIL cannot decode, or one larger than
@@ -15,7 +17,7 @@ training data never passes through here.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -127,3 +129,124 @@ def read_uint8(image: ImageLike) -> np.ndarray:
   elif array.dtype.kind != 'f':
     array = array.astype(np.float32) / 255.0
   return np.clip(np.rint(np.asarray(array, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _pair(x: Sequence[int] | int) -> tuple[int, int]:
+  return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
+
+
+def to_model_input(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) or (B, H, W, 3) in 0..255 -> float32 in [-1, 1] with a batch axis."""
+  x = np.asarray(image, np.float32)
+  if x.ndim == 3:
+    x = x[None]
+  return x / 127.5 - 1.0
+
+
+def square_crop(image: np.ndarray) -> np.ndarray:
+  """The largest centred square of an (H, W, C) image."""
+  return center_crop(image, (1, 1))
+
+
+def center_crop(image: np.ndarray, aspect: Sequence[int]) -> np.ndarray:
+  """The largest centred crop of an (H, W, C) image with height:width = aspect."""
+  h, w = image.shape[:2]
+  ah, aw = _pair(aspect)
+  if w * ah > h * aw:  # wider than the target: keep the full height
+    ch, cw = h, max(1, int(round(h * aw / ah)))
+  else:
+    ch, cw = max(1, int(round(w * ah / aw))), w
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return image[top:top + ch, left:left + cw]
+
+
+def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+  """uint8 (H, W, 3) resized to (size, size) (or (h, w)) with bilinear filtering."""
+  h, w = _pair(size)
+  image = np.asarray(image)
+  if image.shape[:2] == (h, w):
+    return image.astype(np.uint8)
+  return np.asarray(Image.fromarray(image.astype(np.uint8)).resize(
+      (w, h), Image.BILINEAR))
+
+
+def load_image_spec(spec: str) -> np.ndarray:
+  """uint8 (H, W, 3) from a file path, `skimage:NAME` or `digits:SPLIT:INDEX`."""
+  if spec.startswith('skimage:'):
+    import skimage.data  # pylint: disable=g-import-not-at-top
+    name = spec.split(':', 1)[1]
+    loader = getattr(skimage.data, name, None)
+    if loader is None:
+      raise ValueError(f'skimage.data has no image {name!r}')
+    image = np.asarray(loader())
+  elif spec.startswith('digits:'):
+    parts = spec.split(':')
+    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
+    index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+    image = digits_images(split, [index])[0][0]
+  else:
+    return read_uint8(spec)
+  return read_uint8(image)
+
+
+def load_images(spec: str, image_size: Optional[int | Sequence[int]] = None
+                ) -> list[np.ndarray]:
+  """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive).
+
+  Digits are resized to `image_size` the way the input pipeline does it, so
+  the model sees what it saw in evaluation; other images are left as they are.
+  """
+  parts = spec.split(':')
+  if parts[0] == 'digits':
+    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
+    index = parts[2] if len(parts) > 2 and parts[2] else '0'
+    first, _, last = index.partition('-')
+    indices = range(int(first), int(last or first) + 1)
+    return list(digits_images(split, indices, image_size)[0])
+  return [load_image_spec(spec)]
+
+
+def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
+                  image_size: Optional[int | Sequence[int]] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset.
+
+  With `image_size` (an int or (height, width)), the images are resized to it
+  exactly as the input pipeline's eval 'resize' does (`tf.image.resize`,
+  bilinear, no antialiasing).
+  """
+  from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+  images, labels = digits.load_arrays(split)
+  if indices is not None:
+    indices = list(indices)
+    images, labels = images[indices], labels[indices]
+  if image_size is not None and images.shape[1:3] != _pair(image_size):
+    height, width = _pair(image_size)
+    rows = digits.interpolation_matrix(height, images.shape[1])
+    cols = digits.interpolation_matrix(width, images.shape[2])
+    resized = np.einsum('ij,njkc,lk->nilc', rows, images.astype(np.float64), cols)
+    images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  return images, labels
+
+
+def prepare_image(image: np.ndarray, size: int | Sequence[int],
+                  display_size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+  """(model input, display image): a centred crop, resized both ways.
+
+  `size` is an int (square) or (height, width); the crop is the largest centred
+  one with that aspect ratio. The display image is the same crop with its
+  shorter side `display_size` (never smaller than the model input), so
+  overlays computed at the model's resolution are drawn on a sharper picture.
+  """
+  height, width = _pair(size)
+  crop = center_crop(np.asarray(image), (height, width))
+  model_input = resize(crop, (height, width))
+  scale = max(display_size, min(height, width)) / min(height, width)
+  display = (int(round(height * scale)), int(round(width * scale)))
+  if crop.shape[0] < display[0] or crop.shape[1] < display[1]:
+    # Small source: enlarge by repeating pixels, so no blur is invented.
+    factor = int(np.ceil(max(display[0] / crop.shape[0], display[1] / crop.shape[1])))
+    shown = np.kron(crop, np.ones((factor, factor, 1), crop.dtype))
+  else:
+    shown = resize(crop, display)
+  return model_input, shown

@@ -27,6 +27,11 @@ show the first. `--palette` writes 256-colour PNGs, small enough for docs.
 `--image-size` is H (square) or HxW; when it gives another patch grid than the
 checkpoint's, the position embeddings are resampled to it
 (`checkpoint.resize_posemb`, linear, as fine-tuning does).
+
+The numbers behind the figures are vit_jax.attention_maps (NumPy only), the
+images vit_jax.images; what stays here is running the model, the matplotlib
+figures and the command line that ties a checkpoint, images and figures
+together (the figures are most of this module's length).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 import jax
 from PIL import Image
 
+from vit_jax import attention_maps
 from vit_jax import checkpoint
 from vit_jax import images as images_lib
 from vit_jax import predict
@@ -63,233 +69,8 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 # ----------------------------------------------------------------------------
-# Numbers.
-# ----------------------------------------------------------------------------
-
-def patch_grid(image: np.ndarray, patch_size: Sequence[int] | int) -> np.ndarray:
-  """Cuts an (H, W, C) image into (rows, cols, ph, pw, C) non-overlapping patches.
-
-  `rows * cols` is the number of tokens the patch embedding makes (without the
-  class token). H and W must be multiples of the patch size.
-  """
-  image = np.asarray(image)
-  ph, pw = _pair(patch_size)
-  height, width = image.shape[:2]
-  if height % ph or width % pw:
-    raise ValueError(f'image size {height}x{width} is not divisible by the patch '
-                     f'size {ph}x{pw}')
-  rows, cols = height // ph, width // pw
-  patches = image.reshape(rows, ph, cols, pw, *image.shape[2:])
-  return np.swapaxes(patches, 1, 2)
-
-
-def position_embedding_similarity(pos_embedding: np.ndarray,
-                                  grid_shape: Optional[Sequence[int]] = None
-                                  ) -> np.ndarray:
-  """Cosine similarity of every patch's position embedding with every other's.
-
-  Args:
-    pos_embedding: (1, tokens, D) or (tokens, D); leading tokens beyond
-      rows*cols (the class token) are dropped.
-    grid_shape: (rows, cols) of the patch grid; default: a square grid.
-
-  Returns:
-    (rows, cols, rows, cols) array: `sim[i, j]` is the map of patch (i, j)'s
-    similarity with all patches, as in the paper's Fig. 7 (centre). Flattened
-    to (rows*cols, rows*cols) it is symmetric with a unit diagonal.
-  """
-  emb = np.asarray(pos_embedding, np.float64)
-  if emb.ndim == 3:
-    emb = emb[0]
-  if grid_shape is None:
-    side = int(round(np.sqrt(emb.shape[0] - 1)))  # with a class token?
-    if emb.shape[0] > 1 and side * side == emb.shape[0] - 1:
-      grid_shape = (side, side)
-  rows, cols = _grid_shape(emb.shape[0], grid_shape)
-  emb = emb[emb.shape[0] - rows * cols:]
-  unit = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-  sim = np.clip(unit @ unit.T, -1.0, 1.0)
-  return sim.reshape(rows, cols, rows, cols)
-
-
-def _stack_attention(attentions: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-  """(layers, batch, heads, tokens, tokens) float64 from the model's tuple."""
-  stacked = np.stack([np.asarray(a, np.float64) for a in attentions])
-  if stacked.ndim == 4:  # a single example without its batch axis
-    stacked = stacked[:, None]
-  if stacked.ndim != 5 or stacked.shape[-1] != stacked.shape[-2]:
-    raise ValueError('attentions must be per-layer (batch, heads, tokens, tokens) '
-                     f'arrays, got stacked shape {stacked.shape}')
-  return stacked
-
-
-def attention_rollout(attentions: Sequence[np.ndarray], *,
-                      add_residual: bool = True) -> np.ndarray:
-  """Attention rollout (Abnar & Zuidema, 2020) through all layers.
-
-  Per layer the heads are averaged, the identity is added for the residual
-  connection and rows are renormalised; the layer matrices are then multiplied
-  from the first layer up: R = A_L ... A_2 A_1.
-
-  Args:
-    attentions: per layer, (batch, heads, tokens, tokens) with rows summing to 1.
-    add_residual: add the identity before renormalising (the paper's variant).
-
-  Returns:
-    (batch, tokens, tokens); row q is how much each input token flows into
-    output token q. Every row sums to 1.
-  """
-  stacked = _stack_attention(attentions)
-  num_tokens = stacked.shape[-1]
-  rollout = np.broadcast_to(np.eye(num_tokens), stacked.shape[1:2] + (num_tokens,) * 2)
-  for layer in stacked:
-    a = layer.mean(axis=1)
-    if add_residual:
-      a = a + np.eye(num_tokens)
-    a = a / a.sum(axis=-1, keepdims=True)
-    rollout = a @ rollout
-  return rollout
-
-
-def _query_rows(matrix: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
-  """Attention of the class token (prefix 1) or, without one, of the mean query."""
-  if num_prefix_tokens > 0:
-    return matrix[..., 0, :]
-  return matrix.mean(axis=-2)
-
-
-def class_token_attention(attentions: Sequence[np.ndarray],
-                          grid_shape: Optional[Sequence[int]] = None,
-                          num_prefix_tokens: int = 1) -> np.ndarray:
-  """Each layer's and head's attention from the class token to the patches.
-
-  Returns (layers, batch, heads, rows, cols); each map is the class token's
-  attention row restricted to the patch tokens (so it sums to at most 1).
-  With `num_prefix_tokens=0` (global-average-pool models) the mean over all
-  queries stands in for the class token.
-  """
-  stacked = _stack_attention(attentions)
-  rows, cols = _grid_shape(stacked.shape[-1] - num_prefix_tokens, grid_shape)
-  maps = _query_rows(stacked, num_prefix_tokens)[..., num_prefix_tokens:]
-  return maps.reshape(maps.shape[:-1] + (rows, cols))
-
-
-def rollout_map(rollout: np.ndarray, grid_shape: Optional[Sequence[int]] = None,
-                num_prefix_tokens: int = 1) -> np.ndarray:
-  """The rollout row of the class token over the patch grid: (batch, rows, cols)."""
-  rollout = np.asarray(rollout)
-  rows, cols = _grid_shape(rollout.shape[-1] - num_prefix_tokens, grid_shape)
-  m = _query_rows(rollout, num_prefix_tokens)[..., num_prefix_tokens:]
-  return m.reshape(m.shape[:-1] + (rows, cols))
-
-
-def patch_distances(grid_shape: Sequence[int], patch_size: Sequence[int] | int
-                    ) -> np.ndarray:
-  """(N, N) Euclidean distances in pixels between patch centres, N = rows*cols."""
-  rows, cols = grid_shape
-  ph, pw = _pair(patch_size)
-  yy, xx = np.meshgrid((np.arange(rows) + 0.5) * ph, (np.arange(cols) + 0.5) * pw,
-                       indexing='ij')
-  centres = np.stack([yy.ravel(), xx.ravel()], axis=-1)
-  return np.linalg.norm(centres[:, None] - centres[None], axis=-1)
-
-
-def mean_attention_distance(attentions: Sequence[np.ndarray],
-                            patch_size: Sequence[int] | int,
-                            grid_shape: Optional[Sequence[int]] = None,
-                            num_prefix_tokens: int = 1) -> np.ndarray:
-  """The paper's "attention distance" (Fig. 7 right), in pixels, per layer and head.
-
-  For each patch query, the distances in image space to all patch keys are
-  averaged with the attention weights as weights; the result is averaged over
-  queries and images. Attention to the class token is left out and the
-  patch-to-patch weights renormalised, so each value lies between 0 and the
-  largest distance between two patch centres (less than the image diagonal).
-
-  Returns (layers, heads).
-  """
-  stacked = _stack_attention(attentions)
-  rows, cols = _grid_shape(stacked.shape[-1] - num_prefix_tokens, grid_shape)
-  a = stacked[..., num_prefix_tokens:, num_prefix_tokens:]
-  a = a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12)
-  dist = patch_distances((rows, cols), patch_size)
-  per_query = np.einsum('lbhqk,qk->lbhq', a, dist)
-  return per_query.mean(axis=(1, 3))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-  logits = np.asarray(logits, np.float64)
-  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return z / z.sum(axis=-1, keepdims=True)
-
-
-def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-  """(indices, probabilities) of the k most likely classes of one logits vector."""
-  probs = softmax(np.asarray(logits).reshape(-1))
-  k = min(k, probs.shape[0])
-  order = np.argsort(-probs, kind='stable')[:k]
-  return order, probs[order]
-
-
-def _pair(x: Sequence[int] | int) -> tuple[int, int]:
-  if isinstance(x, (int, np.integer)):
-    return int(x), int(x)
-  a, b = x
-  return int(a), int(b)
-
-
-def _grid_shape(num_patches: int, grid_shape: Optional[Sequence[int]]
-                ) -> tuple[int, int]:
-  if grid_shape is not None:
-    rows, cols = _pair(grid_shape)
-    if rows * cols > num_patches:
-      raise ValueError(f'grid {rows}x{cols} needs {rows * cols} tokens, have {num_patches}')
-    return rows, cols
-  side = int(round(np.sqrt(num_patches)))
-  if side * side != num_patches:
-    raise ValueError(f'{num_patches} patch tokens do not form a square grid; '
-                     'pass grid_shape')
-  return side, side
-
-
-# ----------------------------------------------------------------------------
 # Running a model.
 # ----------------------------------------------------------------------------
-
-def to_model_input(image: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, 3) or (B, H, W, 3) in 0..255 -> float32 in [-1, 1] with a batch axis."""
-  x = np.asarray(image, np.float32)
-  if x.ndim == 3:
-    x = x[None]
-  return x / 127.5 - 1.0
-
-
-def square_crop(image: np.ndarray) -> np.ndarray:
-  """The largest centred square of an (H, W, C) image."""
-  return center_crop(image, (1, 1))
-
-
-def center_crop(image: np.ndarray, aspect: Sequence[int]) -> np.ndarray:
-  """The largest centred crop of an (H, W, C) image with height:width = aspect."""
-  h, w = image.shape[:2]
-  ah, aw = _pair(aspect)
-  if w * ah > h * aw:  # wider than the target: keep the full height
-    ch, cw = h, max(1, int(round(h * aw / ah)))
-  else:
-    ch, cw = max(1, int(round(w * ah / aw))), w
-  top, left = (h - ch) // 2, (w - cw) // 2
-  return image[top:top + ch, left:left + cw]
-
-
-def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
-  """uint8 (H, W, 3) resized to (size, size) (or (h, w)) with bilinear filtering."""
-  h, w = _pair(size)
-  image = np.asarray(image)
-  if image.shape[:2] == (h, w):
-    return image.astype(np.uint8)
-  return np.asarray(Image.fromarray(image.astype(np.uint8)).resize(
-      (w, h), Image.BILINEAR))
-
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of a 2-D float array (PIL's 32-bit float mode)."""
@@ -317,7 +98,7 @@ class Analysis:
   distance_images: int = 1           # images averaged in `attention_distance`
 
   def top_k(self, k: int = 5) -> list[tuple[str, float]]:
-    idx, probs = top_k(self.logits, k)
+    idx, probs = attention_maps.top_k(self.logits, k)
     return [(label_name(self.labels, int(i)), float(p)) for i, p in zip(idx, probs)]
 
   def summary(self) -> dict[str, Any]:
@@ -349,13 +130,13 @@ def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = 
   if not hasattr(model, 'patch_stride'):
     raise ValueError(f'{type(model).__name__} has no attention to visualise; '
                      'use a VisionTransformer')
-  logits, out = _attention_forward(model)(params, to_model_input(image))
-  attentions = _stack_attention([np.asarray(a) for a in out['attention_weights']])
+  logits, out = _attention_forward(model)(params, images_lib.to_model_input(image))
+  attentions = attention_maps.stack_attention([np.asarray(a) for a in out['attention_weights']])
   patch_size = tuple(int(s) for s in model.patch_stride)
   grid = (image.shape[0] // patch_size[0], image.shape[1] // patch_size[1])
   prefix = attentions.shape[-1] - grid[0] * grid[1]
   pos = _find_pos_embedding(params)
-  rollout = attention_rollout(attentions)
+  rollout = attention_maps.attention_rollout(attentions)
   return Analysis(
       image=image.astype(np.uint8),
       patch_size=patch_size,
@@ -364,11 +145,11 @@ def analyze(model, params, image: np.ndarray, labels: Optional[Sequence[str]] = 
       logits=np.asarray(logits[0]),
       attentions=attentions[:, 0],
       position_similarity=(None if pos is None
-                           else position_embedding_similarity(pos, grid)),
-      class_attention=class_token_attention(attentions, grid, prefix)[:, 0],
+                           else attention_maps.position_embedding_similarity(pos, grid)),
+      class_attention=attention_maps.class_token_attention(attentions, grid, prefix)[:, 0],
       rollout=rollout[0],
-      rollout_map=rollout_map(rollout, grid, prefix)[0],
-      attention_distance=mean_attention_distance(attentions, patch_size, grid, prefix),
+      rollout_map=attention_maps.rollout_map(rollout, grid, prefix)[0],
+      attention_distance=attention_maps.mean_attention_distance(attentions, patch_size, grid, prefix),
       labels=labels,
       display_image=display_image,
   )
@@ -402,10 +183,10 @@ def attention_distance_over(model, params, images: np.ndarray,
   total, count = 0.0, 0
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
-    _, out = forward(params, to_model_input(chunk))
+    _, out = forward(params, images_lib.to_model_input(chunk))
     attentions = [np.asarray(a) for a in out['attention_weights']]
     prefix = attentions[0].shape[-1] - grid[0] * grid[1]
-    total = total + mean_attention_distance(attentions, patch_size, grid, prefix) * len(chunk)
+    total = total + attention_maps.mean_attention_distance(attentions, patch_size, grid, prefix) * len(chunk)
     count += len(chunk)
   return total / count
 
@@ -451,7 +232,7 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 def plot_patch_grid(image: np.ndarray, patch_size: Sequence[int] | int,
                     display_image: Optional[np.ndarray] = None, max_tiles: int = 16):
   """Left: the image with the patch grid; right: the patches pulled apart."""
-  patches = patch_grid(image, patch_size)
+  patches = attention_maps.patch_grid(image, patch_size)
   rows, cols = patches.shape[:2]
   shown = _shown(image, display_image)
   fig = _figure(9, 4.5)
@@ -465,7 +246,7 @@ def plot_patch_grid(image: np.ndarray, patch_size: Sequence[int] | int,
     ax.axvline(c * w / cols, color='white', lw=0.8)
   ax.set_title(f'{image.shape[0]}x{image.shape[1]} image, '
                f'{rows}x{cols} = {rows * cols} patches of '
-               f'{_pair(patch_size)[0]}x{_pair(patch_size)[1]}', fontsize=9)
+               f'{attention_maps.as_pair(patch_size)[0]}x{attention_maps.as_pair(patch_size)[1]}', fontsize=9)
   ax.set_axis_off()
   # Pulled apart: one small axis per patch, subsampled for very fine grids.
   step = max(1, int(np.ceil(max(rows, cols) / max_tiles)))
@@ -523,7 +304,7 @@ def plot_attention_maps(image: np.ndarray, class_attention: np.ndarray,
   layers, heads = class_attention.shape[:2]
   shown = _shown(image, display_image)
   if shown.shape[0] > 128:  # small tiles: a lighter picture looks the same
-    shown = resize(shown, (128, int(round(128 * shown.shape[1] / shown.shape[0]))))
+    shown = images_lib.resize(shown, (128, int(round(128 * shown.shape[1] / shown.shape[0]))))
   size = 1.6
   fig = _figure(size * heads + 0.6, size * layers + 0.5)
   axes = fig.subplots(layers, heads, squeeze=False)
@@ -564,7 +345,7 @@ def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence
                             uniform_reference: Optional[float] = None):
   """Paper Fig. 7 (right): mean attention distance of each head against depth.
 
-  `uniform_reference` (e.g. `patch_distances(grid, patch).mean()`) draws the
+  `uniform_reference` (e.g. `attention_maps.patch_distances(grid, patch).mean()`) draws the
   value a head attending uniformly to all patches would have.
   """
   distances = np.asarray(distances)
@@ -583,7 +364,7 @@ def plot_attention_distance(distances: np.ndarray, image_size: Optional[Sequence
   ax.set_xticks(depth)
   ax.set_ylim(bottom=0)
   if image_size is not None:
-    ax.set_ylim(top=float(np.hypot(*_pair(image_size))) / np.sqrt(2))
+    ax.set_ylim(top=float(np.hypot(*attention_maps.as_pair(image_size))) / np.sqrt(2))
   if heads <= 16:
     ax.legend(fontsize=7, ncol=2 if heads > 6 else 1, loc='lower right', framealpha=0.9)
   ax.grid(alpha=0.3)
@@ -633,7 +414,7 @@ def figures(analysis: Analysis) -> dict[str, Any]:
                                                     a.display_image)
   out['attention_distance'] = plot_attention_distance(
       a.attention_distance, a.image.shape[:2], a.distance_images,
-      float(patch_distances(a.grid_shape, a.patch_size).mean()))
+      float(attention_maps.patch_distances(a.grid_shape, a.patch_size).mean()))
   out['top_k'] = plot_top_k(a.top_k(5))
   return out
 
@@ -671,88 +452,6 @@ def write_figures(analysis: Analysis, out_dir: str, dpi: int = 100,
 # ----------------------------------------------------------------------------
 # Inputs for the command line and the notebooks.
 # ----------------------------------------------------------------------------
-
-def load_image_spec(spec: str) -> np.ndarray:
-  """uint8 (H, W, 3) from a file path, `skimage:NAME` or `digits:SPLIT:INDEX`."""
-  if spec.startswith('skimage:'):
-    import skimage.data  # pylint: disable=g-import-not-at-top
-    name = spec.split(':', 1)[1]
-    loader = getattr(skimage.data, name, None)
-    if loader is None:
-      raise ValueError(f'skimage.data has no image {name!r}')
-    image = np.asarray(loader())
-  elif spec.startswith('digits:'):
-    parts = spec.split(':')
-    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
-    index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
-    image = digits_images(split, [index])[0][0]
-  else:
-    return images_lib.read_uint8(spec)
-  return images_lib.read_uint8(image)
-
-
-def load_images(spec: str, image_size: Optional[int | Sequence[int]] = None
-                ) -> list[np.ndarray]:
-  """Like `load_image_spec`, and `digits:SPLIT:A-B` gives images A..B (inclusive).
-
-  Digits are resized to `image_size` the way the input pipeline does it, so
-  the model sees what it saw in evaluation; other images are left as they are.
-  """
-  parts = spec.split(':')
-  if parts[0] == 'digits':
-    split = parts[1] if len(parts) > 1 and parts[1] else 'test'
-    index = parts[2] if len(parts) > 2 and parts[2] else '0'
-    first, _, last = index.partition('-')
-    indices = range(int(first), int(last or first) + 1)
-    return list(digits_images(split, indices, image_size)[0])
-  return [load_image_spec(spec)]
-
-
-def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
-                  image_size: Optional[int | Sequence[int]] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images (N, 32, 32, 3), labels) of the embedded digits dataset.
-
-  With `image_size` (an int or (height, width)), the images are resized to it
-  exactly as the input pipeline's eval 'resize' does (`tf.image.resize`,
-  bilinear, no antialiasing).
-  """
-  from vit_jax.datasets import digits  # pylint: disable=g-import-not-at-top
-  images, labels = digits.load_arrays(split)
-  if indices is not None:
-    indices = list(indices)
-    images, labels = images[indices], labels[indices]
-  if image_size is not None and images.shape[1:3] != _pair(image_size):
-    height, width = _pair(image_size)
-    rows = digits.interpolation_matrix(height, images.shape[1])
-    cols = digits.interpolation_matrix(width, images.shape[2])
-    resized = np.einsum('ij,njkc,lk->nilc', rows, images.astype(np.float64), cols)
-    images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
-  return images, labels
-
-
-def prepare_image(image: np.ndarray, size: int | Sequence[int],
-                  display_size: int = 224) -> tuple[np.ndarray, np.ndarray]:
-  """(model input, display image): a centred crop, resized both ways.
-
-  `size` is an int (square) or (height, width); the crop is the largest centred
-  one with that aspect ratio. The display image is the same crop with its
-  shorter side `display_size` (never smaller than the model input), so
-  overlays computed at the model's resolution are drawn on a sharper picture.
-  """
-  height, width = _pair(size)
-  crop = center_crop(np.asarray(image), (height, width))
-  model_input = resize(crop, (height, width))
-  scale = max(display_size, min(height, width)) / min(height, width)
-  display = (int(round(height * scale)), int(round(width * scale)))
-  if crop.shape[0] < display[0] or crop.shape[1] < display[1]:
-    # Small source: enlarge by repeating pixels, so no blur is invented.
-    factor = int(np.ceil(max(display[0] / crop.shape[0], display[1] / crop.shape[1])))
-    shown = np.kron(crop, np.ones((factor, factor, 1), crop.dtype))
-  else:
-    shown = resize(crop, display)
-  return model_input, shown
-
 
 def read_labels(path: Optional[str], num_classes: int,
                 dataset: Optional[str] = None) -> list[str]:
@@ -794,8 +493,8 @@ def fit_position_embedding(params: dict, patch_stride: Sequence[int],
   pos = _find_pos_embedding(params)
   if pos is None:
     return params
-  height, width = _pair(image_size)
-  ph, pw = _pair(patch_stride)
+  height, width = attention_maps.as_pair(image_size)
+  ph, pw = attention_maps.as_pair(patch_stride)
   new_grid = (height // ph, width // pw)
   prefix = 1 if 'cls' in params else 0
   tokens = pos.shape[1] - prefix
@@ -935,11 +634,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   labels = read_labels(args.labels, num_classes, dataset)
   images = [image for spec in (args.image or ['skimage:chelsea'])
-            for image in load_images(spec, image_size)]
-  model_input, shown = prepare_image(images[0], image_size, args.display_size)
+            for image in images_lib.load_images(spec, image_size)]
+  model_input, shown = images_lib.prepare_image(images[0], image_size, args.display_size)
   analysis = analyze(model, params, model_input, labels, shown)
   if len(images) > 1:
-    inputs = np.stack([prepare_image(im, image_size, 0)[0] for im in images])
+    inputs = np.stack([images_lib.prepare_image(im, image_size, 0)[0] for im in images])
     analysis.attention_distance = attention_distance_over(model, params, inputs)
     analysis.distance_images = len(images)
   paths = write_figures(analysis, args.out, args.dpi, args.palette)
