@@ -10,6 +10,9 @@ found in the wild and normalises them to ours:
   (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`, top-level
   `pos_embedding`, layers stacked under `Transformer/encoderblock/` when scanned)
   are renamed to ours.
+- `resnet/...` (the BiT-M release, `BiT-M-R50x1.npz` ...): renamed to our
+  ResNetV2 tree (`bit_to_params`); `save(..., layout='bit')` writes it back
+  (`params_to_bit`), so a round trip is exact.
 
 `load_pretrained` turns a pre-trained tree into the starting point of a
 fine-tuning run, the way the paper does: a fresh zero-initialised head for a new
@@ -32,6 +35,7 @@ import dataclasses
 import errno
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -52,6 +56,10 @@ HEAD_KEYS = ('head/kernel', 'head/bias')
 # Prefixes that other tools put in front of the published keys.
 OPT_TARGET_PREFIX = 'opt/target/'
 BIG_VISION_PREFIX = 'params/'
+# Every key of a BiT-M release file starts with this.
+BIT_PREFIX = 'resnet/'
+# `save` layouts: ours (the published ViT files'), or the BiT-M release's.
+LAYOUTS = ('published', 'bit')
 
 
 # ---------------------------------------------------------------------------
@@ -450,11 +458,216 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+# BiT-M layout <-> our ResNetV2 tree. A BiT unit names its three (norm, conv)
+# pairs a, b, c; each norm precedes its conv (pre-activation), so a's norm is our
+# gn1 (which feeds conv1 and the projection), b's is gn2, c's is gn3.
+_BIT_CONV = 'standardized_conv2d'
+_BIT_GN_PARAMS = {'gamma': 'scale', 'beta': 'bias'}
+_GN_BIT_PARAMS = {v: k for k, v in _BIT_GN_PARAMS.items()}
+_BIT_UNIT_PARTS = {'a': '1', 'b': '2', 'c': '3'}
+_UNIT_BIT_PARTS = {v: k for k, v in _BIT_UNIT_PARTS.items()}
+_BIT_UNIT_RE = re.compile(
+    r'block(\d+)/unit(\d+)/(?:([abc])/(?:group_norm/(gamma|beta)|' + _BIT_CONV +
+    r'/kernel)|a/proj/' + _BIT_CONV + r'/kernel)')
+_OUR_UNIT_RE = re.compile(r'block(\d+)/unit(\d+)/(?:(gn|conv)([123])/(scale|bias|kernel)|'
+                          r'conv_proj/kernel)')
+
+
+def is_bit_layout(flat: Mapping[str, Any]) -> bool:
+  """True for the key set of a BiT-M release file (`resnet/...`)."""
+  return any(k.startswith(BIT_PREFIX) for k in flat)
+
+
+def _squeeze_leading(key: str, value: Any, ndim: int, source: str) -> Any:
+  """`value` without leading unit axes, down to `ndim` axes (a view, no copy)."""
+  shape = tuple(value.shape)
+  extra = len(shape) - ndim
+  if extra < 0 or any(d != 1 for d in shape[:extra]):
+    raise ValueError(f'Checkpoint {source!r}: BiT array {key!r} has shape {shape}; '
+                     f'expected {ndim} axes after leading 1s')
+  # reshape of a zero-stride placeholder stays a view, so header-only reads stay free.
+  return value.reshape(shape[extra:])
+
+
+def bit_to_params(flat: Mapping[str, Any], source: str = 'params') -> dict[str, Any]:
+  """A BiT-M layout flat dict (`resnet/...`) -> our ResNetV2 flat dict.
+
+  GroupNorm parameters become (C,) and the 1x1-conv head (1, 1, C, K) a Dense
+  kernel (C, K): the same function. A key outside the layout is an error naming
+  it, since silently dropping weights would give a different model.
+  """
+  out: dict[str, Any] = {}
+  unknown = []
+
+  def put(key: str, new_key: str, value: Any) -> None:
+    if new_key in out:
+      raise ValueError(f'Checkpoint {source!r}: BiT keys {key!r} and another both map to '
+                       f'{new_key!r}')
+    out[new_key] = value
+
+  for key, value in flat.items():
+    if not key.startswith(BIT_PREFIX):
+      unknown.append(key)
+      continue
+    rest = key[len(BIT_PREFIX):]
+    if rest == f'root_block/{_BIT_CONV}/kernel':
+      put(key, 'conv_root/kernel', value)
+    elif rest in ('group_norm/gamma', 'group_norm/beta'):
+      put(key, f'norm_pre_head/{_BIT_GN_PARAMS[rest.split(SEP)[-1]]}',
+          _squeeze_leading(key, value, 1, source))
+    elif rest == 'head/conv2d/kernel':
+      put(key, 'head/kernel', _squeeze_leading(key, value, 2, source))
+    elif rest == 'head/conv2d/bias':
+      put(key, 'head/bias', _squeeze_leading(key, value, 1, source))
+    else:
+      match = _BIT_UNIT_RE.fullmatch(rest)
+      if match is None:
+        unknown.append(key)
+        continue
+      block, unit, part, gn_param = match.groups()
+      prefix = f'block{int(block)}/unit{int(unit)}'
+      if part is None:
+        put(key, f'{prefix}/conv_proj/kernel', value)
+      elif gn_param is not None:
+        put(key, f'{prefix}/gn{_BIT_UNIT_PARTS[part]}/{_BIT_GN_PARAMS[gn_param]}',
+            _squeeze_leading(key, value, 1, source))
+      else:
+        put(key, f'{prefix}/conv{_BIT_UNIT_PARTS[part]}/kernel', value)
+  if unknown:
+    raise ValueError(
+        f'Checkpoint {source!r} is in the BiT layout ({BIT_PREFIX}...) but '
+        f'{len(unknown)} key(s) are not BiT ResNetV2 parameters: {sorted(unknown)[:8]}')
+  return out
+
+
+def params_to_bit(params_or_flat: Mapping) -> dict[str, np.ndarray]:
+  """Our ResNetV2 params (nested or flat) -> the BiT-M layout; inverse of `bit_to_params`."""
+  flat = _as_flat(params_or_flat)
+  out: dict[str, np.ndarray] = {}
+  unknown = []
+  for key, value in flat.items():
+    array = _to_numpy(value)
+    if key == 'conv_root/kernel':
+      new_key = f'root_block/{_BIT_CONV}/kernel'
+    elif key in ('norm_pre_head/scale', 'norm_pre_head/bias'):
+      new_key = f'group_norm/{_GN_BIT_PARAMS[key.split(SEP)[-1]]}'
+    elif key == 'head/kernel':
+      new_key = 'head/conv2d/kernel'
+      array = array.reshape((1, 1) + array.shape)
+    elif key == 'head/bias':
+      new_key = 'head/conv2d/bias'
+    else:
+      match = _OUR_UNIT_RE.fullmatch(key)
+      if match is None:
+        unknown.append(key)
+        continue
+      block, unit, kind, index, param = match.groups()
+      # The release numbers units with two digits: unit01 ... unit36.
+      prefix = f'block{int(block)}/unit{int(unit):02d}'
+      if kind is None:
+        new_key = f'{prefix}/a/proj/{_BIT_CONV}/kernel'
+      elif kind == 'gn' and param in _GN_BIT_PARAMS:
+        new_key = f'{prefix}/{_UNIT_BIT_PARTS[index]}/group_norm/{_GN_BIT_PARAMS[param]}'
+      elif kind == 'conv' and param == 'kernel':
+        new_key = f'{prefix}/{_UNIT_BIT_PARTS[index]}/{_BIT_CONV}/kernel'
+      else:
+        unknown.append(key)
+        continue
+    out[BIT_PREFIX + new_key] = array
+  if unknown:
+    raise ValueError(f"layout='bit' needs a BiT ResNetV2 tree; {len(unknown)} key(s) have "
+                     f'no place in it: {sorted(unknown)[:8]}')
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetArchitecture:
+  """Depth and width of a ResNetV2 tree, read off its keys and shapes."""
+  num_layers: tuple[int, ...]  # units per block
+  root_kernel: tuple[int, ...]  # conv_root/kernel's shape: (7, 7, 3, 64 * width_factor)
+
+  @property
+  def depth(self) -> int:
+    # Three convs per bottleneck unit, plus the root conv and the head.
+    return 3 * sum(self.num_layers) + 2
+
+  @property
+  def root_width(self) -> int:
+    return self.root_kernel[-1]
+
+  @property
+  def name(self) -> str:
+    """'R50x1', 'R152x4'; a root width that is no multiple of 64 is spelt out."""
+    if self.root_width % 64 == 0:
+      return f'R{self.depth}x{self.root_width // 64}'
+    return f'R{self.depth} (root width {self.root_width})'
+
+  def describe(self) -> str:
+    return (f'{self.name}: units per block {self.num_layers}, conv_root/kernel '
+            f'{self.root_kernel}')
+
+
+def resnet_architecture(params_or_flat: Mapping) -> Optional[ResNetArchitecture]:
+  """The ResNetV2 depth and width a tree (ours or BiT layout) holds; None if not one."""
+  flat = _as_flat(params_or_flat)
+  if is_bit_layout(flat):
+    flat = bit_to_params(flat)
+  root = flat.get('conv_root/kernel')
+  if root is None or len(root.shape) != 4:
+    return None
+  units: dict[int, set[int]] = {}
+  for key in flat:
+    match = re.fullmatch(r'block(\d+)/unit(\d+)/.+', key)
+    if match:
+      units.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+  if not units:
+    return None
+  num_layers = []
+  for block in range(1, max(units) + 1):
+    # A hole in the numbering (unit3 without unit2) is not a depth; report the count
+    # of units numbered 1..n and let the key check name the strays.
+    present = units.get(block, set())
+    count = 0
+    while count + 1 in present:
+      count += 1
+    num_layers.append(count)
+  return ResNetArchitecture(tuple(num_layers), tuple(int(d) for d in root.shape))
+
+
+def bit_preset_name(params_or_flat: Mapping) -> Optional[str]:
+  """The BiT preset ('BiT-R50x3') whose depth and width a tree has; None if none."""
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  arch = resnet_architecture(params_or_flat)
+  if arch is None:
+    return None
+  for name in models_config.names():
+    config = models_config.get_config(name)
+    if config.get('model_type') != 'resnet':
+      continue
+    width = int(config.width * config.width_factor)
+    if tuple(config.num_layers) == arch.num_layers and width == arch.root_width:
+      return name
+  return None
+
+
+def _check_resnet_fit(restored: Mapping[str, Any], init: Mapping[str, Any],
+                      source: str) -> None:
+  """One clear error when a ResNet checkpoint has another depth or width than the model."""
+  ckpt, model = resnet_architecture(restored), resnet_architecture(init)
+  if ckpt is None or model is None or ckpt == model:
+    return
+  preset = bit_preset_name(restored)
+  hint = f'; the preset for this file is {preset!r}' if preset else ''
+  raise ValueError(f'Checkpoint {source!r} holds a {ckpt.describe()}, but the model is a '
+                   f'{model.describe()}{hint}')
+
+
 def normalize_layout(flat: dict[str, Any], source: str = 'params') -> dict[str, Any]:
   """Puts other layouts' keys in the published layout (see the module docstring).
 
   Also reshapes GroupNorm scales/biases stored as (1, 1, 1, C) by old hybrid
-  checkpoints to the (C,) of Flax linen.
+  checkpoints to the (C,) of Flax linen, and renames a BiT-M file's keys
+  (`resnet/...`) to our ResNetV2 tree (`bit_to_params`).
   """
   flat, big_vision = _strip_prefixes(flat, source)
   return _normalize_names(flat, source, big_vision)
@@ -464,6 +677,10 @@ def _normalize_names(flat: dict[str, Any], source: str, big_vision: bool) -> dic
   if big_vision or _is_big_vision(flat):
     logging.info('%s: renaming big_vision module names to the published layout', source)
     flat = _from_big_vision(flat)
+  if is_bit_layout(flat):
+    logging.info('%s: renaming the BiT layout (%s...) to the ResNetV2 tree', source,
+                 BIT_PREFIX)
+    flat = bit_to_params(flat, source)
   for key, value in list(flat.items()):
     if _is_group_norm(key) and value.ndim > 1 and value.shape[-1] == value.size:
       logging.info('%s: reshaping GroupNorm %s %s -> (%d,)', source, key, value.shape, value.size)
@@ -600,8 +817,12 @@ def _umask() -> int:
   return mask
 
 
-def save(params: Mapping, path: PathLike) -> None:
-  """Writes `params` (nested dict of arrays) as a flat .npz in the published layout.
+def save(params: Mapping, path: PathLike, layout: str = 'published') -> None:
+  """Writes `params` (nested dict of arrays) as a flat .npz.
+
+  `layout='published'` (default) writes our keys, the published ViT files'
+  layout; `layout='bit'` writes a ResNetV2 tree in the BiT-M release's layout
+  (`params_to_bit`), which `load` reads back to the same tree bit for bit.
 
   The file is written to a temporary name in the same directory and renamed
   over `path` only once complete, so a crash never leaves a half-written file.
@@ -609,7 +830,12 @@ def save(params: Mapping, path: PathLike) -> None:
   usually 0644). A full disk raises OSError(ENOSPC) naming `path`.
   """
   path = os.fspath(path)
+  if layout not in LAYOUTS:
+    raise ValueError(f'Unknown checkpoint layout {layout!r}; valid layouts: '
+                     f'{", ".join(repr(l) for l in LAYOUTS)}')
   flat = {k: _savable(k, v) for k, v in flatten(params).items()}
+  if layout == 'bit':
+    flat = params_to_bit(flat)
   if not flat:
     raise ValueError('Refusing to save an empty parameter tree')
   directory = os.path.dirname(os.path.abspath(path))
@@ -876,7 +1102,12 @@ def resize_posemb(posemb: Any, new_grid: tuple[int, int], num_prefix: int,
 # ---------------------------------------------------------------------------
 
 def model_family(flat: Mapping[str, Any]) -> str:
-  """'vit', 'hybrid' (R50+ViT), 'resnet' (BiT) or 'unknown', from the key set."""
+  """'vit', 'hybrid' (R50+ViT), 'resnet' (BiT) or 'unknown', from the key set.
+
+  Our ResNetV2 tree and the BiT-M release layout (`resnet/...`) are both 'resnet'.
+  """
+  if is_bit_layout(flat):
+    return 'resnet'
   has_transformer = any(k.startswith('Transformer/') for k in flat)
   has_stem = any(k.startswith('conv_root/') for k in flat)
   if has_transformer and has_stem:
@@ -1054,6 +1285,8 @@ def _check_family(restored: Mapping[str, Any], init: Mapping[str, Any], source: 
         f'Checkpoint {source!r} looks like a {family_ckpt!r} model but the target '
         f'model is {family_model!r}; e.g. checkpoint keys '
         f'{sorted(restored)[:4]} vs model keys {sorted(init)[:4]}')
+  if family_ckpt == 'resnet':
+    _check_resnet_fit(restored, init, source)
 
 
 def _check_keys_fit(specs: Mapping[str, Any], init: Mapping[str, Any], source: str) -> None:

@@ -58,9 +58,19 @@ def hybrid_config(name: str, vit: ml_collections.ConfigDict, num_layers: tuple[i
 
 def resnet_config(name: str, num_layers: tuple[int, ...], width_factor: int,
                   width: int = 64) -> ml_collections.ConfigDict:
+  """A BiT ResNetV2 config with the BiT reference's numerics (the BiT-M files need them).
+
+  The hybrid stem keeps its own (TF 'SAME' padding, / (std + 1e-5), GroupNorm
+  epsilon 1e-6) inside `models_resnet.hybrid_stem`; these fields can select
+  those for a ResNetV2 too.
+  """
   return ml_collections.ConfigDict(dict(
       model_type='resnet', name=name, num_layers=num_layers,
-      width_factor=width_factor, width=width))
+      width_factor=width_factor, width=width,
+      padding='explicit',  # symmetric (k - 1) // 2, zero pad 1 before the max-pool
+      weight_std='var',  # (w - mean) / sqrt(var + weight_std_epsilon)
+      weight_std_epsilon=1e-10,
+      gn_epsilon=1e-5))
 
 
 # (hidden size, MLP size, heads, layers) from the paper's Table 1, plus Ti/S
