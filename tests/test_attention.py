@@ -81,3 +81,23 @@ def test_model_output_does_not_depend_on_the_kernel():
   variables = jax.tree.map(lambda p: p + 0.05, variables)  # a non-zero head
   np.testing.assert_allclose(explicit.apply(variables, images)[0],
                              xla.apply(variables, images)[0], atol=1e-5)
+
+
+def test_gpu_default_takes_cudnn_or_falls_back_to_xla(monkeypatch):
+  """On GPU with bf16 the default is padded cuDNN; where it is refused, XLA's kernel."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.bfloat16) for _ in range(3))
+  calls = []
+
+  def fake(q_, k_, v_, implementation=None, **kwargs):
+    calls.append((implementation, q_.shape[1]))
+    if implementation == 'cudnn':
+      raise NotImplementedError('no cuDNN here')
+    return attention.explicit_attention(q_, k_, v_)
+
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  out = attention.dot_product_attention(q, k, v)
+  assert calls == [('cudnn', attention.CUDNN_SEQUENCE_MULTIPLE), ('xla', 5)]
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(attention.explicit_attention(q, k, v), np.float32))

@@ -13,13 +13,17 @@ published query/key/value kernels. Implementations:
 - 'xla': `jax.nn.dot_product_attention(implementation='xla')`.
 - 'cudnn': cuDNN's fused flash attention on GPU, with the sequence padded to a
   length the kernel accepts.
-- None: 'explicit' on CPU, else JAX's own choice (`jax.nn.dot_product_attention`).
+- None: 'explicit' on CPU; on GPU 'cudnn' for bf16/fp16 inputs where the
+  installed JAX and cuDNN take them, 'xla' otherwise (logged once); elsewhere
+  JAX's own choice. cuDNN has no float32 kernel: `vit_jax.validation` refuses
+  `attention_implementation='cudnn'` with `dtype='float32'`.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -52,13 +56,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: Optional[str] = None) -> jax.Array:
   """softmax(QK^T/sqrt(d))V, by the kernel `implementation` names."""
   check_implementation(implementation)
-  if implementation is None and jax.default_backend() == 'cpu':
-    implementation = 'explicit'
+  if implementation is None:
+    backend = jax.default_backend()
+    if backend == 'cpu':
+      implementation = 'explicit'
+    elif backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+      return _gpu_default_attention(q, k, v)
   if implementation == 'explicit':
     return explicit_attention(q, k, v)
   if implementation == 'cudnn':
     return _padded_cudnn_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+_LOGGED_GPU_CHOICE = []
+
+
+def _gpu_default_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Padded cuDNN attention if this JAX / cuDNN accepts the shapes, else XLA's."""
+  try:
+    out, choice = _padded_cudnn_attention(q, k, v), 'cudnn (padded)'
+  except (NotImplementedError, ValueError, RuntimeError) as e:
+    out, choice = jax.nn.dot_product_attention(q, k, v, implementation='xla'), f'xla ({e})'
+  if not _LOGGED_GPU_CHOICE:
+    _LOGGED_GPU_CHOICE.append(choice)
+    logging.info('Attention on GPU (%s): %s', q.dtype, choice)
+  return out
 
 
 def _softmax(logits: jax.Array) -> jax.Array:
