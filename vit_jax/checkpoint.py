@@ -603,8 +603,8 @@ class ResNetArchitecture:
     return f'R{self.depth} (root width {self.root_width})'
 
   def describe(self) -> str:
-    return (f'{self.name}: units per block {self.num_layers}, conv_root/kernel '
-            f'{self.root_kernel}')
+    return (f'{self.name} (units per block {self.num_layers}, conv_root/kernel '
+            f'{self.root_kernel})')
 
 
 def resnet_architecture(params_or_flat: Mapping) -> Optional[ResNetArchitecture]:
@@ -658,7 +658,7 @@ def _check_resnet_fit(restored: Mapping[str, Any], init: Mapping[str, Any],
     return
   preset = bit_preset_name(restored)
   hint = f'; the preset for this file is {preset!r}' if preset else ''
-  raise ValueError(f'Checkpoint {source!r} holds a {ckpt.describe()}, but the model is a '
+  raise ValueError(f'Checkpoint {source!r} is a ResNet {ckpt.describe()} but the model is '
                    f'{model.describe()}{hint}')
 
 
