@@ -24,6 +24,7 @@ What runs differs from the documented text in exactly these ways:
    no timm contender and no scaling table (the training and timm paths run in
    tests/test_benchmark_smoke.py, which runs `--preset smoke` as documented).
    `benchmarks/attention_benchmark.py`: 1 x 17 tokens x 2 heads x 8, one round.
+   `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
 3. Substitutions:
    - `--config configs/NAME.py[:ARG]` (main, visualize) -> `configs/NAME.py:ARG,runlocal`
@@ -121,6 +122,8 @@ TINY = {
         '--data-dir', '{tfds}', '--vit-model', TINY_MODEL, '--only', 'ViT'],
     'vit_jax.convert': [],
     'vit_jax.predict': [],
+    'vit_jax.evaluate': ['--model', TINY_MODEL, '--image_size', '16', '--batch_size', '16',
+                         '--data_dir', '{tfds}'],
     'benchmarks/benchmark.py': [
         '--models', f'{TINY_MODEL}@16', '--batch-size', '2', '--dtypes', 'fp32',
         '--repeats', '1', '--steps', '1', '--modes', 'infer', '--no-timm', '--no-scaling'],
@@ -597,12 +600,28 @@ def _check_predict(run: Run) -> list[str]:
   return [] if len(lines) == k else [f'expected {k} prediction lines, got {len(lines)}']
 
 
+def _check_evaluate(run: Run) -> list[str]:
+  path = os.path.join(last_value(run.argv, '--out'), 'metrics.json')
+  if not os.path.isfile(path):
+    return [f'{path} was not written']
+  with open(path, encoding='utf-8') as f:
+    metrics = json.load(f)
+  shots = (last_value(run.argv, '--fewshot') or '').split(',')
+  missing = [f'fewshot/{k}shot_accuracy' for k in shots if k
+             and f'fewshot/{k}shot_accuracy' not in metrics]
+  if 'top1_accuracy' in metrics and not os.path.isfile(
+      os.path.join(os.path.dirname(path), 'confusion.png')):
+    missing.append('confusion.png')
+  return [f'{path} lacks {missing}'] if missing else []
+
+
 CHECKS = {
     'vit_jax.main': _check_main,
     'vit_jax.visualize': _check_visualize,
     'vit_jax.compare': _check_compare,
     'vit_jax.convert': _check_convert,
     'vit_jax.predict': _check_predict,
+    'vit_jax.evaluate': _check_evaluate,
     'benchmarks/benchmark.py': _check_benchmark,
     'benchmarks/attention_benchmark.py': _check_attention,
 }
