@@ -163,6 +163,7 @@ def _load_workdir(path: str, config, model_name: Optional[str],
                   image_size: Optional[tuple[int, int]]) -> Loaded:
   from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(path, train_checkpoints.CHECKPOINT_DIR)):
     raise FileNotFoundError(
         f'{path!r} is a directory without {train_checkpoints.CHECKPOINT_DIR}/: not the '
@@ -186,10 +187,12 @@ def _load_workdir(path: str, config, model_name: Optional[str],
   head = params.get('head', {}).get('kernel') if isinstance(params, dict) else None
   head_classes = None if head is None else int(np.shape(head)[-1])
   model = validation.build_model(config, head_classes or 1)
-  expected = _abstract(model, config)
-  checkpoint.check_params(params, expected, source=f'checkpoint of {path!r}',
-                          title=f'The checkpoint in {path!r} does not fit '
-                          f'{config.model_name} at {config.image_size}:')
+  # Checks every key and shape against the model (naming both), and resamples
+  # the position embeddings when --image_size differs from the run's.
+  params = checkpoint.load_pretrained(
+      params, _abstract(model, config), schema.model_config(config),
+      image_size=image_hw(config.image_size), posemb_method=config.posemb_resize,
+      source_name=f'{path} (step {step})')
   return Loaded(config, params, head_classes, int(step), 'workdir')
 
 
