@@ -18,7 +18,7 @@ What runs differs from the documented text in exactly these ways:
    then replaced; a tuple-typed config field (`--config.image_size`) would
    accumulate instead, so its documented value is dropped. `vit_jax.main`: 2 steps of ViT-Test_4 at 16x16, batch 16, on
    the embedded digits in a module-wide data dir. `vit_jax.compare`: the same
-   sizes, and `--only ViT` (the ResNet side of the CLI is trained by
+   sizes, one seed, and `--only ViT` (the ResNet side of the CLI is trained by
    tests/test_compare.py::test_cli_tiny_run). `benchmarks/benchmark.py`: one
    cell, ViT-Test_4@16, batch 2, fp32, one repeat of one step, inference only,
    no timm contender and no scaling table (the training and timm paths run in
@@ -119,7 +119,7 @@ TINY = {
     'vit_jax.compare': [
         '--steps', str(TOTAL_STEPS), '--batch-size', '16', '--eval-batch-size', '16',
         '--eval-points', '1', '--image-size', '16', '--dataset', 'digits',
-        '--data-dir', '{tfds}', '--vit-model', TINY_MODEL, '--only', 'ViT'],
+        '--data-dir', '{tfds}', '--vit-model', TINY_MODEL, '--only', 'ViT', '--seeds', '1'],
     'vit_jax.convert': [],
     'vit_jax.predict': [],
     'vit_jax.evaluate': ['--model', TINY_MODEL, '--image_size', '16', '--batch_size', '16',

@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from vit_jax import fewshot
 from vit_jax import flops as flops_lib
+from vit_jax import parallel
 from vit_jax import train
 from vit_jax import train_checkpoints
 from vit_jax import visualize
@@ -200,8 +202,13 @@ def eval_history(workdir: str) -> list[dict[str, float]]:
 # ---------------------------------------------------------------------------
 
 def run_one(name: str, config, workdir: str, *, resume: bool = False,
-            inference_batch: Optional[int] = None) -> dict[str, Any]:
-  """Trains one config into `workdir`; returns its row of the table."""
+            inference_batch: Optional[int] = None,
+            shots: Sequence[int] = ()) -> dict[str, Any]:
+  """Trains one config into `workdir`; returns its row of the table.
+
+  With `shots`, the trained model's frozen features are also scored by the
+  paper's few-shot linear evaluation (vit_jax.fewshot) on the same dataset.
+  """
 
   if os.path.exists(workdir) and not resume:
     shutil.rmtree(workdir)
@@ -223,9 +230,16 @@ def run_one(name: str, config, workdir: str, *, resume: bool = False,
   for point in history:
     point['train_flops'] = per_step * point['step'] if per_step else None
     point['seconds'] = point['time'] - start if math.isfinite(point['time']) else None
+  few = {}
+  if shots:
+    model = train.build_model(config, num_classes)
+    few = fewshot.FewShotEvaluator(model, config, parallel.make_mesh(), shots=shots).run(params)
   row = {
       'name': name,
       **costs,
+      **few,
+      'seed': int(config.seed),
+      'pretrained_path': config.pretrained_path,
       'dataset': config.dataset,
       'image_size': list(image_hw(config.image_size)),
       'batch_size': batch,
@@ -252,6 +266,25 @@ def _trained_params(workdir: str):
   return state['params'] if isinstance(state, dict) else state.params
 
 
+# Columns averaged over seeds (mean, std); the others are the same in every seed.
+_AVERAGED = ('eval_accuracy', 'eval_loss', 'train_images_per_sec', 'inference_images_per_sec',
+             'wall_seconds')
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One table row from the runs of one model over several seeds: mean and std."""
+  row = dict(runs[0])
+  keys = list(_AVERAGED) + [k for k in runs[0] if k.startswith('fewshot/')]
+  for key in keys:
+    values = np.asarray([float(r.get(key, float('nan'))) for r in runs])
+    row[key] = float(np.mean(values))
+    row[f'{key}_std'] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  row['seeds'] = [int(r['seed']) for r in runs]
+  row['histories'] = [r.get('history', []) for r in runs]
+  row['runs'] = [{k: v for k, v in r.items() if k != 'history'} for r in runs]
+  return row
+
+
 _FORMATS = {'pct': lambda v: f'{100 * v:.1f}%', 'params': lambda v: f'{v / 1e6:.3f}M',
             'gflops': lambda v: f'{v / 1e9:.4g}', 'tflops': lambda v: f'{v / 1e12:.4g}',
             'rate': lambda v: f'{v:,.0f}', 'sec': lambda v: f'{v:.1f}'}
@@ -265,6 +298,7 @@ def _fmt(value: Any, kind: str) -> str:
 
 TABLE_COLUMNS = [
     ('model', 'model_name', 'str'),
+    ('seeds', 'seeds', 'count'),
     ('eval accuracy', 'eval_accuracy', 'pct'),
     ('params', 'num_params', 'params'),
     ('GFLOPs/image fwd (XLA)', 'forward_flops_xla', 'gflops'),
@@ -276,13 +310,31 @@ TABLE_COLUMNS = [
 ]
 
 
+def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+  """TABLE_COLUMNS with a few-shot column per k after the eval accuracy."""
+  shots = sorted({k for row in rows for k in row if k.startswith('fewshot/')},
+                 key=lambda k: int(''.join(c for c in k.split('/')[1] if c.isdigit())))
+  few = [(f"{k.split('/')[1].split('shot')[0]}-shot linear", k, 'pct') for k in shots]
+  return TABLE_COLUMNS[:3] + few + TABLE_COLUMNS[3:]
+
+
+def _cell(row: dict[str, Any], key: str, kind: str) -> str:
+  if kind == 'count':
+    return str(len(row.get(key) or [row.get('seed')]))
+  text = _fmt(row.get(key), kind)
+  std = row.get(f'{key}_std')
+  if std and kind == 'pct' and len(row.get('seeds', [])) > 1:
+    text += f' ± {100 * std:.1f}'
+  return text
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  header = '| ' + ' | '.join(c[0] for c in TABLE_COLUMNS) + ' |'
-  rule = '|' + '|'.join('---' for _ in TABLE_COLUMNS) + '|'
+  columns = _columns(rows)
+  header = '| ' + ' | '.join(c[0] for c in columns) + ' |'
+  rule = '|' + '|'.join('---' for _ in columns) + '|'
   lines = [header, rule]
   for row in rows:
-    lines.append('| ' + ' | '.join(_fmt(row.get(key), kind)
-                                   for _, key, kind in TABLE_COLUMNS) + ' |')
+    lines.append('| ' + ' | '.join(_cell(row, key, kind) for _, key, kind in columns) + ' |')
   return '\n'.join(lines)
 
 
@@ -294,39 +346,48 @@ def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) ->
       f"Dataset `{settings['dataset']}` ({settings['train_split']} -> "
       f"{settings['eval_split']}), {settings['image_size'][0]}x{settings['image_size'][1]}, "
       f"{settings['total_steps']} steps of batch {settings['batch_size']} "
-      f"({first.get('examples_seen', 0):,.0f} examples) for each model, seed "
-      f"{settings['seed']}.",
+      f"({first.get('examples_seen', 0):,.0f} examples) for each model, seeds "
+      f"{', '.join(str(x) for x in first.get('seeds', [settings['seed']]))} "
+      '(accuracies: mean ± sample std over the seeds).',
       '',
       markdown_table(rows),
       '',
       'Training compute = 3 x forward FLOPs (XLA cost analysis of the CPU-compiled '
       'forward pass) x examples seen. Training img/s excludes compilation and '
       'evaluation; inference img/s is a separate forward-only measurement. Each model '
-      'keeps its own optimiser settings from its config.',
+      'keeps its own optimiser settings from its config. k-shot linear: the paper\'s '
+      'few-shot evaluation of the trained model\'s frozen pre-logits (closed-form ridge '
+      'regression on k training images per class; vit_jax.fewshot).',
       '',
   ]
   return '\n'.join(lines)
 
 
 def plot_accuracy_vs_compute(rows: Sequence[dict[str, Any]]):
-  """Eval accuracy against training FLOPs (left) and wall-clock seconds (right)."""
+  """Eval accuracy against training FLOPs and wall-clock seconds (one line per seed),
+  and the few-shot linear accuracies (mean and std over seeds) when measured."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(10, 4), dpi=100, layout='constrained')
-  by_flops, by_time = fig.subplots(1, 2)
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  few_keys = [c[1] for c in _columns(rows) if c[1].startswith('fewshot/')]
+  fig = Figure(figsize=(14 if few_keys else 10, 4), dpi=100, layout='constrained')
+  axes = fig.subplots(1, 3 if few_keys else 2)
+  by_flops, by_time = axes[0], axes[1]
   markers = ['o', 's', '^', 'D', 'v']
   for i, row in enumerate(rows):
     label = f"{row['name']} ({row['model_name']}, {_fmt(row['num_params'], 'params')})"
-    points = [p for p in row.get('history', []) if p.get('train_flops')]
-    if points:
-      by_flops.plot([p['train_flops'] for p in points],
-                    [100 * p['eval_accuracy'] for p in points],
-                    marker=markers[i % len(markers)], label=label)
-    timed = [p for p in row.get('history', []) if p.get('seconds') is not None]
-    if timed:
-      by_time.plot([p['seconds'] for p in timed], [100 * p['eval_accuracy'] for p in timed],
-                   marker=markers[i % len(markers)], label=label)
+    color = f'C{i}'
+    for j, history in enumerate(row.get('histories') or [row.get('history', [])]):
+      kw = dict(marker=markers[i % len(markers)], color=color, alpha=1.0 if j == 0 else 0.5,
+                label=label if j == 0 else None)
+      points = [p for p in history if p.get('train_flops')]
+      if points:
+        by_flops.plot([p['train_flops'] for p in points],
+                      [100 * p['eval_accuracy'] for p in points], **kw)
+      timed = [p for p in history if p.get('seconds') is not None]
+      if timed:
+        by_time.plot([p['seconds'] for p in timed],
+                     [100 * p['eval_accuracy'] for p in timed], **kw)
   by_flops.set_xscale('log')
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   # Ticks at 1, 2 and 5 per decade: readable labels however few decades the runs span.
   by_flops.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
   by_flops.xaxis.set_major_formatter(ticker.EngFormatter())
@@ -338,6 +399,18 @@ def plot_accuracy_vs_compute(rows: Sequence[dict[str, Any]]):
     ax.grid(alpha=0.3, which='both')
     if ax.lines:
       ax.legend(fontsize=8, loc='lower right')
+  if few_keys:
+    ax, width = axes[2], 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+      x = np.arange(len(few_keys)) + i * width
+      ax.bar(x, [100 * row.get(k, np.nan) for k in few_keys], width,
+             yerr=[100 * row.get(f'{k}_std', 0.0) for k in few_keys], color=f'C{i}',
+             label=row['name'], capsize=3)
+    ax.set_xticks(np.arange(len(few_keys)) + 0.4 - width / 2,
+                  [k.split('/')[1].split('_')[0] for k in few_keys])
+    ax.set_ylabel('few-shot linear accuracy (%)')
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis='y')
   fig.suptitle('Accuracy against compute, same data and steps', fontsize=11)
   return fig
 
@@ -379,7 +452,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--steps', type=int, help='training steps for each model')
   p.add_argument('--eval-points', type=int, default=6,
                  help='evaluations per run (points of the accuracy curve)')
-  p.add_argument('--seed', type=int)
+  p.add_argument('--seed', type=int, help='first seed (default: the ViT config\'s)')
+  p.add_argument('--seeds', type=int, default=3,
+                 help='runs per model, seeds SEED .. SEED+N-1; the table gives mean ± std')
+  p.add_argument('--vit-checkpoint', help='fine-tune the ViT from this .npz instead of '
+                 'training it from scratch')
+  p.add_argument('--resnet-checkpoint', help='fine-tune the ResNet from this .npz '
+                 '(BiT-M layout or ours)')
+  p.add_argument('--fewshot', default='10',
+                 help="comma list of k for few-shot linear accuracy of each trained model "
+                 "('' for none)")
   p.add_argument('--only', choices=sorted(DEFAULT_CONFIGS), action='append',
                  help='run only this model (repeatable)')
   p.add_argument('--quiet', action='store_true', help='no training progress lines')
@@ -406,27 +488,31 @@ def show_training_progress() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.seeds < 1:
+    raise SystemExit(f'--seeds must be >= 1, got {args.seeds}')
   if not args.quiet:
     show_training_progress()
-  vit_config = load_config(args.vit_config)
-  resnet_config = load_config(args.resnet_config)
-  settings = shared_settings(args, vit_config)
-  configs = {'ViT': prepare_config(vit_config, settings),
-             'ResNet': prepare_config(resnet_config, settings)}
-  if args.vit_model:
-    with configs['ViT'].unlocked():
-      configs['ViT'].model_name = args.vit_model
-  if args.resnet_model:
-    with configs['ResNet'].unlocked():
-      configs['ResNet'].model_name = args.resnet_model
+  settings = shared_settings(args, load_config(args.vit_config))
+  overrides = {'ViT': (args.vit_config, args.vit_model, args.vit_checkpoint),
+               'ResNet': (args.resnet_config, args.resnet_model, args.resnet_checkpoint)}
+  shots = fewshot.parse_shots(args.fewshot) if args.fewshot else ()
   rows = []
-  for name, config in configs.items():
+  for name, (path, model_name, checkpoint_path) in overrides.items():
     if args.only and name not in args.only:
       continue
-    print(f'== {name}: {config.model_name}, {settings["total_steps"]} steps of '
-          f'{settings["batch_size"]} on {settings["dataset"]}', flush=True)
-    rows.append(run_one(name, config, os.path.join(args.out, 'runs', name.lower()),
-                        resume=args.resume))
+    runs = []
+    for seed in range(settings['seed'], settings['seed'] + args.seeds):
+      config = prepare_config(load_config(path), {**settings, 'seed': seed})
+      with config.unlocked():
+        config.model_name = model_name or config.model_name
+        config.pretrained_path = checkpoint_path or config.pretrained_path
+      start = 'from ' + checkpoint_path if checkpoint_path else 'from scratch'
+      print(f'== {name}: {config.model_name} {start}, seed {seed}, {settings["total_steps"]} '
+            f'steps of {settings["batch_size"]} on {settings["dataset"]}', flush=True)
+      runs.append(run_one(name, config, os.path.join(args.out, 'runs', name.lower(),
+                                                     f'seed{seed}'),
+                          resume=args.resume, shots=shots))
+    rows.append(aggregate(runs))
   paths = write_outputs(rows, settings, args.out)
   print(markdown_table(rows))
   for kind, path in paths.items():
