@@ -312,7 +312,8 @@ TABLE_COLUMNS = [
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
   """TABLE_COLUMNS with a few-shot column per k after the eval accuracy."""
-  shots = sorted({k for row in rows for k in row if k.startswith('fewshot/')},
+  shots = sorted({k for row in rows for k in row
+                  if k.startswith('fewshot/') and not k.endswith('_std')},
                  key=lambda k: int(''.join(c for c in k.split('/')[1] if c.isdigit())))
   few = [(f"{k.split('/')[1].split('shot')[0]}-shot linear", k, 'pct') for k in shots]
   return TABLE_COLUMNS[:3] + few + TABLE_COLUMNS[3:]
