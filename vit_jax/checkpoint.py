@@ -27,6 +27,11 @@ not be able to run code. Every array's shape and dtype is read from its .npy
 header and checked (sizes against the zip directory and a limit, float dtypes,
 the expected tree when one is given) before any data is read; the data is then
 read in bounded pieces and checked finite (`load_flat`).
+
+Why one module of this size: everything that reads an untrusted file sits behind
+the same header-first, bounded reader, and every layout (published, big_vision,
+optimizer dumps, BiT-M) maps onto the one tree that `load_pretrained` adapts;
+splitting the layouts from the reader would put the checks in two places.
 """
 
 from __future__ import annotations

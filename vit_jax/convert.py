@@ -49,6 +49,11 @@ transformers are imported only inside the functions that need them.
 CLI:
   python -m vit_jax.convert --from timm --to npz --model ViT-B_16 --input vit.pth --output vit.npz
   python -m vit_jax.convert --from npz --to hf --model ViT-B_16 --input ViT-B_16.npz --output hf_dir/
+
+Why one module of this size: each direction (ours <-> timm, ours <-> HF, torch
+files, safetensors, HF directories) is a table of renames and transposes plus the
+verification that reads the written file back and compares logits; they share the
+key tables above, which is what a reader checks them against.
 """
 
 from __future__ import annotations
