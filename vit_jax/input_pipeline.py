@@ -29,17 +29,34 @@ so ``get_train_dataset(config, start_step=k)`` yields exactly the batches that
 the ``start_step=0`` dataset yields from batch ``k`` on, without preprocessing
 the skipped examples.
 
+Unreadable images (garbage bytes, a text file named ``.jpg``, a truncated
+file) follow ``config.bad_images``: ``'raise'`` (the default) stops with a
+:class:`BadImageError` naming the file (for TFDS, the split and index);
+``'skip'`` leaves them out with a warning and lists them
+(:func:`bad_images`, :func:`write_bad_images`). Image folders are checked when
+they are first listed: an entry with an image extension that is not a file
+(e.g. a directory named ``x.jpg``) is such a bad image, and a class directory
+without images is an error (it would silently renumber the classes).
+
 TensorFlow is imported lazily, so importing this module (e.g. for
 :class:`DatasetInfo`) does not need TensorFlow.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import itertools
+import json
 import math
 import os
-from typing import Any, Iterator
+import re
+import threading
+from typing import Any, Callable, Iterator
+import weakref
+
+from absl import logging
 
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
@@ -49,8 +66,19 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 TRAIN_PP = ('inception_crop', 'resize_crop', 'plain')
 EVAL_PP = ('resize', 'resize_crop')
 
+BAD_IMAGE_POLICIES = ('raise', 'skip')
+BAD_IMAGES_FILE = 'bad_images.txt'
+
 # Tags separating the random streams derived from (seed, process).
 _SHUFFLE_TAG, _AUGMENT_TAG, _MIXUP_TAG = 1, 2, 3
+
+# Elements decoded together in one guarded group (see `_guarded_map`): large
+# enough that the group's bookkeeping costs little per image.
+_GROUP = 32
+
+
+class BadImageError(ValueError):
+  """An image that cannot be read or decoded (or a folder entry that is not a file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +170,24 @@ def _even_part(n: int, index: int, count: int) -> tuple[int, int]:
 
 
 class _Source:
-  """Reads the records of a split: {'image': bytes or path, 'label': int64}."""
+  """Reads the records of a split: {'image': bytes or path, 'label': int64, 'id'}.
+
+  'id' names the record in error messages: its path (image folders) or its
+  position in this process's part of the split (TFDS), see `describe`.
+  """
 
   name: str
   num_classes: int
   class_names: tuple[str, ...] | None
   # True when 'image' holds file paths that still have to be read.
   yields_paths: bool = False
+  # Entries with an image extension that are not files (image folders).
+  not_files: tuple[str, ...] = ()
+
+  def __init__(self):
+    # Unreadable images met so far: {description: reason}, in the order met.
+    self.bad_images: dict[str, str] = {}
+    self.bad_lock = threading.Lock()
 
   def num_examples(self, split: str) -> int:
     raise NotImplementedError
@@ -157,11 +196,22 @@ class _Source:
     """(local tf.data.Dataset of records in a fixed order, local count)."""
     raise NotImplementedError
 
+  def describe(self, split: str, process_index: int, process_count: int, key) -> str:
+    """Where the record with 'id' `key` comes from, for a person to find it: a path,
+    or 'index N of split S of dataset D'."""
+    raise NotImplementedError
+
+  def where(self, split: str, process_index: int, process_count: int, key) -> str:
+    """`describe` for a sentence: a path is quoted and given its split."""
+    found = self.describe(split, process_index, process_count, key)
+    return f'{found!r} (split {split!r} of {self.name!r})' if self.yields_paths else found
+
 
 class _TfdsSource(_Source):
   """A prepared TFDS dataset (or the embedded digits, prepared on demand)."""
 
   def __init__(self, name: str, data_dir: str | None):
+    super().__init__()
     tfds = _tfds()
     from vit_jax import datasets  # pylint: disable=g-import-not-at-top
     self.name = name
@@ -171,9 +221,7 @@ class _TfdsSource(_Source):
     if name in datasets.EMBEDDED_DATASETS:
       # With a version ('digits:1.0.0'), the generic path below reads an
       # already prepared copy instead.
-      builder = datasets.get_builder(base_name, data_dir=data_dir)
-      if not builder.is_prepared():
-        builder.download_and_prepare()  # Local: reads scikit-learn's files.
+      builder = datasets.prepared_builder(base_name, data_dir)  # Locally, under a lock.
     else:
       if data_dir is not None and not _tf().io.gfile.isdir(data_dir):
         raise FileNotFoundError(
@@ -249,11 +297,33 @@ class _TfdsSource(_Source):
         read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True),
     )
     image_key, label_key = self.image_key, self.label_key
-    ds = ds.map(
-        lambda ex: {'image': ex[image_key],
-                    'label': tf.cast(ex[label_key], tf.int64)},
+    ds = ds.enumerate().map(
+        lambda index, ex: {'image': ex[image_key],
+                           'label': tf.cast(ex[label_key], tf.int64), 'id': index},
         num_parallel_calls=tf.data.AUTOTUNE)
     return ds, count
+
+  def describe(self, split, process_index, process_count, key) -> str:
+    """'index 12 of split 'test' of dataset 'digits'' (absolute where it can be told)."""
+    index = int(key)
+    tfds = _tfds()
+    try:
+      ranges = [(ins.splitname, ins.from_ or 0,
+                 ins.to if ins.to is not None else self.builder.info.splits[ins.splitname]
+                 .num_examples)
+                for ins in tfds.core.ReadInstruction.from_spec(split).to_absolute(
+                    self.builder.info.splits)]
+      total = sum(stop - start for _, start, stop in ranges)
+      start, _ = _even_part(total, process_index, process_count)  # as tfds.even_splits
+      position = start + index
+      for name, begin, stop in ranges:
+        if position < stop - begin:
+          return f'index {begin + position} of split {name!r} of dataset {self.name!r}'
+        position -= stop - begin
+    except (KeyError, ValueError, AssertionError, AttributeError, TypeError):
+      pass
+    part = f' (part {process_index} of {process_count})' if process_count > 1 else ''
+    return f'index {index} of split {split!r}{part} of dataset {self.name!r}'
 
 
 class _FolderSource(_Source):
@@ -262,13 +332,16 @@ class _FolderSource(_Source):
   yields_paths = True
 
   def __init__(self, root: str):
+    super().__init__()
     root = os.path.expanduser(root)
     self.name = IMAGE_FOLDER_PREFIX + root
     if not root or not _tf().io.gfile.isdir(root):
       raise FileNotFoundError(
           f'Image folder {root!r} (config.dataset={self.name!r}) does not '
           'exist or is not a directory.')
-    by_split = self._scan(root)
+    not_files: list[str] = []
+    by_split, empty = self._scan(root, not_files)
+    self.not_files = tuple(not_files)
     classes = sorted({c for per_class in by_split.values() for c in per_class})
     if not any(files for per_class in by_split.values()
                for files in per_class.values()):
@@ -276,6 +349,17 @@ class _FolderSource(_Source):
           f'Image folder {root!r} holds no images: expected '
           f'{root}/<class>/<image> or {root}/<split>/<class>/<image> with '
           f'extensions {IMAGE_EXTENSIONS}.')
+    # A class folder without images would be dropped, renumbering the classes
+    # after it: refused. One that is empty in one split only is just reported.
+    empty_classes = sorted(d for d in empty if os.path.basename(d) not in classes)
+    if empty_classes:
+      raise ValueError(
+          f'Image folder {root!r}: class folder(s) without images ({IMAGE_EXTENSIONS}): '
+          f'{", ".join(map(repr, empty_classes))}. Add images or remove the folder(s): '
+          'an empty class would silently change the class ids of those after it.')
+    for folder in sorted(set(empty) - set(empty_classes)):
+      logging.warning('Image folder %r: %r holds no images; that class has none in this '
+                      'split.', root, folder)
     self.root = root
     self.class_names = tuple(classes)
     self.num_classes = len(classes)
@@ -297,10 +381,21 @@ class _FolderSource(_Source):
   # tf.io.gfile rather than os: folders may also live on GCS (gs://...).
 
   @staticmethod
-  def _images_in(folder: str) -> list[str]:
-    gfile = _tf().io.gfile
-    return sorted(os.path.join(folder, f) for f in gfile.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+  def _images_in(folder: str, not_files: list[str]) -> list[str]:
+    """Sorted paths of the files with an image extension; other such entries go to
+    `not_files` (a directory named x.jpg, a broken link: they cannot be read)."""
+    files = []
+    if '://' not in folder:  # Local: scandir tells files from the rest without a stat.
+      with os.scandir(folder) as entries:
+        for entry in entries:
+          if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            (files if entry.is_file() else not_files).append(os.path.join(folder, entry.name))
+    else:
+      for name in _tf().io.gfile.listdir(folder):
+        if name.rstrip('/').lower().endswith(IMAGE_EXTENSIONS):
+          path = os.path.join(folder, name.rstrip('/'))
+          (not_files if name.endswith('/') else files).append(path)
+    return sorted(files)
 
   @classmethod
   def _subdirs(cls, folder: str) -> list[str]:
@@ -310,21 +405,26 @@ class _FolderSource(_Source):
                   and not d.startswith('.'))
 
   @classmethod
-  def _scan(cls, root: str) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: sorted image paths}}."""
+  def _scan(cls, root: str, not_files: list[str]
+            ) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """({split: {class: sorted image paths}}, class folders without images)."""
     top = cls._subdirs(root)
-    flat = {d: cls._images_in(os.path.join(root, d)) for d in top}
+    flat_not_files: list[str] = []
+    flat = {d: cls._images_in(os.path.join(root, d), flat_not_files) for d in top}
     if any(flat.values()):  # root/<class>/<image>: one split, 'train'.
-      return {'train': {c: files for c, files in flat.items() if files}}
-    by_split = {}
+      not_files += flat_not_files
+      empty = [os.path.join(root, c) for c, files in flat.items() if not files]
+      return {'train': {c: files for c, files in flat.items() if files}}, empty
+    by_split, empty = {}, []
     for split in top:  # root/<split>/<class>/<image>.
       split_dir = os.path.join(root, split)
-      per_class = {c: cls._images_in(os.path.join(split_dir, c))
+      per_class = {c: cls._images_in(os.path.join(split_dir, c), not_files)
                    for c in cls._subdirs(split_dir)}
+      empty += [os.path.join(split_dir, c) for c, files in per_class.items() if not files]
       per_class = {c: files for c, files in per_class.items() if files}
       if per_class:
         by_split[split] = per_class
-    return by_split
+    return by_split, empty
 
   def _indices(self, split: str) -> list[tuple[str, int, int]]:
     """The split string as absolute (split name, start, stop) ranges."""
@@ -368,15 +468,34 @@ class _FolderSource(_Source):
     ds = tf.data.Dataset.from_tensor_slices({
         'image': tf.constant(paths, tf.string),
         'label': tf.constant(labels, tf.int64),
+        'id': tf.constant(paths, tf.string),
     })
     return ds, len(paths)
+
+  def describe(self, split, process_index, process_count, key) -> str:
+    return key.decode() if isinstance(key, bytes) else str(key)  # the path
+
+
+# The sources opened in this process, by (dataset, data_dir), for `bad_images`.
+_OPENED: dict[tuple[str, str | None], _Source] = {}
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_source(dataset: str, data_dir: str | None) -> _Source:
   if dataset.startswith(IMAGE_FOLDER_PREFIX):
-    return _FolderSource(dataset[len(IMAGE_FOLDER_PREFIX):])
-  return _TfdsSource(dataset, data_dir)
+    source: _Source = _FolderSource(dataset[len(IMAGE_FOLDER_PREFIX):])
+  else:
+    source = _TfdsSource(dataset, data_dir)
+  _OPENED[(dataset, data_dir)] = source
+  return source
+
+
+def _bad_image_policy(config) -> str:
+  policy = config.bad_images
+  if policy not in BAD_IMAGE_POLICIES:
+    raise ValueError(f'Unknown config.bad_images={policy!r}; expected one of '
+                     f'{BAD_IMAGE_POLICIES}.')
+  return policy
 
 
 def _get_source(config) -> _Source:
@@ -384,10 +503,65 @@ def _get_source(config) -> _Source:
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got '
                      f'{dataset!r}.')
+  policy = _bad_image_policy(config)
   data_dir = config.data_dir
   # Cached: a folder is listed once per process, so that the counts of
   # get_dataset_info and the datasets agree.
-  return _cached_source(dataset, None if data_dir is None else str(data_dir))
+  source = _cached_source(dataset, None if data_dir is None else str(data_dir))
+  if source.not_files:
+    if policy == 'raise':
+      raise BadImageError(
+          f'Image folder {source.name!r}: not a file, cannot be read as an image: '
+          f'{", ".join(map(repr, source.not_files[:5]))}'
+          f'{f" and {len(source.not_files) - 5} more" if len(source.not_files) > 5 else ""}. '
+          f'Remove or rename it, or set config.bad_images=\'skip\' to leave such entries out.')
+    with source.bad_lock:
+      new = [p for p in source.not_files if p not in source.bad_images]
+      for path in new:
+        source.bad_images[path] = 'not a file'
+    if new:
+      logging.warning('Image folder %r: leaving out %d entries that are not files '
+                      '(config.bad_images=\'skip\'): %s', source.name, len(new),
+                      ', '.join(map(repr, new[:5])))
+  return source
+
+
+def bad_images(config) -> dict[str, str]:
+  """The unreadable images this process met in config's dataset: {where: why}.
+
+  Filled while the pipelines run with `config.bad_images='skip'`; empty for a
+  dataset not opened in this process (and without importing TensorFlow).
+  """
+  config = schema.resolve(config)
+  data_dir = None if config.data_dir is None else str(config.data_dir)
+  source = _OPENED.get((config.dataset, data_dir))
+  if source is None:
+    return {}
+  with source.bad_lock:
+    return dict(source.bad_images)
+
+
+def write_bad_images(config, workdir: str, process_index: int | None = None) -> int:
+  """Writes `bad_images(config)` to `workdir/bad_images.txt`; returns their count.
+
+  One JSON object per line (`{"image": ..., "reason": ...}`). Nothing is written
+  when there are none. Process i > 0 writes `bad_images.<i>.txt` (each process
+  reads its own part of the data).
+  """
+  found = bad_images(config)
+  if not found:
+    return 0
+  if process_index is None:
+    process_index, _ = _process(None, None)
+  name = BAD_IMAGES_FILE if process_index == 0 else BAD_IMAGES_FILE.replace(
+      '.txt', f'.{process_index}.txt')
+  path = os.path.join(workdir, name)
+  with open(path + '.tmp', 'w') as f:
+    for where, why in found.items():
+      f.write(json.dumps({'image': where, 'reason': why}) + '\n')
+  os.replace(path + '.tmp', path)
+  logging.warning('%d unreadable image(s) were left out; listed in %s.', len(found), path)
+  return len(found)
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -530,6 +704,197 @@ def _options(ds):
 
 
 # ----------------------------------------------------------------------------
+# Unreadable images.
+# ----------------------------------------------------------------------------
+
+# A BadImageError raised inside the tf.data graph reaches Python wrapped in a TF
+# error; `iterate_numpy` finds it here by the token in that error's text and
+# raises it instead.
+_STASHED: dict[int, BadImageError] = {}
+_STASH_IDS = itertools.count()
+_STASH_TOKEN = re.compile(r'\[vit_jax bad image #(\d+)\]')
+
+
+def _stash(error: BadImageError) -> ValueError:
+  """What to raise inside a tf.py_function for `error` to come out of `iterate_numpy`."""
+  token = next(_STASH_IDS)
+  _STASHED[token] = error
+  return ValueError(f'{error} [vit_jax bad image #{token}]')
+
+
+def _unstash(text: str) -> BadImageError | None:
+  match = _STASH_TOKEN.search(text)
+  return _STASHED.pop(int(match.group(1)), None) if match else None
+
+
+def _error_text(error: Exception) -> str:
+  """A TF error's message without its node names and op suffix."""
+  text = getattr(error, 'message', None) or str(error)
+  text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
+  text = re.sub(r'\s*\[Op:[^\]]*\].*$', '', text, flags=re.S)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _failure_reason(raw: bytes | None, path: str | None) -> str:
+  """Why an image cannot be used, found again eagerly (only ever for bad ones)."""
+  tf = _tf()
+  if path is not None:
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        raw = f.read()
+    except Exception as e:  # pylint: disable=broad-except
+      return f'cannot be read ({_error_text(e)})'
+  if not raw:
+    return 'empty file (0 bytes)'
+  try:
+    tf.io.decode_image(raw, channels=3, expand_animations=False)
+  except Exception as e:  # pylint: disable=broad-except
+    return f'cannot be decoded ({_error_text(e)})'
+  return 'it decodes, but preprocessing it failed'
+
+
+class _BadImageReporter:
+  """Called through tf.py_function with the records of a group that failed.
+
+  'raise': raises a BadImageError naming the first. 'skip': adds them to the
+  source's list and logs each the first time it is met.
+  """
+
+  def __init__(self, source: _Source, split: str, process_index: int,
+               process_count: int, policy: str):
+    self.source, self.split, self.policy = source, split, policy
+    self.process = (process_index, process_count)
+
+  def __call__(self, keys, data):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    found = []
+    for key, raw in zip(keys.numpy(), data.numpy()):
+      name = self.source.describe(self.split, *self.process, key)
+      path = name if self.source.yields_paths else None
+      found.append((key, name, _failure_reason(None if path else raw, path)))
+    if self.policy == 'raise':
+      key, _, reason = found[0]
+      more = f' ({len(found) - 1} more near it)' if len(found) > 1 else ''
+      raise _stash(BadImageError(
+          f'Cannot use image {self.source.where(self.split, *self.process, key)}: '
+          f'{reason}{more}. Replace or remove it, or set config.bad_images=\'skip\' to '
+          'leave unreadable images out. (A run rerun in the same workdir resumes from its '
+          'latest checkpoint.)'))
+    new = []
+    with self.source.bad_lock:
+      for key, name, reason in found:
+        if name not in self.source.bad_images:
+          self.source.bad_images[name] = reason
+          new.append((key, reason))
+      total = len(self.source.bad_images)
+    for key, reason in new:
+      logging.warning("Leaving out image %s: %s (config.bad_images='skip'; %d so far).",
+                      self.source.where(self.split, *self.process, key), reason, total)
+    return np.int64(len(found))
+
+
+def _raise_in_graph(message: str):
+  """A tf op that raises BadImageError(message) when run."""
+  tf = _tf()
+
+  def fail():
+    raise _stash(BadImageError(message))
+
+  return tf.py_function(fail, [], tf.int64)
+
+
+def _guarded_batches(batches, fn: Callable, report: Callable | None,
+                     keep: tuple[str, ...] = (), *, size: int, parallel: bool = False):
+  """`fn` mapped over each element of each batch of `batches`, surviving failures.
+
+  `batches` holds batches (of at most `size`) of dict elements with an 'id'
+  and the encoded 'image'. Each output batch holds `fn`'s outputs (zeros where
+  `fn` raised), the `keep` entries of its input and 'ok' (False where `fn`
+  raised); nothing is dropped, so positions (resuming, per-example seeds) stay
+  as they are. `report(ids, images)` runs (as a tf.py_function) with the failed
+  elements of a batch, only when there are any.
+
+  `fn` runs per element inside a nested dataset with `ignore_errors`: TF has no
+  way to catch an op's error inside a graph. The nested dataset's batch is the
+  output batch, so no image is copied more often than by a plain map + batch.
+  """
+  tf = _tf()
+
+  def guarded(elements):
+    n = tf.shape(elements['id'], out_type=tf.int64)[0]
+    inner = tf.data.Dataset.from_tensor_slices((tf.range(n), elements))
+    if parallel:
+      inner = inner.map(lambda i, e: (i, fn(e)), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+    else:
+      inner = inner.map(lambda i, e: (i, fn(e)))
+    inner = inner.ignore_errors()
+    zeros = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                                  inner.element_spec[1])
+    # A sentinel at position n: the batch is never empty, and searchsorted below
+    # always finds an entry.
+    inner = inner.concatenate(tf.data.Dataset.from_tensors((n, zeros)))
+    done, outputs = inner.batch(size + 1).get_single_element()
+    slot = tf.searchsorted(done, tf.range(n))
+    ok = tf.equal(tf.gather(done, slot), tf.range(n))
+
+    def all_ok():
+      return tf.nest.map_structure(lambda x: x[:n], outputs)
+
+    def some_failed():
+      def pick(x, zero):
+        keep_mask = tf.reshape(ok, tf.concat([[n], tf.ones([tf.rank(zero)], tf.int32)], 0))
+        return tf.where(keep_mask, tf.gather(x, slot), zero)
+      return tf.nest.map_structure(pick, outputs, zeros)
+
+    out = tf.cond(tf.reduce_all(ok), all_ok, some_failed)
+    if report is not None:
+      failed = tf.logical_not(ok)
+      reported = tf.cond(
+          tf.reduce_any(failed),
+          lambda: tf.py_function(report, [tf.boolean_mask(elements['id'], failed),
+                                          tf.boolean_mask(elements['image'], failed)],
+                                 tf.int64),
+          lambda: tf.constant(0, tf.int64))
+      with tf.control_dependencies([reported]):
+        ok = tf.identity(ok)
+    return {**{k: elements[k] for k in keep}, **out, 'ok': ok}
+
+  # With the parallelism inside a batch, two batches at a time keep the cores
+  # busy at batch boundaries without holding many batches in memory.
+  return batches.map(guarded, num_parallel_calls=2 if parallel else tf.data.AUTOTUNE)
+
+
+def _guarded_map(ds, fn: Callable, report: Callable | None, keep: tuple[str, ...] = ()):
+  """`_guarded_batches` element by element (groups of `_GROUP`, unbatched again)."""
+  return _guarded_batches(ds.batch(_GROUP), fn, report, keep, size=_GROUP).unbatch()
+
+
+def _refill(batch):
+  """'skip' in training: a failed example's slot takes a copy of a good one of the batch.
+
+  Batches keep their size and positions, so a resumed run still sees exactly
+  the batches of an uninterrupted one.
+  """
+  tf = _tf()
+  ok = batch['ok']
+  n = tf.shape(ok)[0]
+
+  def refilled():
+    good = tf.cast(tf.where(ok)[:, 0], tf.int32)
+    check = tf.cond(tf.size(good) > 0, lambda: tf.constant(0, tf.int64),
+                    lambda: _raise_in_graph(
+                        'Every image of a training batch is unreadable; is the dataset '
+                        'intact?'))
+    with tf.control_dependencies([check]):
+      take = tf.where(ok, tf.range(n), tf.gather(good, tf.range(n) % tf.maximum(tf.size(good), 1)))
+    return {k: tf.gather(batch[k], take) for k in ('image', 'label')}
+
+  return tf.cond(tf.reduce_all(ok), lambda: {k: batch[k] for k in ('image', 'label')},
+                 refilled)
+
+
+# ----------------------------------------------------------------------------
 # Public pipelines.
 # ----------------------------------------------------------------------------
 
@@ -540,9 +905,11 @@ def _maybe_cache(records, source: _Source, cache: bool):
   if not cache:
     return records, source.yields_paths
   if source.yields_paths:  # Cache file contents, not their paths.
-    records = records.map(
-        lambda r: {'image': tf.io.read_file(r['image']), 'label': r['label']},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    # An unreadable file is cached as b'', which then fails to decode and is
+    # reported (by its path) like any bad image.
+    records = _guarded_map(records, lambda r: {'image': tf.io.read_file(r['image'])}, None,
+                           keep=('id', 'label'))
+    records = records.map(lambda r: {k: r[k] for k in ('image', 'label', 'id')})
   return records.cache(), False
 
 
@@ -581,6 +948,7 @@ def get_train_dataset(config,
   if buffer < 1:
     raise ValueError(f'config.shuffle_buffer must be >= 1, got {buffer}.')
   source = _get_source(config)
+  policy = _bad_image_policy(config)
   split = config.train_split
   records, count = source.read(split, pi, pc)
   if count == 0:
@@ -612,19 +980,25 @@ def get_train_dataset(config,
   ds = ds.enumerate(start=first_epoch * count)
   ds = ds.skip(skip)  # Before decoding: skipped elements cost only a read.
 
-  def preprocess(index, record):
+  def preprocess(record):
     data = record['image']
     if needs_read:
       data = tf.io.read_file(data)
-    key = tf.random.experimental.stateless_fold_in(augment_key, index)
+    key = tf.random.experimental.stateless_fold_in(augment_key, record['index'])
     return {
         'image': _train_preprocess(data, key, pp, image_size),
         'label': tf.one_hot(record['label'], source.num_classes,
                             dtype=tf.float32),
     }
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.map(lambda index, record: {**record, 'index': index})
+  ds = _guarded_batches(ds.batch(batch, drop_remainder=True), preprocess,
+                        _BadImageReporter(source, split, pi, pc, policy), size=batch,
+                        parallel=True)
+  if policy == 'skip':
+    ds = ds.map(_refill, num_parallel_calls=tf.data.AUTOTUNE)
+  else:  # 'raise': a failed image raised already
+    ds = ds.map(lambda b: {'image': b['image'], 'label': b['label']})
   if alpha > 0:
     ds = ds.enumerate(start=int(start_step)).map(
         lambda step, b: _mixup(
@@ -684,10 +1058,13 @@ def get_eval_dataset(config,
     return {
         'image': _eval_preprocess(data, pp, image_size),
         'label': tf.one_hot(record['label'], num_classes, dtype=tf.float32),
-        'mask': tf.constant(1.0, tf.float32),
     }
 
-  ds = records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _guarded_map(records, preprocess,
+                    _BadImageReporter(source, split, pi, pc, _bad_image_policy(config)))
+  # A left-out image ('skip') is masked like padding: it counts nowhere.
+  ds = ds.map(lambda e: {'image': e['image'], 'label': e['label'],
+                         'mask': tf.cast(e['ok'], tf.float32)})
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros([*image_size, 3], tf.float32),
       'label': tf.zeros([num_classes], tf.float32),
@@ -699,5 +1076,39 @@ def get_eval_dataset(config,
 
 
 def iterate_numpy(ds) -> Iterator[dict[str, Any]]:
-  """Iterates a tf.data.Dataset as (nested) numpy arrays."""
-  return iter(_tfds().as_numpy(ds))
+  """Iterates a tf.data.Dataset as (nested) numpy arrays.
+
+  A BadImageError raised inside the pipeline comes out as itself, not wrapped
+  in TensorFlow's error.
+  """
+  errors = _tf().errors
+
+  def batches():
+    iterator = iter(_tfds().as_numpy(ds))
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except errors.OpError as e:
+        stashed = _unstash(str(e))
+        if stashed is None:
+          raise
+        raise stashed from None
+      yield batch
+
+  generator = batches()
+  _LIVE_ITERATORS.add(generator)
+  return generator
+
+
+# Iterators still open at exit are closed while the interpreter still runs: a
+# tf.data thread inside a tf.py_function (the bad-image reporter) cannot get the
+# GIL once finalisation has begun, and destroying its iterator then would hang.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for generator in list(_LIVE_ITERATORS):
+    generator.close()

@@ -10,13 +10,26 @@ Multi-process runs: pass `--coordinator_address=host:port --num_processes=N
 itself (SLURM, Open MPI, Cloud TPU; or set `--multiprocess` to make it try).
 Rerunning with the same `--workdir` resumes from the latest checkpoint. Exit
 status 143 means the run was stopped by SIGTERM after saving a checkpoint.
+
+One run per workdir: the run holds an exclusive lock on `WORKDIR/.lock`
+(vit_jax.workdir_lock), taken here before the slow imports when the workdir
+exists already, so a second run on it exits at once.
+
+User errors (a bad config value, a missing file or dataset, an unreadable
+image, a workdir in use, a full disk, a non-finite loss) print one line,
+`error: ...`, and exit with status 2; `--verbose` or `VIT_JAX_TRACEBACK=1` also
+prints the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging as std_logging
 import os
 import sys
+import traceback
+from typing import Iterator
 
 from absl import app
 from absl import flags
@@ -40,6 +53,8 @@ flags.DEFINE_bool('retain_host_memory', False,
                   'so XLA:CPU steps do not fault in their large buffers anew: faster CPU '
                   'training of ViT-S and larger, slower for tiny models (one malloc arena '
                   'for all threads); see vit_jax/host_memory.py.')
+flags.DEFINE_bool('verbose', False,
+                  'On an error, also print its traceback (as VIT_JAX_TRACEBACK=1 does).')
 
 def _wants_distributed() -> bool:
   if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
@@ -58,13 +73,75 @@ class _DropLibraryInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _is_user_error(error: BaseException) -> bool:
+  """Errors whose message says what to change: shown without a traceback."""
+  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return True
+  if isinstance(error, (ValueError, FileNotFoundError, workdir_lock.WorkdirLockedError)):
+    return True
+  periodic = sys.modules.get('vit_jax.periodic')  # not imported: not raised
+  return periodic is not None and isinstance(error, periodic.NonFiniteLossError)
+
+
+def _quiet_after_failed_writes() -> None:
+  """Silences what Orbax's asyncio writers print once a save has failed.
+
+  After a failed (e.g. disk-full) write, TensorStore's callbacks find the event
+  loop of that save closed and print `RuntimeError: Event loop is closed` through
+  sys.excepthook, and the unfinished write coroutines are reported at exit: dozens of
+  tracebacks around the one line that matters.
+  """
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def filtered_excepthook(kind, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    excepthook(kind, value, tb)
+
+  def filtered_unraisablehook(unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if any('/orbax/' in frame.filename for frame in frames):
+      return
+    unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
+
+
+@contextlib.contextmanager
+def _workdir_locked_early(workdir: str) -> Iterator[None]:
+  """The workdir's lock, if the workdir exists, before JAX and TensorFlow load.
+
+  `train_and_evaluate` takes it again (nested, for API users); taking it here as
+  well refuses a second run within a second or two instead of after the imports.
+  Multi-process runs leave it to process 0 there.
+  """
+  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  early = os.path.isdir(os.path.expanduser(workdir)) and not _wants_distributed()
+  with workdir_lock.hold(workdir, enabled=early):
+    yield
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required.')
+  _quiet_after_failed_writes()
+  try:
+    with _workdir_locked_early(FLAGS.workdir):
+      metrics = _run()
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_user_error(e):
+      raise
+    from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    sys.exit(checkpoint.report_user_error(e, FLAGS.verbose))
+  if metrics.get('preempted'):
+    sys.exit(143)
 
+
+def _run() -> dict:
   if FLAGS.retain_host_memory:
     # Before JAX starts its threads: they pick their malloc arena on first use.
     from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
@@ -88,9 +165,7 @@ def main(argv):
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   logging.info('Config:\n%s', FLAGS.config)
-  metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  if metrics.get('preempted'):
-    sys.exit(143)
+  return train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

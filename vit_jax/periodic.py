@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -94,10 +95,13 @@ class TrainMetrics:
   """Step metrics waiting on the device, fetched and written together."""
 
   def __init__(self, writer: Any, chrono: Chrono, batch_size: int, num_train_examples: int,
-               describe_last_good: Callable[[], str]):
+               describe_last_good: Callable[[], str],
+               restored: Optional[tuple[int, str]] = None):
+    """`restored`: (step, checkpoint directory) the run resumed from; step 0: a fresh start."""
     self._writer, self._chrono = writer, chrono
     self._batch, self._examples = batch_size, max(num_train_examples, 1)
     self._describe_last_good = describe_last_good
+    self._restored = restored if restored and restored[0] > 0 else None
     self._pending: list[tuple[int, dict]] = []
     self.last: dict[str, float] = {}
 
@@ -113,9 +117,19 @@ class TrainMetrics:
     self._pending = []
     for step, m in zip(steps, fetched):
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        values = (f'Non-finite training loss {float(m["loss"])} (grad norm '
+                  f'{float(m["grad_norm"])}) at step {step}')
+        if self._restored and step == self._restored[0] + 1:
+          # The very first step from a checkpoint: the checkpoint, not the recipe, is the
+          # likely cause (e.g. a corrupt but finite weight, saved before checksums were).
+          restored_step, directory = self._restored
+          raise NonFiniteLossError(
+              f'{values}, the first step after restoring the checkpoint of step '
+              f'{restored_step} in {directory}; stopping without saving. That checkpoint is '
+              f'suspect: move {os.path.join(directory, str(restored_step))} aside (e.g. into '
+              'checkpoints_corrupt/) to resume from the one before it.')
         raise NonFiniteLossError(
-            f'Non-finite training loss {float(m["loss"])} (grad norm '
-            f'{float(m["grad_norm"])}) at step {step}; stopping without saving. '
+            f'{values}; stopping without saving. '
             f'{self._describe_last_good()} Lower config.learning_rate, keep '
             'config.grad_clip_norm > 0, or use config.dtype="float32".')
     speed = self._chrono.lap(steps[-1])

@@ -38,12 +38,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vit_jax import checkpoint
 from vit_jax import data_sources
 from vit_jax import evaluators
+from vit_jax import input_pipeline
 from vit_jax import metric_writers
 from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import periodic
 from vit_jax import train_checkpoints
 from vit_jax import validation
+from vit_jax import workdir_lock
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
 
@@ -247,7 +249,7 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
   metrics = periodic.TrainMetrics(
       writer, chrono, config.batch_size, data.num_train_examples,
       lambda: (f'The last good checkpoint is step {checkpointer.latest_step()} in '
-               f'{checkpointer.directory}.'))
+               f'{checkpointer.directory}.'), restored=(run.start_step, checkpointer.directory))
   due = periodic.Schedule(config.total_steps, config.log_every, config.eval_every,
                           config.checkpoint_every)
   batches = None
@@ -305,39 +307,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  run = _set_up(config, workdir, mesh)
-  writer = metric_writers.create_default_writer(
-      workdir if is_main else None, config.total_steps, run.start_step, just_logging=not is_main)
-  if is_main and run.start_step == 0:
-    writer.write_hparams(_flatten_config(config))
-  accum = config.grad_accum_steps
-  logging.info('Model %s: %d parameters, %d classes; %d devices in %d process(es); '
-               'global batch %d (%d per device%s).', config.model_name, run.num_params,
-               run.data.num_classes, mesh.devices.size, jax.process_count(), config.batch_size,
-               config.batch_size // mesh.devices.size,
-               f', {accum} micro-batches' if accum > 1 else '')
-  try:
-    final, step, preempted, chrono, metrics = _loop(run, writer)
-    writer.flush()
-  finally:
-    writer.close()
+  with workdir_lock.hold(workdir, enabled=is_main):  # one run per workdir
+    run = _set_up(config, workdir, mesh)
+    writer = metric_writers.create_default_writer(
+        workdir if is_main else None, config.total_steps, run.start_step, just_logging=not is_main)
+    if is_main and run.start_step == 0:
+      writer.write_hparams(_flatten_config(config))
+    accum = config.grad_accum_steps
+    logging.info('Model %s: %d parameters, %d classes; %d devices in %d process(es); '
+                 'global batch %d (%d per device%s).', config.model_name, run.num_params,
+                 run.data.num_classes, mesh.devices.size, jax.process_count(), config.batch_size,
+                 config.batch_size // mesh.devices.size,
+                 f', {accum} micro-batches' if accum > 1 else '')
+    try:
+      final, step, preempted, chrono, metrics = _loop(run, writer)
+      writer.flush()
+    finally:
+      writer.close()
 
-  if run.start_step >= config.total_steps:
-    final.update(run.evaluator.run(run.state.params, run.data.eval_batches()))
-  if config.export_params and not preempted:
-    params = parallel.gather(run.state.params, mesh)
-    if is_main:
-      checkpoint.save(params, os.path.join(workdir, 'params.npz'))
-  final.update({
-      'step': int(step), 'preempted': preempted,
-      'train_loss': metrics.last.get('train_loss', float('nan')),
-      'examples_seen': float(step * config.batch_size),
-      'train_seconds': chrono.seconds, 'steps_per_sec': chrono.steps_per_sec,
-      'images_per_sec': chrono.steps_per_sec * config.batch_size,
-      'num_params': run.num_params, 'num_devices': int(mesh.devices.size),
-      'num_processes': int(jax.process_count()),
-  })
-  if is_main and not preempted:
-    metric_writers.write_json(os.path.join(workdir, 'final_metrics.json'), final)
-  logging.info('Final metrics: %s', final)
-  return final
+    if run.start_step >= config.total_steps:
+      final.update(run.evaluator.run(run.state.params, run.data.eval_batches()))
+    input_pipeline.write_bad_images(config, workdir)  # images left out by bad_images='skip'
+    if config.export_params and not preempted:
+      params = parallel.gather(run.state.params, mesh)
+      if is_main:
+        checkpoint.save(params, os.path.join(workdir, 'params.npz'))
+    final.update({
+        'step': int(step), 'preempted': preempted,
+        'train_loss': metrics.last.get('train_loss', float('nan')),
+        'examples_seen': float(step * config.batch_size),
+        'train_seconds': chrono.seconds, 'steps_per_sec': chrono.steps_per_sec,
+        'images_per_sec': chrono.steps_per_sec * config.batch_size,
+        'num_params': run.num_params, 'num_devices': int(mesh.devices.size),
+        'num_processes': int(jax.process_count()),
+    })
+    if is_main and not preempted:
+      metric_writers.write_json(os.path.join(workdir, 'final_metrics.json'), final)
+    logging.info('Final metrics: %s', final)
+    return final

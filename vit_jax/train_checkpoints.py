@@ -11,9 +11,20 @@ A run's checkpoints live in `workdir/checkpoints/<step>/` with two items:
 Saves are asynchronous: `save` returns once the arrays are copied off the
 devices, and the files are written while training continues. An interrupted
 save leaves only a temporary directory that Orbax ignores and cleans up, so the
-latest complete checkpoint is always a good one. A checkpoint that cannot be
-read (or holds non-finite numbers) is reported with a warning, moved to
-`workdir/checkpoints_corrupt/`, and the previous one is used instead.
+latest complete checkpoint is always a good one.
+
+Every save records a SHA-256 digest of each array's bytes in `meta`
+(`checksums`), computed on the host from the state being saved, and a restore
+recomputes them: a checkpoint whose files changed after it was written (a bit
+flip on disk or in a copy) fails that check. Such a checkpoint, like one that
+cannot be read or holds non-finite numbers, is reported with a
+`CorruptCheckpointWarning`, moved to `workdir/checkpoints_corrupt/`, and the
+previous one is used instead. (In multi-process runs, arrays split over several
+processes have no digest: no single host holds their bytes.)
+
+A save that runs out of disk space raises `CheckpointDiskFullError` (an
+`OSError` with errno ENOSPC naming the checkpoint's directory) instead of
+Orbax's tracebacks; the checkpoints written before stay intact.
 
 These are *run* checkpoints, for resuming; `vit_jax.checkpoint` reads and writes
 the published `.npz` weight files used for fine-tuning.
@@ -21,12 +32,16 @@ the published `.npz` weight files used for fine-tuning.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import errno
 import hashlib
+import logging as std_logging
 import os
 import shutil
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +54,125 @@ CORRUPT_DIR = 'checkpoints_corrupt'
 _ITEMS = ('state', 'meta')
 
 
+CHECKSUM_ALGORITHM = 'sha256'
+_PARALLEL_HASH_BYTES = 64 << 20
+
+
 class CorruptCheckpointWarning(UserWarning):
   """A checkpoint could not be restored and an older one is used instead."""
+
+
+class CheckpointDiskFullError(OSError):
+  """No space was left on the device while writing a checkpoint."""
+
+
+# -- checksums -----------------------------------------------------------------
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_name(path: tuple) -> str:
+  """'params/Transformer/encoder_norm/scale', 'opt_state/1/0/mu/...': as JSON keys."""
+  return '/'.join(_key_name(k) for k in path)
+
+
+def _host_values(leaves: list) -> list[Optional[np.ndarray]]:
+  """Each leaf's whole value on this host; None for arrays split over processes."""
+  out: list[Any] = [None] * len(leaves)
+  fetch = []
+  for i, x in enumerate(leaves):
+    if not isinstance(x, jax.Array):
+      out[i] = np.asarray(x)
+    elif x.is_fully_addressable:
+      fetch.append(i)
+    else:  # Multi-process: a replicated array has a whole copy here.
+      whole = [s.data for s in x.addressable_shards if s.data.shape == x.shape]
+      if whole:
+        out[i] = np.asarray(whole[0])
+  for i, value in zip(fetch, jax.device_get([leaves[i] for i in fetch])):
+    out[i] = np.asarray(value)
+  return out
+
+
+def checksums(state: Any) -> dict[str, str]:
+  """{leaf name: SHA-256 of its dtype, shape and bytes} of the arrays of `state`."""
+  named = jax.tree_util.tree_flatten_with_path(state)[0]
+  values = _host_values([leaf for _, leaf in named])
+
+  def digest(value: np.ndarray) -> str:
+    h = hashlib.sha256(f'{value.dtype}{value.shape}'.encode())
+    h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+  todo = [(_leaf_name(path), v) for (path, _), v in zip(named, values) if v is not None]
+  if sum(v.nbytes for _, v in todo) < _PARALLEL_HASH_BYTES:
+    return {name: digest(v) for name, v in todo}
+  # hashlib releases the GIL on big buffers: threads hash the leaves on all cores.
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    return dict(zip([name for name, _ in todo], pool.map(digest, [v for _, v in todo])))
+
+
+def _verify_checksums(state: Any, meta: dict) -> None:
+  """Raises ValueError naming the arrays whose bytes differ from the saved digests."""
+  recorded = (meta.get('checksums') or {}).get('leaves')
+  if not recorded:
+    return  # Saved before checksums were written.
+  now = checksums(state)
+  common = recorded.keys() & now.keys()
+  if not common:
+    logging.warning('The checkpoint\'s checksums name none of the restored arrays; '
+                    'not verified.')
+    return
+  bad = sorted(k for k in common if recorded[k] != now[k])
+  if bad:
+    raise ValueError(
+        f'checksum mismatch in {len(bad)} of {len(common)} arrays ({", ".join(bad[:3])}'
+        f'{", ..." if len(bad) > 3 else ""}): its files changed after it was saved '
+        '(disk or copy corruption)')
+
+
+# -- disk full -------------------------------------------------------------------
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+  """`error`, its causes and contexts, and the members of exception groups."""
+  todo, seen = [error], set()
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """True when `error` comes from ENOSPC (also wrapped, or as text from TensorStore)."""
+  return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+             or 'No space left on device' in str(e) for e in _chain(error))
+
+
+class _DropOrbaxDiskFull(std_logging.Filter):
+  """Orbax logs each failed background write with its traceback (hundreds of lines for
+  one full disk); the `CheckpointDiskFullError` raised instead says it in one."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
+      return False
+    return 'No space left on device' not in record.getMessage()
+
+
+def _install_log_filter() -> None:
+  logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _DropOrbaxDiskFull) for f in logger.filters):
+    logger.addFilter(_DropOrbaxDiskFull())
 
 
 def _all_finite(tree: Any) -> bool:
@@ -70,6 +202,9 @@ class RunCheckpointer:
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self._max_to_keep = max_to_keep
     self._async = async_save
+    self._failed = False  # A save failed and its error was raised.
+    self._pending: Optional[int] = None  # The step of a save that may still be writing.
+    _install_log_filter()
     self._manager = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
@@ -92,28 +227,62 @@ class RunCheckpointer:
 
   def save(self, step: int, state: Any, meta: Optional[dict] = None, *,
            wait: bool = False) -> bool:
-    """Saves `state` as step `step` (async unless `wait`); False if it exists already."""
+    """Saves `state` as step `step` (async unless `wait`); False if it exists already.
+
+    The arrays' checksums go into the metadata (see the module docstring). Raises
+    CheckpointDiskFullError when the disk is full, also for an earlier
+    asynchronous save that only fails now.
+    """
     step = int(step)
     if step in self._manager.all_steps():
       return False
     meta = dict(meta or {})
     meta.setdefault('step', step)
     meta.setdefault('saved_at', time.time())
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        force=True)
+    meta['checksums'] = {'algorithm': CHECKSUM_ALGORITHM, 'leaves': checksums(state)}
+    # Orbax waits for the previous save before it starts one: waiting here first
+    # blames a failure on the step that failed.
+    self.wait()
+    self._pending = step
+    with self._disk_full_reported(step):
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          force=True)
     if wait:
       self.wait()
     return bool(saved)
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
-    self._manager.wait_until_finished()
+    with self._disk_full_reported(self._pending):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      if self._failed:  # Its error was raised already; Orbax would raise it again.
+        try:
+          self._manager.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      else:
+        self.wait()
+    finally:
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _disk_full_reported(self, step: Optional[int]) -> Iterator[None]:
+    """Turns ENOSPC, however deep in Orbax's errors, into one CheckpointDiskFullError."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_disk_full(e):
+        raise
+      self._failed = True
+      # Orbax renames a save into place only once complete: the earlier ones are intact.
+      path = self.directory if step is None else os.path.join(self.directory, str(step))
+      raise CheckpointDiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
 
   # -- restoring -------------------------------------------------------------
 
@@ -136,8 +305,9 @@ class RunCheckpointer:
                      ) -> tuple[Optional[Any], Optional[dict]]:
     """The newest readable checkpoint as (state, meta), or (None, None) if none.
 
-    Unreadable or non-finite checkpoints are skipped with a
-    `CorruptCheckpointWarning` and moved to `workdir/checkpoints_corrupt/`.
+    Unreadable checkpoints, those whose arrays fail their checksums and those
+    holding non-finite values are skipped with a `CorruptCheckpointWarning` and
+    moved to `workdir/checkpoints_corrupt/`.
     `expect` lists metadata the checkpoint must have (e.g. the state's
     `fingerprint`): a good checkpoint of another run (a different model or
     optimizer in the same workdir) raises ValueError instead of being skipped.
@@ -156,6 +326,7 @@ class RunCheckpointer:
               'optimizer or image size). Use a new workdir, or remove the old checkpoints.')
       try:
         state, meta = self.restore(step, abstract_state)
+        _verify_checksums(state, meta)
         if not _all_finite(state):
           raise ValueError('it holds non-finite values')
       except Exception as e:  # pylint: disable=broad-except

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import input_pipeline
 from vit_jax import optimizers
 from vit_jax.configs import models
 from vit_jax.configs import schema
@@ -51,6 +52,9 @@ def validate_config(config, num_devices: Optional[int] = None,
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got {dataset!r}')
+  if config.bad_images not in input_pipeline.BAD_IMAGE_POLICIES:  # importing it needs no TF
+    raise ValueError(f'Unknown config.bad_images={config.bad_images!r}; expected one of '
+                     f'{input_pipeline.BAD_IMAGE_POLICIES}')
   height, width = image_hw(config.image_size)
   if config.posemb_resize not in schema.POSEMB_METHODS:
     raise ValueError(f'Unknown config.posemb_resize={config.posemb_resize!r}; expected one '

@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0
   c.shuffle_buffer = 50_000
   c.cache = False
+  c.bad_images = 'raise'  # or 'skip'
   c.batch_size = 512  # global, over all devices and processes
   c.eval_batch_size = 512
   c.seed = 0

@@ -10,9 +10,15 @@ Available builders:
   handwritten digits, upsampled to 32x32x3. Prepared locally from files that
   come with scikit-learn, so it works without network access; it is the
   default dataset of the configs and of the tests.
+
+`prepared_builder` prepares one on first use under a lock
+(`DATA_DIR/<name>/.prepare.lock`, see :mod:`vit_jax.workdir_lock`): two runs
+starting at once on a fresh ``data_dir`` take turns, and the second finds the
+dataset ready instead of colliding with the first's half-written files.
 """
 
 import importlib.util
+import os
 import sys
 
 EMBEDDED_DATASETS = ('digits',)
@@ -40,3 +46,23 @@ def get_builder(name: str, data_dir: str | None = None):
     return digits.Digits(data_dir=data_dir)
   raise ValueError(
       f'Unknown embedded dataset {name!r}; known: {EMBEDDED_DATASETS}.')
+
+
+def prepared_builder(name: str, data_dir: str | None = None, *, timeout: float = 3600.0):
+  """`get_builder(name, data_dir)`, prepared (once, under a lock) if it was not."""
+  builder = get_builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  # One level above the version directory: TFDS writes `incomplete.*` siblings
+  # of it there and renames one into place, which is what two writers collide on.
+  lock_dir = os.path.dirname(builder.data_dir)
+  lock = workdir_lock.DirectoryLock(lock_dir, '.prepare.lock', purpose=f'preparation of {name}')
+  lock.acquire(wait=True, timeout=timeout)
+  try:
+    builder = get_builder(name, data_dir=data_dir)  # Another process may have prepared it.
+    if not builder.is_prepared():
+      builder.download_and_prepare()  # Local: reads files that ship with the package.
+  finally:
+    lock.release()
+  return get_builder(name, data_dir=data_dir)
