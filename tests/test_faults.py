@@ -39,6 +39,14 @@ from vit_jax import train_checkpoints
 from vit_jax import workdir_lock
 from vit_jax.configs import models as model_configs
 
+try:
+  # timm loads torch's triton, which crashes (SIGSEGV) once TensorFlow is loaded, and
+  # the bad-image tests here load TensorFlow: load timm first, as collecting
+  # test_convert.py does in a whole run.
+  import timm  # pylint: disable=unused-import
+except ImportError:
+  pass
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -82,6 +90,33 @@ def run_python(code, env=None, timeout=240):
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout,
                         env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Most runs here share one tiny config: a persistent compilation cache (also for the
+  subprocesses, through the environment) compiles each of its steps once."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  settings = {'jax_compilation_cache_dir': path,
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  before = {name: getattr(jax.config, name) for name in settings}
+  env = {name.upper(): str(value) for name, value in settings.items()}
+  env_before = {name: os.environ.get(name) for name in env}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  os.environ.update(env)
+  cc.reset_cache()
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  for name, value in env_before.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  cc.reset_cache()
 
 
 @pytest.fixture(scope='module')
@@ -168,7 +203,7 @@ def test_case1_corrupt_eval_image_keeps_final_checkpoint_and_names_it(tmp_path):
        '--config.eval_batch_size=8', '--config.eval_every=0', '--config.checkpoint_every=0',
        '--config.image_size=(8,8)', '--config.model.transformer.num_layers=1'],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', VIT_JAX_TRACEBACK='0'))
+      env=dict(os.environ, JAX_PLATFORMS='cpu', VIT_JAX_TRACEBACK='0', XLA_FLAGS=''))
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: Cannot use image '{root}/test/cat/bad.jpg' (split 'test'")
@@ -204,19 +239,20 @@ def test_case1_skip_drops_counts_logs_and_lists_them(tmp_path, caplog):
   """bad_images='skip' through a whole run: every kind is left out, logged once, and
   listed in workdir/bad_images.txt; evaluation counts the good images only."""
   root = tmp_path / 'images'
-  write_images(root, 'train', per_class=6)
-  write_images(root, 'test', per_class=4)
+  classes = ('cat', 'dog', 'emu', 'fox')  # 4, as tiny_run_config: its compiled steps
+  write_images(root, 'train', per_class=3, classes=classes)
+  write_images(root, 'test', per_class=2, classes=classes)
   for name, (content, _) in BAD_FILES.items():
     (root / 'train' / 'cat' / name).write_bytes(content)
   (root / 'test' / 'dog' / 'bad.jpg').write_bytes(BAD_FILES['garbage.jpg'][0])
   (root / 'train' / 'dog' / 'folder.jpg').mkdir()  # not a file: left out when listed
   config = tiny_run_config(dataset=f'image_folder:{root}', eval_split='test',
                            pp=dict(train='plain', eval='resize'), bad_images='skip',
-                           total_steps=6, checkpoint_every=0, shuffle_buffer=64)
+                           checkpoint_every=0, shuffle_buffer=64)
   caplog.set_level(logging.WARNING)
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert result['step'] == 6
-  assert result['eval_examples'] == 8  # 2 classes x 4; bad.jpg is masked out
+  assert result['step'] == 8
+  assert result['eval_examples'] == 8  # 4 classes x 2; bad.jpg is masked out
   listed = [json.loads(line)
             for line in (tmp_path / 'run' / 'bad_images.txt').read_text().splitlines()]
   expected = {str(root / 'train' / 'cat' / name): reason
@@ -226,7 +262,7 @@ def test_case1_skip_drops_counts_logs_and_lists_them(tmp_path, caplog):
   assert sorted(entry['image'] for entry in listed) == sorted(expected)
   for entry in listed:
     assert expected[entry['image']] in entry['reason'], entry
-  # 16 images per step: every bad training image was met several times, logged once.
+  # 8 x 16 images of 16: every bad training image was met several times, logged once.
   logged = [r.getMessage() for r in caplog.records if 'Leaving out image' in r.getMessage()]
   assert sorted(m.split("'")[1] for m in logged) == sorted(
       p for p in expected if not p.endswith('folder.jpg'))
@@ -254,6 +290,15 @@ def test_case1_skipped_images_keep_batches_full_and_resumable(tmp_path):
   for a, b in zip(resumed, whole[6:]):
     np.testing.assert_array_equal(a['image'], b['image'])
   assert list(ip.bad_images(config)) == [str(root / 'train' / 'cat' / 'bad.jpg')]
+  # Nothing to copy from: an error, not a batch of zeros.
+  root = tmp_path / 'all_bad'
+  write_images(root, 'test', per_class=1)
+  for i in range(4):
+    os.makedirs(root / 'train' / f'c{i}')
+    (root / 'train' / f'c{i}' / 'x.png').write_bytes(b'not an image')
+  config = pipeline_config(root, bad_images='skip')
+  with pytest.raises(ip.BadImageError, match='Every image of a training batch is unreadable'):
+    next(ip.iterate_numpy(ip.get_train_dataset(config, process_index=0, process_count=1)))
 
 
 def test_case1_folders_checked_at_start(tmp_path, caplog):
@@ -615,26 +660,43 @@ def test_case4_checksum_cost_is_small_for_tiny_models():
   assert per_save < 0.05
 
 
-def test_case4_non_finite_first_step_after_restore_names_checkpoint_suspect(trained_run,
-                                                                           tmp_path):
+def test_case4_non_finite_first_step_after_restore_names_checkpoint_suspect(tmp_path):
   """An absurd but finite weight that no checksum flags (saved that way, e.g. by a
-  version without checksums): the first step after restoring it is non-finite."""
-  workdir = copy_run(trained_run, tmp_path)
-  checkpointer = train_checkpoints.RunCheckpointer(str(workdir), async_save=False)
-  state, meta = checkpointer.restore(8)
-  state['params']['head']['kernel'] = state['params']['head']['kernel'].at[0, 0].set(1.7e38)
-  checkpointer.close()
-  shutil.rmtree(workdir / 'checkpoints' / '8')
-  checkpointer = train_checkpoints.RunCheckpointer(str(workdir), async_save=False)
-  meta.pop('checksums')
-  checkpointer.save(8, state, meta)
-  checkpointer.close()
+  version without checksums): the first step after restoring it is non-finite, and
+  the error blames that checkpoint, not the recipe. Later steps blame the recipe."""
+  from vit_jax import periodic  # pylint: disable=g-import-not-at-top
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      pass
+
+  directory = str(tmp_path / 'checkpoints')
+
+  def metrics(restored):
+    return periodic.TrainMetrics(Writer(), periodic.Chrono(8), 16, 1000,
+                                 lambda: 'The last good checkpoint is step 8.',
+                                 restored=restored)
+
+  nan = {'loss': np.float32('nan'), 'grad_norm': np.float32(1), 'learning_rate': np.float32(0)}
+  finite = {**nan, 'loss': np.float32(1)}
+  after_restore = metrics((8, directory))
+  after_restore.add(9, nan)
   with pytest.raises(train.NonFiniteLossError) as e:
-    train.train_and_evaluate(tiny_run_config(total_steps=12, log_every=1), str(workdir))
+    after_restore.flush()
   message = str(e.value)
   assert 'at step 9, the first step after restoring the checkpoint of step 8 in ' in message
-  assert f'That checkpoint is suspect: move {workdir}/checkpoints/8 aside' in message
+  assert f'That checkpoint is suspect: move {directory}/8 aside' in message
   assert 'last good' not in message and 'learning_rate' not in message
+  later = metrics((8, directory))
+  later.add(9, finite)
+  later.add(10, nan)
+  with pytest.raises(train.NonFiniteLossError, match='at step 10; .*last good checkpoint is '
+                     r'step 8\. Lower config\.learning_rate'):
+    later.flush()
+  fresh = metrics((0, directory))  # step 0: not restored
+  fresh.add(1, nan)
+  with pytest.raises(train.NonFiniteLossError, match='Lower config.learning_rate'):
+    fresh.flush()
 
 
 # --- case 5: loading memory is bounded ---------------------------------------------

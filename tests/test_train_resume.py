@@ -1,7 +1,8 @@
 """A training process killed (SIGKILL) or stopped (SIGTERM) mid-run resumes exactly.
 
 The run is `python -m vit_jax.main` in a subprocess on synthetic data; the
-restarted run must end with exactly the params of an uninterrupted run.
+restarted run must end with exactly the params of an uninterrupted run (and take
+over the workdir lock the killed run left).
 """
 
 import os
@@ -97,6 +98,8 @@ def test_sigkill_then_restart_matches_uninterrupted(tmp_path, reference):
   _, err = restarted.communicate(timeout=600)
   assert restarted.returncode == 0, err[-3000:]
   assert 'Resuming from step' in err
+  # The killed run's lock was released by the kernel; the restart says whose it took over.
+  assert f'from pid {proc.pid} on host' in err and 'killed?' in err
   _assert_same_params(workdir, reference)
 
 

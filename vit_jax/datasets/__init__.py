@@ -48,7 +48,8 @@ def get_builder(name: str, data_dir: str | None = None):
       f'Unknown embedded dataset {name!r}; known: {EMBEDDED_DATASETS}.')
 
 
-def prepared_builder(name: str, data_dir: str | None = None, *, timeout: float = 3600.0):
+def prepared_builder(name: str, data_dir: str | None = None, *,
+                     timeout: float = 3600.0) -> 'tensorflow_datasets.core.DatasetBuilder':
   """`get_builder(name, data_dir)`, prepared (once, under a lock) if it was not."""
   builder = get_builder(name, data_dir=data_dir)
   if builder.is_prepared():
