@@ -229,3 +229,17 @@ def test_trained_digits_features_are_far_above_chance(digits_run):
   assert trained['fewshot/10shot_accuracy'] > 0.6  # chance is 0.1
   assert trained['fewshot/10shot_accuracy'] > random_init['fewshot/10shot_accuracy'] + 0.1
   assert trained['fewshot/1shot_accuracy'] <= trained['fewshot/25shot_accuracy'] + 0.05
+
+
+def test_training_loop_logs_fewshot(tmp_path):
+  """`config.fewshot_every`: the loop runs the few-shot evaluator and logs it like eval top-1."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  config = dict(model_name='ViT-Test_4', dataset='synthetic', num_classes=4, image_size=8,
+                num_eval_examples=32, batch_size=16, eval_batch_size=16, total_steps=4,
+                warmup_steps=1, eval_every=0, checkpoint_every=0, log_every=2,
+                fewshot_every=2, fewshot_shots=(1, 2), optimizer='adamw', learning_rate=1e-3)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= final['fewshot/2shot_accuracy'] <= 1.0
+  with open(tmp_path / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f if 'fewshot/1shot_accuracy' in line]
+  assert sorted({r['step'] for r in logged}) == [2, 4]

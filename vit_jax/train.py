@@ -1,23 +1,19 @@
 """Training and fine-tuning: state, one jitted and sharded step, the loop.
 
 `train_and_evaluate(config, workdir)` runs a whole experiment:
+1. `validate_config` (vit_jax.validation) refuses any bad value, naming the field;
+2. `_set_up` builds the data source (vit_jax.data_sources), the model (any preset,
+   ViT or BiT ResNet), the optimizer and the starting state: the run's latest
+   checkpoint in `workdir` (with the input pipeline's position, so a restarted run
+   continues exactly), else `config.pretrained_path` (new head, position embeddings
+   resampled), else a fresh init;
+3. `_loop` feeds batches sharded over the device mesh to the compiled step; what is
+   due at a step (log, checkpoint, eval, few-shot) and the clock live in
+   vit_jax.periodic, evaluation in vit_jax.evaluators and vit_jax.fewshot. The final
+   checkpoint is written before the final evaluation.
 
-1. `validate_config` (vit_jax.validation) refuses any bad value, naming the
-   field, before anything expensive happens;
-2. `_set_up` builds the data source (vit_jax.data_sources), the model (any
-   preset, ViT or BiT ResNet), the optimizer and the starting state: the run's
-   latest checkpoint in `workdir` (with the input pipeline's position, so a
-   restarted run continues exactly), else `config.pretrained_path` (new head,
-   position embeddings resampled), else a fresh init;
-3. `_loop` feeds batches sharded over the device mesh to the compiled step;
-   what is due at a step (log, checkpoint, eval) and the training clock live in
-   vit_jax.periodic, evaluation in vit_jax.evaluators. The final checkpoint is
-   written before the final evaluation, and `workdir/final_metrics.json` last.
-
-The step (`make_train_step`) is a pure function `(state, batch) -> (state,
-metrics)`: gradient accumulation over micro-batches is a `lax.scan` inside it,
-gradients are averaged across devices by XLA, and nothing in it waits for the
-host. Only the loop fetches numbers, every `log_every` steps.
+The step (`make_train_step`) is pure, `(state, batch) -> (state, metrics)`: micro-batch
+accumulation is a `lax.scan` inside it, XLA averages gradients across devices.
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vit_jax import checkpoint
 from vit_jax import data_sources
 from vit_jax import evaluators
+from vit_jax import fewshot
 from vit_jax import input_pipeline
 from vit_jax import metric_writers
 from vit_jax import optimizers
@@ -202,6 +199,7 @@ class _Run:
   model: Any
   train_step: Callable
   evaluator: evaluators.ClassificationEvaluator
+  fewshot: Optional[fewshot.FewShotEvaluator]  # every config.fewshot_every steps
   checkpointer: train_checkpoints.RunCheckpointer
   fingerprint: str
   state: TrainState
@@ -236,8 +234,10 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, mesh) -> _Run:
                        out_shardings=(state_sharding, parallel.replicated(mesh)),
                        donate_argnums=(0,))
   evaluator = evaluators.ClassificationEvaluator(model, config, mesh, state_sharding.params)
+  few = (fewshot.FewShotEvaluator(model, config, mesh, shots=tuple(config.fewshot_shots))
+         if config.fewshot_every else None)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-  return _Run(config, mesh, data, model, train_step, evaluator, checkpointer, fingerprint,
+  return _Run(config, mesh, data, model, train_step, evaluator, few, checkpointer, fingerprint,
               state, start_step, num_params)
 
 
@@ -276,6 +276,9 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
             writer.flush(fsync=True)  # the metrics up to a checkpoint survive a kill
           if due.eval(step) and not stopping:
             final.update(run.evaluator.run(run.state.params, data.eval_batches()))
+            writer.write_scalars(step, final)
+          if run.fewshot and (step % config.fewshot_every == 0 or step == config.total_steps):
+            final.update(run.fewshot.run(run.state.params))  # as big_vision logs it
             writer.write_scalars(step, final)
         if stopping:
           logging.warning('Stopped at step %d after saving a checkpoint; rerun with the '

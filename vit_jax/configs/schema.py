@@ -158,6 +158,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.log_every = 50
   c.eval_every = 1000  # 0: at the end only
+  c.fewshot_every = 0  # few-shot linear eval (vit_jax.fewshot) every N steps and at the end; 0: off
+  c.fewshot_shots = (1, 5, 10, 25)  # k images per class
   c.checkpoint_every = 1000  # 0: at the end only
   c.keep_checkpoints = 3
   c.async_checkpoints = True
