@@ -40,6 +40,11 @@ without images is an error (it would silently renumber the classes).
 
 TensorFlow is imported lazily, so importing this module (e.g. for
 :class:`DatasetInfo`) does not need TensorFlow.
+
+Why one module of this size: the sources (TFDS, folders, digits), the
+preprocessing and the bad-image guard share one stateless-seed scheme and one
+per-process split of every dataset; the resume guarantee above holds only if
+they stay together, so they are read and tested as one pipeline.
 """
 
 from __future__ import annotations
