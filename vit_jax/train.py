@@ -80,8 +80,7 @@ def _split_micro_batches(x: jax.Array, num: int, mesh) -> jax.Array:
   x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
   x = jnp.swapaxes(x, 0, 1)
   if mesh is not None:
-    x = jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
   return x
 
 
@@ -274,15 +273,16 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
             checkpointer.save(step, run.state, _checkpoint_meta(run, step),
                               wait=stopping or step == config.total_steps)
             writer.flush(fsync=True)  # the metrics up to a checkpoint survive a kill
+          results = {}  # written once per step, only what was measured at it
           if due.eval(step) and not stopping:
-            final.update(run.evaluator.run(run.state.params, data.eval_batches()))
-            writer.write_scalars(step, final)
+            results.update(run.evaluator.run(run.state.params, data.eval_batches()))
           if run.fewshot and (step % config.fewshot_every == 0 or step == config.total_steps):
-            final.update(run.fewshot.run(run.state.params))  # as big_vision logs it
-            writer.write_scalars(step, final)
+            results.update(run.fewshot.run(run.state.params))  # as big_vision logs it
+          final.update(results)
+          if results:
+            writer.write_scalars(step, results)
         if stopping:
-          logging.warning('Stopped at step %d after saving a checkpoint; rerun with the '
-                          'same workdir to resume.', step)
+          logging.warning('Stopped at step %d after saving; rerun to resume.', step)
           preempted = True
           break
   finally:
