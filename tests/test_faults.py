@@ -582,22 +582,28 @@ def copy_run(trained_run, tmp_path):
   return workdir
 
 
-def _largest_array_file(step_dir):
+def _flip_bits_in_array_files(step_dir, every=61):
+  """Flips one bit in every `every`-th byte of each data file of the saved state.
+
+  One flipped byte can land in a region of an OCDBT file nothing references (then the
+  restore rightly succeeds); flipping throughout the files always hits stored data."""
   files = [p for p in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
            if os.path.isfile(p)]
-  return max(files, key=os.path.getsize)
+  assert files, f'no array data files under {step_dir}'
+  for path in files:
+    data = bytearray(open(path, 'rb').read())
+    for i in range(len(data) // 2 % every, len(data), every):
+      data[i] ^= 1 << 3
+    open(path, 'wb').write(bytes(data))
 
 
 def test_case4_bit_flip_in_latest_checkpoint_falls_back_with_warning(trained_run, tmp_path):
   workdir = copy_run(trained_run, tmp_path)
   step, first = train_checkpoints.load_latest(str(workdir))
   assert step == 8
-  path = _largest_array_file(workdir / 'checkpoints' / '8')
-  data = bytearray(open(path, 'rb').read())
-  data[len(data) // 2] ^= 1 << 3
-  open(path, 'wb').write(bytes(data))
-  # Whether TensorStore's CRC covers this byte (a read error; so with 8 devices, where
-  # small arrays are stored inline) or not (a changed value, which the checksum
+  _flip_bits_in_array_files(workdir / 'checkpoints' / '8')
+  # Whether TensorStore's CRC covers the flipped bytes (a read error; so with 8 devices,
+  # where small arrays are stored inline) or not (changed values, which the checksum
   # catches: see the next test), the checkpoint is set aside and step 4 resumes.
   with pytest.warns(train_checkpoints.CorruptCheckpointWarning, match='step 8 .*cannot be used'):
     result = train.train_and_evaluate(tiny_run_config(), str(workdir))

@@ -282,7 +282,7 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
           if results:
             writer.write_scalars(step, results)
         if stopping:
-          logging.warning('Stopped at step %d after saving; rerun to resume.', step)
+          logging.warning('Stopped at step %d after saving a checkpoint; rerun to resume.', step)
           preempted = True
           break
   finally:
