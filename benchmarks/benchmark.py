@@ -47,6 +47,11 @@ for _path in reversed(os.environ.get('PYTHONPATH', '').split(os.pathsep)):
     sys.path.insert(0, _path)
 
 from benchmarks import measure  # noqa: E402
+from vit_jax.remat import POLICIES as _REMAT  # noqa: E402  (no device work at import)
+
+REMAT_POLICIES = tuple(_REMAT)
+ATTENTION_CHOICES = ('explicit', 'xla', 'cudnn')
+TIMM_VARIANTS = ('eager', 'compiled')
 
 # Dense bf16 peak FLOP/s of accelerators we can quote MFU against (paper specs).
 PEAK_FLOPS = {
@@ -250,9 +255,11 @@ class Worker:
     if self.error is not None:
       out['error'] = self.error
       return out
+    out.update(self.result or {}, ready=self.ready)
+    if not self.times:  # set up and warmed up only (benchmarks/max_batch.py)
+      return out
     rates = [self.spec['batch'] * t['steps'] / t['seconds'] for t in self.times]
-    out.update(self.result or {})
-    out.update(ready=self.ready, images_per_s=statistics.median(rates),
+    out.update(images_per_s=statistics.median(rates),
                repeats_images_per_s=rates, steps_per_repeat=self.times[0]['steps'],
                seconds_per_step=statistics.median(t['seconds'] / t['steps'] for t in self.times),
                cpu_seconds_per_image=statistics.median(
@@ -331,12 +338,23 @@ def split_variant(variant: str, default_devices: int
 
   `devices=N` (data parallel over N devices), `code=DIR` (import vit_jax from
   another checkout, to A/B a code change), `env:NAME=VALUE` (an environment
-  variable of that worker only) and `host_memory=retain|default` (that worker's
-  allocator setting) are optional; the rest is XLA_FLAGS.
+  variable of that worker only), `host_memory=retain|default` (that worker's
+  allocator setting), `remat=POLICY` (the model's `remat_policy`) and
+  `attention=explicit|xla|cudnn` are optional; the rest is XLA_FLAGS.
   """
   devices, flags, code, env, spec = default_devices, [], None, {}, {}
   for token in variant.split():
-    if token.startswith('host_memory='):
+    if token.startswith('attention='):
+      value = token.split('=', 1)[1]
+      if value not in ATTENTION_CHOICES:
+        raise ValueError(f'variant token {token!r}: attention is one of {ATTENTION_CHOICES}')
+      spec['attention'] = value
+    elif token.startswith('remat='):
+      value = token.split('=', 1)[1]
+      if value not in REMAT_POLICIES:
+        raise ValueError(f'variant token {token!r}: remat is one of {REMAT_POLICIES}')
+      spec['remat_policy'] = value
+    elif token.startswith('host_memory='):
       value = token.split('=', 1)[1]
       if value not in ('retain', 'default'):
         raise ValueError(f'variant token {token!r}: host_memory is retain or default')
@@ -423,6 +441,13 @@ def _memory(cell: Optional[dict], probe: dict) -> Optional[float]:
   return cell.get('rss_peak_bytes')
 
 
+def _temp(cell: Optional[dict]) -> Optional[float]:
+  """XLA's temp buffers of the compiled step (the activations), from `memory_analysis()`."""
+  if not cell or 'error' in cell:
+    return None
+  return (cell.get('compiled_memory') or {}).get('temp_bytes')
+
+
 def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
   probe = meta['probe']
   timm_note = meta.get('timm_note')
@@ -464,6 +489,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                   g(inf_flops), g(train_flops), mfu,
                   f"{_mib(_memory(c.get('jax_infer'), probe))} / "
                   f"{_mib(_memory(c.get('jax_train'), probe))}",
+                  f"{_mib(_temp(c.get('jax_infer')))} / {_mib(_temp(c.get('jax_train')))}",
                   f"{_mib(_memory(c.get('timm_infer'), probe))} / "
                   f"{_mib(_memory(c.get('timm_train'), probe))}"])
   out.append('')
@@ -473,6 +499,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
   out.append(_markdown(hdr + ['fwd GFLOP/img', 'fwd XLA', 'train GFLOP/img', 'train XLA',
                               'infer GFLOP/s', 'train GFLOP/s', 'MFU',
                               f'ours {mem_kind} MiB infer/train',
+                              'ours XLA temp MiB infer/train',
                               f'timm {mem_kind} MiB infer/train'], table))
 
   if scaling:
@@ -508,13 +535,41 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                       _num(_rate(cells[1])), vs[1]])
     out.append('')
     out.append('Variants of ours (--xla-variants: XLA flags, devices=, code=, env:, '
-               'host_memory=; interleaved with the rows above; x = vs first line):')
+               'host_memory=, remat=; interleaved with the rows above; x = vs first line):')
     out.append(_markdown(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x'], table))
   errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
   errors += [cell for cell in scaling if 'error' in cell]
   for cell in errors:
     out.append(f"FAILED {_describe(cell)}")
   return '\n'.join(out)
+
+
+def contenders_table(meta: dict, rows: list[dict]) -> str:
+  """One table, a row per contender (ours per variant, timm per variant) of every row."""
+  probe = meta['probe']
+  peak = peak_flops(probe)
+  mem_kind = 'device peak' if probe['platform'] != 'cpu' else 'peak RSS'
+  names = [('jax', i, 'ours' + (f' {v}' if i else '')) for i, v in enumerate(meta['variants'])]
+  names += [('timm', i, f'timm {v}') for i, v in enumerate(meta.get('timm_variants') or [])]
+  table = []
+  for row in rows:
+    c = row['cells']
+    for framework, i, label in names:
+      suffix = f'@{i}' if i else ''
+      infer, train = (c.get(f'{framework}_{m}{suffix}') for m in ('infer', 'train'))
+      if infer is None and train is None:
+        continue
+      train_flops = _rate(train) * row['analytic']['train'] if _rate(train) else None
+      mfu = (_num(100 * train_flops / peak, '.1f') + '%') if peak and train_flops else '-'
+      table.append([row['model'], row['image_size'], row['batch'], row['dtype'], label,
+                    _num(_rate(infer)), _num(_rate(train)), mfu,
+                    f'{_mib(_memory(infer, probe))} / {_mib(_memory(train, probe))}',
+                    _mib(_temp(train))])
+  head = (f'Every contender (images/s, median of {meta["repeats"]} repeats; MFU of the train '
+          f'step against the bf16 dense peak, accelerators only):')
+  return head + '\n' + _markdown(
+      ['model', 'image', 'batch', 'dtype', 'contender', 'infer img/s', 'train img/s',
+       'train MFU', f'{mem_kind} MiB infer/train', 'XLA temp MiB train'], table)
 
 
 # ---------------------------------------------------------------------------
@@ -570,14 +625,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="';'-separated alternatives for our side, each measured as an extra "
                       "contender of every row (interleaved with the rest): XLA flags and "
                       "optionally devices=N, code=DIR, env:NAME=VALUE, "
-                      "host_memory=retain|default")
-  p.add_argument('--attention', choices=['explicit', 'xla', 'cudnn'], default=None,
+                      "host_memory=retain|default, remat=POLICY, attention=KIND")
+  p.add_argument('--timm-variants', type=lambda t: t.split(','), default=['eager'],
+                 help="timm contenders: eager (default) and/or compiled (torch.compile)")
+  p.add_argument('--table', choices=['full', 'contenders'], default='full',
+                 help='full: every table; contenders: one table, a row per contender')
+  p.add_argument('--attention', choices=list(ATTENTION_CHOICES), default=None,
                  help="attention implementation (default: the model's: 'explicit' on CPU, "
                       "else JAX's choice)")
   p.add_argument('--train-step', choices=['own', 'project'], default='own',
                  help="own: plain AdamW step, the same update timm does (default); "
                       "project: vit_jax.train.make_train_step with an AdamW config")
-  p.add_argument('--remat', action='store_true', help='recompute activations in backward')
+  p.add_argument('--remat-policy', choices=REMAT_POLICIES, default=None,
+                 help="which activations our train step keeps (vit_jax.remat; default: "
+                      "the preset's)")
   p.add_argument('--interleave', choices=['auto', 'on', 'off'], default='auto',
                  help="interleave the contenders' repeats (auto: on for CPU)")
   p.add_argument('--settle-seconds', type=float, default=0.2,
@@ -600,9 +661,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   for mode in args.modes:
     if mode not in ('infer', 'train'):
       p.error(f'--modes: unknown mode {mode!r}; use infer and/or train')
+  for variant in args.timm_variants:
+    if variant not in TIMM_VARIANTS:
+      p.error(f'--timm-variants: unknown variant {variant!r}; use eager and/or compiled')
   if args.no_scaling:
     args.scaling_devices = []
   return args
+
+
+def probe_platform(xla_flags: str = '') -> dict:
+  """Platform, devices, cores and versions, as a worker process sees them."""
+  worker = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--worker', '{"kind": "probe"}'],
+      capture_output=True, text=True, env=_child_env(xla_flags, 1, False), cwd=_REPO_ROOT)
+  probe = next((json.loads(l.split(' ', 1)[1]) for l in worker.stdout.splitlines()
+                if l.startswith(measure.PREFIX + 'RESULT')), None)
+  if probe is None:
+    print(worker.stderr[-3000:], file=sys.stderr)
+    raise SystemExit('could not start a JAX worker')
+  return probe
 
 
 def main(argv=None) -> int:
@@ -613,14 +690,7 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
 
-  probe_worker = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), '--worker', '{"kind": "probe"}'],
-      capture_output=True, text=True, env=_child_env(args.xla_flags, 1, False), cwd=_REPO_ROOT)
-  probe = next((json.loads(l.split(' ', 1)[1]) for l in probe_worker.stdout.splitlines()
-                if l.startswith(measure.PREFIX + 'RESULT')), None)
-  if probe is None:
-    log(probe_worker.stderr[-3000:])
-    raise SystemExit('could not start a JAX worker')
+  probe = probe_platform(args.xla_flags)
   cpu = probe['platform'] == 'cpu'
   interleave = {'on': True, 'off': False, 'auto': cpu}[args.interleave]
   use_timm = not args.no_timm and probe['timm_missing'] is None
@@ -639,7 +709,7 @@ def main(argv=None) -> int:
               ] + args.xla_variants
   common = dict(kind='cell', num_classes=args.num_classes, repeats=args.repeats,
                 min_repeat_seconds=args.min_repeat_seconds, steps=args.steps,
-                attention=args.attention, remat=args.remat or None,
+                attention=args.attention, remat_policy=args.remat_policy,
                 train_step=args.train_step,
                 threads=args.threads or probe['cores'], torch_device=torch_device,
                 host_memory=args.host_memory)
@@ -662,8 +732,9 @@ def main(argv=None) -> int:
                               devices=devices, code=code, env=extra_env or None,
                               **extra_spec))
             envs.append(_child_env(flags, devices, interleave and not cpu, code, extra_env))
-          if use_timm:
-            specs.append(dict(cell, framework='timm'))
+          for i, variant in enumerate(args.timm_variants if use_timm else []):
+            specs.append(dict(cell, framework='timm', variant=i,
+                              torch_compile=variant == 'compiled'))
             envs.append(_child_env('', 1, interleave and not cpu))
         for result in run_group(specs, envs, args.repeats, interleave,
                                 args.settle_seconds, log, args.quiet_wait,
@@ -694,6 +765,7 @@ def main(argv=None) -> int:
               interleave=interleave, quiet_wait=args.quiet_wait,
               max_others_cores=args.max_others_cores, train_step=args.train_step,
               xla_flags=args.xla_flags, xla_variants=args.xla_variants, variants=variants,
+              timm_variants=args.timm_variants if use_timm else [],
               devices=args.devices,
               host_memory=args.host_memory,
               timm_note=timm_note,
@@ -701,7 +773,8 @@ def main(argv=None) -> int:
               threads=args.threads or probe['cores'], torch_device=torch_device,
               wall_seconds=time.perf_counter() - start, load_average_before=load_before,
               load_average_after=os.getloadavg() if hasattr(os, 'getloadavg') else None)
-  text = report(meta, rows, scaling)
+  text = (contenders_table(meta, rows) if args.table == 'contenders'
+          else report(meta, rows, scaling))
   print(text)
   print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
         f"threads {args.threads or probe['cores']}, host memory {args.host_memory}; "

@@ -98,3 +98,52 @@ def test_variant_tokens():
     benchmark.split_variant('host_memory=sometimes', 1)
   with pytest.raises(ValueError, match='env:NAME=VALUE'):
     benchmark.split_variant('env:NO_VALUE', 1)
+
+
+def test_gpu_check_dry_run_prints_a_command_the_benchmark_accepts():
+  import shlex  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--dry-run'],
+                        capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  words = shlex.split(proc.stdout)
+  assert words[:2] == ['python', 'benchmarks/benchmark.py'], words
+  sys.path.insert(0, REPO)
+  from benchmarks import benchmark  # pylint: disable=g-import-not-at-top
+  args = benchmark.parse_args(words[2:])
+  assert (args.models, args.batch_size, args.dtypes) == (['ViT-B_16@224'], [256], ['bf16'])
+  assert set(args.modes) == {'infer', 'train'} and args.scaling_devices == []
+  assert args.attention == 'xla' and args.remat_policy is None  # the preset's default policy
+  assert [benchmark.split_variant(v, 1)[4] for v in args.xla_variants] == [
+      {'attention': 'cudnn'}]
+  assert args.timm_variants == ['eager', 'compiled'] and args.table == 'contenders'
+  bad = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--fast'],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert bad.returncode == 2 and "unknown argument '--fast'" in bad.stderr
+
+
+@pytest.mark.parametrize('threshold', [7, 8, 13, 100, 777, 4096, 5000])
+def test_max_batch_search_finds_the_largest_fitting_multiple(threshold):
+  sys.path.insert(0, REPO)
+  from benchmarks import max_batch  # pylint: disable=g-import-not-at-top
+  tried = []
+
+  def fits(batch):
+    tried.append(batch)
+    return batch <= threshold
+
+  best = max_batch.largest_fitting(fits, start=8, granularity=8, limit=4096)
+  expected = None if threshold < 8 else min(threshold, 4096) // 8 * 8
+  assert best == expected, tried
+  assert len(tried) <= 2 * 12, tried  # doubling, then bisection
+  assert all(b % 8 == 0 and b <= 4096 for b in tried)
+
+
+def test_variant_tokens_name_their_bad_values():
+  sys.path.insert(0, REPO)
+  from benchmarks import benchmark  # pylint: disable=g-import-not-at-top
+  assert benchmark.split_variant('remat=block attention=xla --xla_x=1', 1) == (
+      1, '--xla_x=1', None, {}, {'remat_policy': 'block', 'attention': 'xla'})
+  with pytest.raises(ValueError, match="remat is one of"):
+    benchmark.split_variant('remat=sometimes', 1)
+  with pytest.raises(ValueError, match="attention is one of"):
+    benchmark.split_variant('attention=flash', 1)

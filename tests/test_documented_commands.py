@@ -24,6 +24,9 @@ What runs differs from the documented text in exactly these ways:
    no timm contender and no scaling table (the training and timm paths run in
    tests/test_benchmark_smoke.py, which runs `--preset smoke` as documented).
    `benchmarks/attention_benchmark.py`: 1 x 17 tokens x 2 heads x 8, one round.
+   `benchmarks/max_batch.py`: ViT-Test_4 at 16x16, ours only, a 4 GiB budget and
+   batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
+   --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
 3. Substitutions:
@@ -102,6 +105,9 @@ EXEMPT = {
     "git worktree add /tmp/before 'HEAD~1'":
         ('set-up that adds a worktree to the shared git repository',
          'the benchmark commands that read /tmp/before get a link to this tree there'),
+    'bash benchmarks/gpu_check.sh':
+        ('needs a GPU (cuDNN attention, ViT-B/16 at batch 256)',
+         'its --dry-run is run here and in tests/test_benchmark_smoke.py'),
     'python benchmarks/benchmark.py --models ViT-B_16 --batch-size 256 --dtypes bf16 '
     '--attention cudnn --train-step project --json h100.json':
         ('needs a GPU (cuDNN attention)',
@@ -133,6 +139,10 @@ TINY = {
         '--repeats', '1', '--steps', '1', '--modes', 'infer', '--no-timm', '--no-scaling'],
     'benchmarks/attention_benchmark.py': [
         '--batch', '1', '--tokens', '17', '--heads', '2', '--head-dim', '8', '--rounds', '1'],
+    'benchmarks/max_batch.py': [
+        '--models', TINY_MODEL, '--image-size', '16', '--memory-gb', '4', '--max-batch', '16',
+        '--frameworks', 'jax'],
+    'benchmarks/gpu_check.sh': [],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -227,7 +237,7 @@ def program(words: list[str]) -> tuple[str, list[str]]:
   """('vit_jax.main', args) for `python -m vit_jax.main ...`; (script, args) for scripts."""
   if words[0] in ('python', 'python3') and len(words) > 2 and words[1] == '-m':
     return words[2], words[3:]
-  if words[0] in ('python', 'python3') and len(words) > 1:
+  if words[0] in ('python', 'python3', 'bash') and len(words) > 1:
     return words[1], words[2:]
   return words[0], words[1:]
 
@@ -607,6 +617,18 @@ def _check_benchmark(run: Run) -> list[str]:
   return problems
 
 
+def _check_max_batch(run: Run) -> list[str]:
+  row = re.search(rf'^\| {TINY_MODEL} +\| jax +\| (\d+) ', run.stdout, re.M)
+  return [] if row and int(row.group(1)) == 16 else ['no largest-batch row of 16']
+
+
+def _check_gpu_check(run: Run) -> list[str]:
+  wanted = ('benchmarks/benchmark.py', '--batch-size 256', '--dtypes bf16', 'attention=cudnn',
+            '--timm-variants eager,compiled')
+  missing = [w for w in wanted if w not in run.stdout]
+  return [f'the printed command lacks {missing}'] if missing else []
+
+
 def _check_attention(run: Run) -> list[str]:
   return [] if re.search(r'^\| explicit \|.*\d', run.stdout, re.M) else ['no timing table']
 
@@ -656,6 +678,8 @@ CHECKS = {
     'vit_jax.evaluate': _check_evaluate,
     'benchmarks/benchmark.py': _check_benchmark,
     'benchmarks/attention_benchmark.py': _check_attention,
+    'benchmarks/max_batch.py': _check_max_batch,
+    'benchmarks/gpu_check.sh': _check_gpu_check,
 }
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import remat
 from vit_jax.configs import models as model_configs
 
 
@@ -152,19 +153,55 @@ def test_attention_weights_are_row_stochastic():
   assert 'attention_weights' not in plain_out
 
 
-def test_remat_gives_same_gradients():
-  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-  model = model_configs.build_model('ViT-Test_4', 5)
-  remat_model = model_configs.build_model('ViT-Test_4', 5, remat=True)
-  params = model.init(jax.random.PRNGKey(0), images)['params']
-  params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
+@pytest.mark.parametrize('policy', sorted(set(remat.POLICIES) - {'none'}))
+def test_every_remat_policy_gives_the_gradients_of_no_remat(policy):
+  # Dropout and stochastic depth on: the recomputation must draw the same masks.
+  config = model_configs.get_config('ViT-Test_4')
+  config.transformer.update(dropout_rate=0.1, attention_dropout_rate=0.1, stochastic_depth=0.2)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  labels = jax.nn.one_hot(jnp.arange(4) % 5, 5)
+  plain = model_configs.build_model(config, 5, remat_policy='none')
+  params = plain.init(jax.random.PRNGKey(0), images)['params']
 
-  def grads(m):
-    loss = lambda p: jnp.sum(m.apply({'params': p}, images)[0] ** 2)
+  def grads(model):
+    def loss(p):
+      logits, _ = model.apply({'params': p}, images, train=True,
+                              rngs={'dropout': jax.random.PRNGKey(7)})
+      return -jnp.sum(labels * jax.nn.log_softmax(logits))
     return jax.jit(jax.grad(loss))(params)
 
-  for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat_model))):
+  expected = grads(plain)
+  got = grads(model_configs.build_model(config, 5, remat_policy=policy))
+  assert jax.tree.structure(got) == jax.tree.structure(expected)  # the same parameter tree
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _compiled_train_temp_bytes(policy):
+  """XLA's temp (activation) memory of a jitted gradient step of ViT-Test_4 at 64x64."""
+  config = model_configs.get_config('ViT-Test_4')
+  config.transformer.num_layers = 4
+  model = model_configs.build_model(config, 10, remat_policy=policy)
+  images = jax.ShapeDtypeStruct((32, 64, 64, 3), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)['params'], images)
+  loss = lambda p, x: jnp.sum(model.apply({'params': p}, x, train=True)[0] ** 2)
+  compiled = jax.jit(jax.grad(loss)).lower(params, images).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_default_remat_policy_needs_less_activation_memory_than_none():
+  assert model_configs.get_config('ViT-B_16').remat_policy == remat.DEFAULT
+  none, default, block = (_compiled_train_temp_bytes(p) for p in ('none', remat.DEFAULT, 'block'))
+  # Measured: 298, 96 and 84 MB (XLA:CPU keeps none of these apart without the
+  # cotangent tie in vit_jax.remat: all three were equal).
+  assert default < 0.75 * none, (none, default)
+  assert block < default, (default, block)
+
+
+def test_unknown_remat_policy_is_named():
+  model = model_configs.build_model('ViT-Test_4', 5, remat_policy='sometimes')
+  with pytest.raises(ValueError, match="remat_policy must be one of .*'sometimes'"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=True)
 
 
 def test_resnet_forward_and_backward():

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from vit_jax import attention as attention_lib
 from vit_jax import models_resnet
+from vit_jax import remat as remat_lib
 
 Dtype = Any
 Array = jax.Array
@@ -188,7 +189,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat_policy: str = remat_lib.DEFAULT
   attention_implementation: Optional[str] = None
   approximate_gelu: bool = True
 
@@ -197,22 +198,21 @@ class Encoder(nn.Module):
                ) -> tuple[Array, tuple[Array, ...]]:
     x = AddPositionEmbs(name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    block_cls = Encoder1DBlock
-    if self.remat:
-      # Recompute activations in the backward pass: memory for big models.
-      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3))
+    # Recomputing activations only saves memory under a gradient.
+    policy = self.remat_policy if train else 'none'
     attentions = []
     for i in range(self.num_layers):
       # Stochastic depth grows linearly with depth, 0 at the first block.
       rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
-      x, weights = block_cls(
+      block = dict(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads,
           dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           drop_path_rate=rate, dtype=self.dtype,
           attention_implementation=self.attention_implementation,
-          approximate_gelu=self.approximate_gelu,
-          name=f'encoderblock_{i}')(x, not train, return_attention)
+          approximate_gelu=self.approximate_gelu)
+      x, weights = remat_lib.apply_block(
+          Encoder1DBlock, policy, block, f'encoderblock_{i}', x, not train, return_attention)
       if return_attention:
         attentions.append(weights)
     return layer_norm('encoder_norm', self.dtype)(x), tuple(attentions)
@@ -233,7 +233,7 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   resnet: Optional[dict] = None
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat_policy: str = remat_lib.DEFAULT  # see `vit_jax.remat`
   attention_implementation: Optional[str] = None
   head_bias_init: float = 0.0
   # The tanh GELU the published checkpoints were trained with; False for the
@@ -283,7 +283,7 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
 
     x, attentions = Encoder(
-        dtype=self.dtype, remat=self.remat,
+        dtype=self.dtype, remat_policy=self.remat_policy,
         attention_implementation=self.attention_implementation,
         approximate_gelu=self.approximate_gelu,
         **self.transformer, name='Transformer')(

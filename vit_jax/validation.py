@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax import optimizers
+from vit_jax import remat
 from vit_jax.configs import models
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
@@ -63,6 +64,10 @@ def validate_config(config, num_devices: Optional[int] = None,
   if model_config.get('attention_implementation') == 'cudnn' and config.dtype == 'float32':
     raise ValueError("config.model.attention_implementation='cudnn' needs "
                      "config.dtype='bfloat16': cuDNN's fused attention has no float32 kernel")
+  policy = model_config.get('remat_policy')
+  if policy is not None and policy not in remat.POLICIES:
+    raise ValueError(f'Unknown config.model.remat_policy={policy!r}; expected one of '
+                     f'{tuple(remat.POLICIES)}')
   dtype = config.dtype
   if dtype not in DTYPES:
     raise ValueError(f'Unknown config.dtype={dtype!r}; expected one of {tuple(DTYPES)}')

@@ -37,7 +37,8 @@ def vit_config(name: str, *, hidden_size: int, patch: int, mlp_dim: int,
       classifier=classifier,
       representation_size=representation_size,
       resnet=None,
-      remat=False,
+      # Which activations training keeps (vit_jax.remat.POLICIES; its DEFAULT).
+      remat_policy='dots',
       attention_implementation=None,
       # The reference code's (and so the published checkpoints') tanh GELU;
       # weights converted from timm / Hugging Face need False (exact erf).
