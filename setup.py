@@ -30,6 +30,7 @@ EXTRAS_REQUIRE = {
     # Test-time references only: the package never imports torch.
     'test': [
         'pytest>=8.0',
+        'pytest-xdist>=3.5',  # the suite runs on both cores (pyproject addopts)
         'scikit-image>=0.24',
         'torch>=2.6',
         'torchvision>=0.21',

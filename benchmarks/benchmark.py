@@ -532,11 +532,13 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         vs = [_num(paired_ratio(x, b)) for x, b in zip(cells, bases)]
         table.append([row['model'], row['image_size'], row['batch'], row['dtype'],
                       flags, _num(_rate(cells[0])), vs[0],
-                      _num(_rate(cells[1])), vs[1]])
+                      _num(_rate(cells[1])), vs[1], _mib(_memory(cells[1], probe)),
+                      _mib(_temp(cells[1]))])
     out.append('')
     out.append('Variants of ours (--xla-variants: XLA flags, devices=, code=, env:, '
                'host_memory=, remat=; interleaved with the rows above; x = vs first line):')
-    out.append(_markdown(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x'], table))
+    out.append(_markdown(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x',
+                                f'train {mem_kind} MiB', 'train XLA temp MiB'], table))
   errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
   errors += [cell for cell in scaling if 'error' in cell]
   for cell in errors:

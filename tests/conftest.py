@@ -1,7 +1,18 @@
 """Test set-up: eight fake CPU devices, so multi-device code runs on any machine."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# TFDS prepares the embedded digits on first use into its data dir. A private one
+# per test process (pytest-xdist runs two) keeps concurrent preparations apart and
+# leaves ~/tensorflow_datasets alone; subprocesses inherit it. Before TFDS is imported.
+if 'TFDS_DATA_DIR' not in os.environ:
+  _worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
+  os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix=f'vit_jax_tests_tfds_{_worker}_')
+  atexit.register(shutil.rmtree, os.environ['TFDS_DATA_DIR'], ignore_errors=True)

@@ -156,6 +156,7 @@ def test_model_overrides_apply_and_refuse_wrong_family():
                            '--config.model.hidden_size=32'])
   model = schema.model_config(config)
   assert model.transformer.dropout_rate == 0.1 and model.hidden_size == 32
+  assert model.remat_policy == 'dots'  # the preset's default policy
   assert model.transformer.num_layers == 4  # the preset's, not overridden
   config = load(os.path.join(REPO, 'configs', 'resnet_baseline.py'),
                 overrides=['--config.model.transformer.dropout_rate=0.1'])
@@ -171,7 +172,9 @@ def test_bad_values_fail_naming_the_field():
                           ('--config.posemb_resize=nearest', 'config.posemb_resize'),
                           ('--config.image_size=(0,16)', 'config.image_size'),
                           ('--config.pp.train=finetune', 'config.pp.train'),
-                          ('--config.model_name=ViT-Q_16', 'config.model_name')):
+                          ('--config.model_name=ViT-Q_16', 'config.model_name'),
+                          ('--config.model.remat_policy=sometimes',
+                           'config.model.remat_policy')):
     config = load(path, overrides=[override])
     with pytest.raises(ValueError, match=field.replace('.', r'\.')):
       train.validate_config(config)

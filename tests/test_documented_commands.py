@@ -48,9 +48,10 @@ What runs differs from the documented text in exactly these ways:
      (`vit_jax.checkpoint.save`); `*.pth` -> its timm state dict
      (`vit_jax.convert.to_timm`); `*.jpg` / `*.png` -> a 64x48 JPEG.
 4. Scheduling: the commands of one block run in order within one test; a
-   benchmark.py command that is the same as an earlier one after these changes
-   (the presets and flag examples all become one tiny run) reuses that run's
-   output and a copy of its --json file instead of running again; blocks
+   benchmark.py or vit_jax.compare command whose options (the last occurrence of
+   each, as argparse reads them) are the same as an earlier one's after these
+   changes reuses that run's output and a copy of its --json file or --out
+   directory instead of running again; blocks
    run two at a time in background threads (VIT_DOC_COMMANDS_JOBS=N to change).
 
 Each command must exit 0 (or, if listed in EXPECTED_FAILURES, fail with its
@@ -426,13 +427,17 @@ class Runner:
 
   def run(self, command: str, argv: list[str], log_path: str) -> Run:
     argv = [sys.executable if argv[0] in ('python', 'python3') else argv[0]] + argv[1:]
-    key, json_path = _benchmark_key(argv)
+    key, out_flag, out_path = _dedupe_key(argv)
     if key is not None:
-      # benchmark.py commands that are the same after the tiny changes run once;
-      # the others get that run's output and a copy of its --json file.
-      first = self.get(f'benchmark:{key}', lambda runner: runner._run(command, argv, log_path))
-      if json_path and first.argv != argv:
-        shutil.copyfile(last_value(first.argv, '--json'), json_path)
+      # benchmark.py and compare commands that are the same after the tiny changes
+      # run once; the others get that run's output and a copy of what it wrote.
+      first = self.get(f'dedupe:{key}', lambda runner: runner._run(command, argv, log_path))
+      first_out = last_value(first.argv, out_flag)
+      if out_path and first_out and first.argv != argv and os.path.exists(first_out):
+        if os.path.isdir(first_out):
+          shutil.copytree(first_out, out_path, dirs_exist_ok=True)
+        else:
+          shutil.copyfile(first_out, out_path)
       return Run(command, argv, first.returncode, first.output, first.stdout, first.seconds)
     return self._run(command, argv, log_path)
 
@@ -449,21 +454,27 @@ class Runner:
     return Run(command, argv, proc.returncode, output, proc.stdout, seconds)
 
 
-def _benchmark_key(argv: list[str]) -> tuple:
-  """(key, --json path): argv of a benchmark.py run without its --json path, else (None, None)."""
-  if not any(a.endswith('benchmarks/benchmark.py') for a in argv[:2]):
-    return None, None
-  kept, json_path, skip = [], None, False
-  for a in argv:
-    if skip:
-      json_path, skip = a, False
-    elif a == '--json':
-      skip = True
-    elif a.startswith('--json='):
-      json_path = a.split('=', 1)[1]
-    else:
-      kept.append(a)
-  return (tuple(kept), json_path is not None), json_path
+# Programs whose runs are deduplicated (rule 4) and the option naming what they write.
+DEDUPED = {'benchmarks/benchmark.py': '--json', 'vit_jax.compare': '--out'}
+
+
+def _dedupe_key(argv: list[str]) -> tuple:
+  """(key, output flag, output path) of a run DEDUPED covers, else (None, None, None).
+
+  The key is the program and its options with the last occurrence of each
+  winning (as argparse reads them), the output option left out.
+  """
+  words = ['python'] + argv[1:]
+  prog, args = program(words)
+  out_flag = DEDUPED.get(prog)
+  if out_flag is None:
+    return None, None, None
+  effective = {}
+  for flag, value, _ in options(args):
+    effective[flag] = value
+  out_path = effective.pop(out_flag, None)
+  return (prog, tuple(sorted((str(k), str(v)) for k, v in effective.items())),
+          out_path is not None), out_flag, out_path
 
 
 def block_dir(fx: Fixtures, block: Block) -> str:
