@@ -636,7 +636,8 @@ def _check_max_batch(run: Run) -> list[str]:
 def _check_gpu_check(run: Run) -> list[str]:
   wanted = ('benchmarks/benchmark.py', '--batch-size 256', '--dtypes bf16', 'attention=cudnn',
             '--timm-variants eager,compiled')
-  missing = [w for w in wanted if w not in run.stdout]
+  printed = ' '.join(shlex.split(run.stdout))  # printed with `printf %q`: unquote
+  missing = [w for w in wanted if w not in printed]
   return [f'the printed command lacks {missing}'] if missing else []
 
 

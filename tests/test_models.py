@@ -341,3 +341,30 @@ def test_approximate_gelu_override_reaches_the_logits():
   b, _ = jax.jit(exact.apply)(variables, images)
   assert not np.allclose(a, b, rtol=0, atol=1e-7)
   np.testing.assert_allclose(a, b, atol=1e-2)
+
+
+def _float32_activation_residuals(policy, num_layers):
+  """Lines of `print_saved_residuals` for float32 arrays with the batch (5) in front."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+  config = model_configs.get_config('ViT-Test_4')
+  config.transformer.num_layers = num_layers
+  model = model_configs.build_model(config, 10, remat_policy=policy, dtype=jnp.bfloat16)
+  images = jnp.zeros((5, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  loss = lambda p: jnp.sum(model.apply({'params': p}, images, train=True)[0].astype(jnp.float32))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(loss, params)
+  return [line for line in out.getvalue().splitlines() if line.startswith('f32[5,')]
+
+
+def test_default_policy_keeps_block_activations_in_the_compute_dtype():
+  # bf16 compute: what a block keeps for the backward pass is bf16 under the default
+  # policy (the float32 residuals left are the final LayerNorm's, not per block);
+  # without remat, LayerNorm and softmax keep float32 intermediates in every block.
+  one, three = (_float32_activation_residuals(remat.DEFAULT, n) for n in (1, 3))
+  assert len(one) == len(three), three
+  none_one, none_three = (_float32_activation_residuals('none', n) for n in (1, 3))
+  assert len(none_three) > len(none_one), none_three
