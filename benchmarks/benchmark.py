@@ -146,8 +146,9 @@ def _worker(spec: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool,
-               code: Optional[str] = None, extra_env: Optional[dict] = None) -> dict:
+def child_env(extra_xla_flags: str, num_devices: int, share_accelerator: bool,
+              code: Optional[str] = None, extra_env: Optional[dict] = None) -> dict:
+  """The environment of one worker process (also used by `max_batch.py`)."""
   env = dict(os.environ)
   env.update(extra_env or {})
   flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
@@ -406,7 +407,8 @@ def _num(x: Optional[float], fmt: str = '.2f') -> str:
   return '-' if x is None else format(x, fmt)
 
 
-def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+  """A GitHub-style table with padded columns (also used by `max_batch.py`)."""
   widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
   line = lambda cells: '| ' + ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths)) + ' |'
   return '\n'.join([line(headers), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
@@ -465,7 +467,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
         ratio(c.get('jax_train'), c.get('timm_train'))])
   out.append(f'Throughput, images/s (median of {meta["repeats"]} repeats; ratio = ours / timm, '
              'median of per-round ratios):')
-  out.append(_markdown(hdr + ['infer ours', 'infer timm', 'ratio', 'train ours',
+  out.append(markdown_table(hdr + ['infer ours', 'infer timm', 'ratio', 'train ours',
                               'train timm', 'ratio'], table))
   if timm_note:
     out.append(f'timm columns empty: {timm_note}')
@@ -496,7 +498,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
   out.append('Compute and memory (GFLOP per image: analytic count / XLA cost analysis; '
              'achieved GFLOP/s from the analytic count; MFU of the train step against '
              'the bf16 dense peak, accelerators only):')
-  out.append(_markdown(hdr + ['fwd GFLOP/img', 'fwd XLA', 'train GFLOP/img', 'train XLA',
+  out.append(markdown_table(hdr + ['fwd GFLOP/img', 'fwd XLA', 'train GFLOP/img', 'train XLA',
                               'infer GFLOP/s', 'train GFLOP/s', 'MFU',
                               f'ours {mem_kind} MiB infer/train',
                               'ours XLA temp MiB infer/train',
@@ -519,7 +521,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                f"{spec['dtype']}, {meta['scaling_batch_per_device']} images per device"
                + (f' ({probe["cores"]} CPU cores shared by fake CPU devices: the ideal is a '
                   'flat total, not n-fold)' if fake else '') + ':')
-    out.append(_markdown(['devices', 'global batch', 'img/s', 'img/s per device',
+    out.append(markdown_table(['devices', 'global batch', 'img/s', 'img/s per device',
                           'speed-up vs 1', 'efficiency'], table))
   if meta.get('xla_variants'):
     table = []
@@ -537,7 +539,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     out.append('')
     out.append('Variants of ours (--xla-variants: XLA flags, devices=, code=, env:, '
                'host_memory=, remat=; interleaved with the rows above; x = vs first line):')
-    out.append(_markdown(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x',
+    out.append(markdown_table(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x',
                                 f'train {mem_kind} MiB', 'train XLA temp MiB'], table))
   errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
   errors += [cell for cell in scaling if 'error' in cell]
@@ -569,7 +571,7 @@ def contenders_table(meta: dict, rows: list[dict]) -> str:
                     _mib(_temp(train))])
   head = (f'Every contender (images/s, median of {meta["repeats"]} repeats; MFU of the train '
           f'step against the bf16 dense peak, accelerators only):')
-  return head + '\n' + _markdown(
+  return head + '\n' + markdown_table(
       ['model', 'image', 'batch', 'dtype', 'contender', 'infer img/s', 'train img/s',
        'train MFU', f'{mem_kind} MiB infer/train', 'XLA temp MiB train'], table)
 
@@ -675,7 +677,7 @@ def probe_platform(xla_flags: str = '') -> dict:
   """Platform, devices, cores and versions, as a worker process sees them."""
   worker = subprocess.run(
       [sys.executable, os.path.abspath(__file__), '--worker', '{"kind": "probe"}'],
-      capture_output=True, text=True, env=_child_env(xla_flags, 1, False), cwd=_REPO_ROOT)
+      capture_output=True, text=True, env=child_env(xla_flags, 1, False), cwd=_REPO_ROOT)
   probe = next((json.loads(l.split(' ', 1)[1]) for l in worker.stdout.splitlines()
                 if l.startswith(measure.PREFIX + 'RESULT')), None)
   if probe is None:
@@ -733,11 +735,11 @@ def main(argv=None) -> int:
             specs.append(dict(cell, framework='jax', variant=i, xla_flags=flags,
                               devices=devices, code=code, env=extra_env or None,
                               **extra_spec))
-            envs.append(_child_env(flags, devices, interleave and not cpu, code, extra_env))
+            envs.append(child_env(flags, devices, interleave and not cpu, code, extra_env))
           for i, variant in enumerate(args.timm_variants if use_timm else []):
             specs.append(dict(cell, framework='timm', variant=i,
                               torch_compile=variant == 'compiled'))
-            envs.append(_child_env('', 1, interleave and not cpu))
+            envs.append(child_env('', 1, interleave and not cpu))
         for result in run_group(specs, envs, args.repeats, interleave,
                                 args.settle_seconds, log, args.quiet_wait,
                                 args.max_others_cores):
@@ -758,7 +760,7 @@ def main(argv=None) -> int:
     specs = [dict(common, framework='jax', mode='train', model=model, image_size=size,
                   batch=args.scaling_batch_per_device * n, dtype=args.scaling_dtype,
                   devices=n) for n in counts]
-    envs = [_child_env(args.xla_flags, n, interleave and not cpu) for n in counts]
+    envs = [child_env(args.xla_flags, n, interleave and not cpu) for n in counts]
     scaling = run_group(specs, envs, args.repeats, interleave, args.settle_seconds, log,
                         args.quiet_wait, args.max_others_cores)
 

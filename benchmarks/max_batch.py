@@ -69,7 +69,7 @@ class _Watchdog:
 
 def probe(spec: dict, budget: int, cpu: bool) -> dict:
   """One worker: set-up and one training step at spec['batch']; did it fit?"""
-  worker = benchmark.Worker(spec, benchmark._child_env('', 1, False))  # pylint: disable=protected-access
+  worker = benchmark.Worker(spec, benchmark.child_env('', 1, False))
   start = time.perf_counter()
   with _Watchdog(worker.proc, budget if cpu else 2**62) as dog:
     worker.wait_ready()
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
   kind = 'peak RSS' if cpu else 'device peak'
   print(f'\nLargest training batch within {args.memory_gb:g} GiB ({kind}; '
         f'{args.dtype}, {args.image_size}px, one AdamW step; granularity {args.granularity}):')
-  print(benchmark._markdown(['model', 'framework', 'largest batch', f'{kind} GiB at it'], rows))  # pylint: disable=protected-access
+  print(benchmark.markdown_table(['model', 'framework', 'largest batch', f'{kind} GiB at it'], rows))
   print(f"{info.get('platform')} {info.get('device_kind')}, {info.get('cores')} cores; "
         f"jax {info.get('jax')}, torch {info.get('torch')}, timm {info.get('timm')}")
   if args.json:

@@ -65,9 +65,11 @@ def validate_config(config, num_devices: Optional[int] = None,
     raise ValueError("config.model.attention_implementation='cudnn' needs "
                      "config.dtype='bfloat16': cuDNN's fused attention has no float32 kernel")
   policy = model_config.get('remat_policy')
-  if policy is not None and policy not in remat.POLICIES:
-    raise ValueError(f'Unknown config.model.remat_policy={policy!r}; expected one of '
-                     f'{tuple(remat.POLICIES)}')
+  if policy is not None:
+    try:
+      remat.check_policy(policy)
+    except ValueError as e:
+      raise ValueError(f'Unknown config.model.remat_policy: {e}') from None
   dtype = config.dtype
   if dtype not in DTYPES:
     raise ValueError(f'Unknown config.dtype={dtype!r}; expected one of {tuple(DTYPES)}')
