@@ -93,6 +93,7 @@ def _probe() -> int:
   import flax
   info = dict(platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               device_count=jax.device_count(), cores=measure.num_cores(),
+              host_cpu=measure.host_cpu(),
               python=sys.version.split()[0], jax=jax.__version__, jaxlib=jaxlib.__version__,
               flax=flax.__version__, torch=None, timm=None, torch_cuda=False)
   # Cheap check here (importing torch takes seconds); the timm workers import it.
@@ -705,7 +706,7 @@ def main(argv=None) -> int:
     timm_note = f"torch/timm not importable ({probe['timm_missing']})"
   torch_device = 'cuda' if (not cpu and probe['torch_cuda']) else 'cpu'
   log(f"{probe['platform']} ({probe['device_kind']}) x{probe['device_count']}, "
-      f"{probe['cores']} cores; jax {probe['jax']}, torch {probe['torch']}, "
+      f"{probe['cores']} cores of {probe.get('host_cpu')}; jax {probe['jax']}, torch {probe['torch']}, "
       f"timm {probe['timm']}; interleave={interleave}")
 
   # The first contender is the command line's own setting, spelled as a variant.
@@ -780,7 +781,8 @@ def main(argv=None) -> int:
   text = (contenders_table(meta, rows) if args.table == 'contenders'
           else report(meta, rows, scaling))
   print(text)
-  print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores, "
+  print(f"\n{probe['platform']} {probe['device_kind']}, {probe['cores']} cores of "
+        f"{probe.get('host_cpu')}, "
         f"threads {args.threads or probe['cores']}, host memory {args.host_memory}; "
         f"jax {probe['jax']}, flax {probe['flax']}, "
         f"torch {probe['torch']}, timm {probe['timm']}; "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
 import sys
 import threading
@@ -38,6 +39,29 @@ def num_cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
     return os.cpu_count() or 1
+
+
+# CPU features that decide which matmul kernels a library can use: PyTorch's
+# oneDNN/MKL take AMX for bf16 where present; XLA:CPU does not.
+_ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+
+def host_cpu(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The host CPU's model name and matmul-relevant ISA, e.g. 'AMD EPYC (avx2)'."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name' and value.strip():
+          model = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  isa = [flag for flag in _ISA_FLAGS if flag in flags]
+  return f"{model} ({', '.join(isa) if isa else 'no AVX2'})" if flags else model
 
 
 def rss_bytes() -> int:

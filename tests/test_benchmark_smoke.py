@@ -67,6 +67,7 @@ def test_smoke_preset(tmp_path):
       assert timm_cell['params'] == cell['params']
       assert timm_cell['host_memory'] == cell['host_memory']
   assert [c['spec']['devices'] for c in result['scaling']] == [1, 2]
+  assert result['meta']['probe']['host_cpu']  # the CPU the ratios were measured on
   assert all(c['images_per_s'] > 0 for c in result['scaling'])
 
 
@@ -147,3 +148,16 @@ def test_variant_tokens_name_their_bad_values():
     benchmark.split_variant('remat=sometimes', 1)
   with pytest.raises(ValueError, match="attention is one of"):
     benchmark.split_variant('attention=flash', 1)
+
+
+def test_host_cpu_names_the_model_and_the_matmul_isa(tmp_path):
+  sys.path.insert(0, REPO)
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+  info = tmp_path / 'cpuinfo'
+  info.write_text('processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n'
+                  'flags\t\t: fpu sse2 avx2 avx512f amx_tile amx_bf16\n\n'
+                  'processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n')
+  assert measure.host_cpu(str(info)) == 'Intel(R) Xeon(R) Platinum 8481C (avx2, avx512f, amx_bf16)'
+  info.write_text('model name\t: AMD EPYC\nflags\t\t: fpu sse2 fma\n')
+  assert measure.host_cpu(str(info)) == 'AMD EPYC (no AVX2)'
+  assert measure.host_cpu(str(tmp_path / 'missing'))  # falls back to platform's name

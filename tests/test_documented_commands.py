@@ -27,6 +27,7 @@ What runs differs from the documented text in exactly these ways:
    `benchmarks/max_batch.py`: ViT-Test_4 at 16x16, ours only, a 4 GiB budget and
    batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
    --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
+   `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
 3. Substitutions:
@@ -144,6 +145,9 @@ TINY = {
         '--models', TINY_MODEL, '--image-size', '16', '--memory-gb', '4', '--max-batch', '16',
         '--frameworks', 'jax'],
     'benchmarks/gpu_check.sh': [],
+    'benchmarks/remat_policies.py': [
+        '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
+        '--steps', '1'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -641,6 +645,11 @@ def _check_gpu_check(run: Run) -> list[str]:
   return [f'the printed command lacks {missing}'] if missing else []
 
 
+def _check_remat_policies(run: Run) -> list[str]:
+  policies = re.findall(r'^\| 2 +\| (\w+) +\| [\d.]+ +\| [\d.]+ +\| [\d.]+ +\|$', run.stdout, re.M)
+  return [] if policies == ['dots', 'none', 'block'] else [f'policy rows: {policies}']
+
+
 def _check_attention(run: Run) -> list[str]:
   return [] if re.search(r'^\| explicit \|.*\d', run.stdout, re.M) else ['no timing table']
 
@@ -692,6 +701,7 @@ CHECKS = {
     'benchmarks/attention_benchmark.py': _check_attention,
     'benchmarks/max_batch.py': _check_max_batch,
     'benchmarks/gpu_check.sh': _check_gpu_check,
+    'benchmarks/remat_policies.py': _check_remat_policies,
 }
 
 
