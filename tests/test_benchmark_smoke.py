@@ -161,3 +161,15 @@ def test_host_cpu_names_the_model_and_the_matmul_isa(tmp_path):
   info.write_text('model name\t: AMD EPYC\nflags\t\t: fpu sse2 fma\n')
   assert measure.host_cpu(str(info)) == 'AMD EPYC (no AVX2)'
   assert measure.host_cpu(str(tmp_path / 'missing'))  # falls back to platform's name
+
+
+def test_remat_policies_names_bad_arguments(capsys):
+  sys.path.insert(0, REPO)
+  from benchmarks import remat_policies  # pylint: disable=g-import-not-at-top
+  args = remat_policies.parse_args(['--policies', 'block,dots', '--batch-size', '4,8'])
+  assert args.policies == ['block', 'dots'] and args.batch_size == [4, 8]
+  for argv, message in ((['--policies', 'dots,sometimes'], "'sometimes' is not one of"),
+                        (['--batch-size', '8,x'], '--batch-size must be')):
+    with pytest.raises(SystemExit):
+      remat_policies.parse_args(argv)
+    assert message in capsys.readouterr().err
