@@ -469,7 +469,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
   out.append(f'Throughput, images/s (median of {meta["repeats"]} repeats; ratio = ours / timm, '
              'median of per-round ratios):')
   out.append(markdown_table(hdr + ['infer ours', 'infer timm', 'ratio', 'train ours',
-                              'train timm', 'ratio'], table))
+                                   'train timm', 'ratio'], table))
   if timm_note:
     out.append(f'timm columns empty: {timm_note}')
 
@@ -500,9 +500,9 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
              'achieved GFLOP/s from the analytic count; MFU of the train step against '
              'the bf16 dense peak, accelerators only):')
   out.append(markdown_table(hdr + ['fwd GFLOP/img', 'fwd XLA', 'train GFLOP/img', 'train XLA',
-                              'infer GFLOP/s', 'train GFLOP/s', 'MFU',
-                              f'ours {mem_kind} MiB infer/train',
-                              'ours XLA temp MiB infer/train',
+                                   'infer GFLOP/s', 'train GFLOP/s', 'MFU',
+                                   f'ours {mem_kind} MiB infer/train',
+                                   'ours XLA temp MiB infer/train',
                               f'timm {mem_kind} MiB infer/train'], table))
 
   if scaling:
@@ -523,7 +523,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                + (f' ({probe["cores"]} CPU cores shared by fake CPU devices: the ideal is a '
                   'flat total, not n-fold)' if fake else '') + ':')
     out.append(markdown_table(['devices', 'global batch', 'img/s', 'img/s per device',
-                          'speed-up vs 1', 'efficiency'], table))
+                               'speed-up vs 1', 'efficiency'], table))
   if meta.get('xla_variants'):
     table = []
     for row in rows:
@@ -541,7 +541,7 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
     out.append('Variants of ours (--xla-variants: XLA flags, devices=, code=, env:, '
                'host_memory=, remat=; interleaved with the rows above; x = vs first line):')
     out.append(markdown_table(hdr + ['variant', 'infer img/s', 'x', 'train img/s', 'x',
-                                f'train {mem_kind} MiB', 'train XLA temp MiB'], table))
+                                     f'train {mem_kind} MiB', 'train XLA temp MiB'], table))
   errors = [cell for row in rows for cell in row['cells'].values() if 'error' in cell]
   errors += [cell for cell in scaling if 'error' in cell]
   for cell in errors:
@@ -706,8 +706,8 @@ def main(argv=None) -> int:
     timm_note = f"torch/timm not importable ({probe['timm_missing']})"
   torch_device = 'cuda' if (not cpu and probe['torch_cuda']) else 'cpu'
   log(f"{probe['platform']} ({probe['device_kind']}) x{probe['device_count']}, "
-      f"{probe['cores']} cores of {probe.get('host_cpu')}; jax {probe['jax']}, torch {probe['torch']}, "
-      f"timm {probe['timm']}; interleave={interleave}")
+      f"{probe['cores']} cores of {probe.get('host_cpu')}; jax {probe['jax']}, "
+      f"torch {probe['torch']}, timm {probe['timm']}; interleave={interleave}")
 
   # The first contender is the command line's own setting, spelled as a variant.
   variants = [f'devices={args.devices} host_memory={args.host_memory} {args.xla_flags}'.strip()

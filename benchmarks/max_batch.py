@@ -169,8 +169,10 @@ def main(argv=None) -> int:
   kind = 'peak RSS' if cpu else 'device peak'
   print(f'\nLargest training batch within {args.memory_gb:g} GiB ({kind}; '
         f'{args.dtype}, {args.image_size}px, one AdamW step; granularity {args.granularity}):')
-  print(benchmark.markdown_table(['model', 'framework', 'largest batch', f'{kind} GiB at it'], rows))
-  print(f"{info.get('platform')} {info.get('device_kind')}, {info.get('cores')} cores; "
+  print(benchmark.markdown_table(
+      ['model', 'framework', 'largest batch', f'{kind} GiB at it'], rows))
+  print(f"{info.get('platform')} {info.get('device_kind')}, {info.get('cores')} cores of "
+        f"{info.get('host_cpu')}; "
         f"jax {info.get('jax')}, torch {info.get('torch')}, timm {info.get('timm')}")
   if args.json:
     with open(args.json, 'w') as f:

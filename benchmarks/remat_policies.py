@@ -3,8 +3,8 @@
 `benchmark.py --xla-variants="remat=..."` runs each policy in its own worker
 process; on a small shared CPU two processes of the same program can differ by
 10-20% (where their pages and threads land), which is as large as the effect
-being measured. Here every policy's AdamW training step (`jax_bench`'s own
-step) is compiled in one process and the steps are timed round-robin, so each
+being measured. Here every policy's AdamW training step (`jax_bench.setup`,
+the step benchmark.py's workers time) is compiled in one process and the steps are timed round-robin, so each
 round compares the policies under the same conditions; the ratio is the median
 of the per-round ratios against the first policy. XLA's compiled temp memory
 is the activations a policy keeps.
@@ -46,8 +46,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   from vit_jax import remat  # pylint: disable=g-import-not-at-top
   args.policies = args.policies.split(',')
   for policy in args.policies:
-    if policy not in remat.POLICIES:
-      parser.error(f'--policies: {policy!r} is not one of {sorted(remat.POLICIES)}')
+    try:
+      remat.check_policy(policy)
+    except ValueError as e:
+      parser.error(f'--policies: {e}')
   try:
     args.batch_size = [int(b) for b in args.batch_size.split(',')]
   except ValueError:
@@ -58,31 +60,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def compile_step(model_name: str, image_size: int, batch: int, dtype: str, policy: str):
-  """One compiled AdamW step of `policy` and its inputs: (run, temp bytes)."""
-  import jax
-  import numpy as np
-  import optax
+  """`policy`'s training step, built and warmed up as benchmark.py's worker does.
 
-  spec = dict(model=model_name, remat_policy=policy, dtype=dtype, num_classes=1000)
-  _, model = jax_bench.build(spec)
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
-  labels = rng.integers(0, 1000, (batch,)).astype(np.int32)
-  tx = optax.adamw(jax_bench.LEARNING_RATE, weight_decay=jax_bench.WEIGHT_DECAY)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)['params'])(
-      images[:1])
-  holder = {'state': (params, tx.init(params))}
-  compiled = jax.jit(jax_bench.make_own_train_step(model, tx), donate_argnums=(0,)).lower(
-      holder['state'], images, labels).compile()
-
-  def run(steps: int) -> None:
-    loss = None
-    for _ in range(steps):
-      holder['state'], loss = compiled(holder['state'], images, labels)
-    jax.block_until_ready(loss)
-
-  run(2)  # allocations, thread pools
-  return run, int(compiled.memory_analysis().temp_size_in_bytes)
+  Returns (run(steps), XLA temp bytes).
+  """
+  spec = dict(model=model_name, image_size=image_size, batch=batch, dtype=dtype,
+              num_classes=1000, mode='train', remat_policy=policy, steps=1)
+  _, run, finish = jax_bench.setup(spec)
+  return run, finish()['compiled_memory'].get('temp_bytes', 0)
 
 
 def measure_batch(args: argparse.Namespace, batch: int) -> list[list[str]]:

@@ -168,7 +168,7 @@ def test_remat_policies_names_bad_arguments(capsys):
   from benchmarks import remat_policies  # pylint: disable=g-import-not-at-top
   args = remat_policies.parse_args(['--policies', 'block,dots', '--batch-size', '4,8'])
   assert args.policies == ['block', 'dots'] and args.batch_size == [4, 8]
-  for argv, message in ((['--policies', 'dots,sometimes'], "'sometimes' is not one of"),
+  for argv, message in ((['--policies', 'dots,sometimes'], "must be one of ['block', 'dots', 'none'], got 'sometimes'"),
                         (['--batch-size', '8,x'], '--batch-size must be')):
     with pytest.raises(SystemExit):
       remat_policies.parse_args(argv)
