@@ -82,12 +82,12 @@ def _project_train_step(model, params, labels, mesh, spec):
   """
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from vit_jax import optimizers
   from vit_jax import parallel
   from vit_jax import train as train_lib
+  from vit_jax.configs import schema
 
-  config = ml_collections.ConfigDict(dict(
+  config = schema.resolve(dict(
       optimizer='adamw', learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
       schedule='constant', warmup_steps=0, total_steps=10**9, grad_clip_norm=0.0,
       loss='softmax_xent', label_smoothing=0.0, grad_accum_steps=1, seed=0))

@@ -20,6 +20,7 @@ from vit_jax import train
 from vit_jax import train_checkpoints
 from vit_jax.configs import models
 from vit_jax.configs import schema
+from vit_jax.configs.image_size import image_hw
 
 
 def tiny_config(**overrides):
@@ -45,52 +46,53 @@ def synthetic_batches(config, num):
 def host_init(config):
   """Initial params as numpy (the same for every mesh: a function of the config only)."""
   model = train.build_model(config, config.num_classes)
-  size = config.image_size
-  init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, size, size, 3)),
+  height, width = image_hw(config.image_size)
+  init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, height, width, 3)),
                                       train=False)['params'])
   return jax.device_get(init(jax.random.key(0)))
 
 
 @pytest.fixture(scope='module')
 def run_steps():
-  """`run_steps(config, devices, batches, fsdp=False) -> (losses, params)`.
+  """`run_steps(config, devices, batches, mesh=None) -> (losses, params)`.
 
   The same run asked for by two tests (e.g. the 8-device baseline) is trained
   once per module: compiling is most of the cost on CPU.
   """
   runs = {}
 
-  def run(config, devices, batches, *, fsdp=False):
-    key = (json.dumps(config.to_dict(), sort_keys=True), len(devices), fsdp, len(batches))
+  def run(config, devices, batches, *, mesh=None):
+    key = (json.dumps(config.to_dict(), sort_keys=True), len(devices), mesh, len(batches))
     if key not in runs:
-      runs[key] = train_steps(config, devices, batches, fsdp=fsdp)
+      runs[key] = train_steps(config, devices, batches, mesh=mesh)
     return runs[key]
 
   return run
 
 
-def train_steps(config, devices, batches, *, fsdp=False):
-  """Trains on `batches` over a mesh of `devices`; returns (losses, params as numpy)."""
-  mesh = parallel.make_mesh(devices)
-  model = train.build_model(config, config.num_classes)
-  tx = optimizers.make_optimizer(config)
+def train_steps(config, devices, batches, *, mesh=None):
+  """Trains on `batches` over `devices` laid out as `mesh` (a config.mesh value).
+
+  The step is the one `main` runs (`train.build_program`); returns (losses,
+  params as numpy). Arrays of 64+ elements are FSDP-sharded, so the tiny model's
+  kernels really are split when the mesh has an fsdp axis.
+  """
+  config = schema.resolve(dict(config.to_dict(), mesh=mesh or parallel.DEFAULT_MESH))
+  program = train.build_program(config, config.num_classes, train.run_mesh(config, devices))
   params = host_init(config)
   host_state = train.TrainState(step=np.zeros([], np.int32), params=params,
-                                opt_state=jax.device_get(tx.init(params)))
-  if fsdp:
-    state_sharding = parallel.fsdp_sharding(host_state, mesh, min_size=64)
-  else:
-    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), host_state)
-  state = parallel.place(host_state, state_sharding)
-  step = jax.jit(train.make_train_step(model, tx, config, mesh=mesh),
-                 in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                 out_shardings=(state_sharding, parallel.replicated(mesh)),
-                 donate_argnums=(0,))
+                                opt_state=jax.device_get(program.tx.init(params)))
+  state = parallel.place(host_state, program.state_sharding)
   losses = []
   for batch in batches:
-    state, metrics = step(state, parallel.shard_batch(batch, parallel.data_sharding(mesh)))
+    state, metrics = program.train_step(state, parallel.shard_batch(batch, program.batch_sharding))
     losses.append(float(metrics['loss']))
   return np.array(losses), jax.device_get(state.params)
+
+
+@pytest.fixture(autouse=True)
+def _shard_small_arrays(monkeypatch):
+  monkeypatch.setattr(parallel, 'FSDP_MIN_SIZE', 64)
 
 
 def assert_trees_close(a, b, **kw):
@@ -114,7 +116,7 @@ def test_fsdp_equals_replicated(run_steps):
   config = tiny_config(batch_size=16, optimizer='sgd', learning_rate=0.1)
   batches = synthetic_batches(config, 3)  # the replicated run is shared with the test above
   loss_r, params_r = run_steps(config, jax.devices(), batches)
-  loss_f, params_f = run_steps(config, jax.devices(), batches, fsdp=True)
+  loss_f, params_f = run_steps(config, jax.devices(), batches, mesh=parallel.FSDP_MESH)
   np.testing.assert_allclose(loss_f, loss_r, atol=1e-5, rtol=1e-5)
   assert_trees_close(params_f, params_r, atol=1e-5, rtol=1e-5)
 

@@ -898,30 +898,125 @@ TRACEBACK_ENV = 'VIT_JAX_TRACEBACK'
 
 
 def user_error_message(error: BaseException) -> str:
-  """One line for a user: ENOSPC names the path and the free space left there."""
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    path = error.filename
-    free = ''
-    if path:
-      try:
-        free = (f' ({format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)}'
-                ' free there)')
-      except OSError:
-        pass
-    return f'No space left on device writing {path!r}{free}' if path else \
-        'No space left on device'
-  if isinstance(error, OSError) and error.strerror and error.filename:
-    return f'{error.strerror}: {error.filename!r}'
-  return str(error) or type(error).__name__
+  """One line for a user (`vit_jax.cli.user_error_message`)."""
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.user_error_message(error)
 
 
 def report_user_error(error: BaseException, verbose: bool = False) -> int:
-  """Prints `error: <message>` to stderr (and the traceback if `verbose` or
-  $VIT_JAX_TRACEBACK=1); returns 2, the CLIs' exit status for user errors."""
-  if verbose or os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
-    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-  print(f'error: {user_error_message(error)}', file=sys.stderr)
-  return 2
+  """`error: <message>` on stderr, exit status 2 (`vit_jax.cli.report_user_error`)."""
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.report_user_error(error, verbose)
+
+
+class ModelMismatchError(ValueError):
+  """A tree (checkpoint) whose keys or shapes do not fit the model.
+
+  `str()` lists every missing / unexpected key and shape mismatch;
+  `one_line()` is the command-line summary: how many differ, the first of each,
+  and which preset the file's shapes fit (`guess_presets`).
+  """
+
+  def __init__(self, title: str, missing: list[str], unexpected: list[str],
+               mismatched: list[str], shapes: Optional[Mapping[str, Any]] = None):
+    parts = [title]
+    for name, rows in (('missing keys', missing), ('unexpected keys', unexpected),
+                       ('shape mismatches', mismatched)):
+      if rows:
+        parts.append(_format_problems(name, rows))
+    super().__init__('\n'.join(parts))
+    self.title, self.missing, self.unexpected, self.mismatched = (
+        title, missing, unexpected, mismatched)
+    self.presets = guess_presets(shapes) if shapes else []
+    self.notes: list[str] = []  # hints on what to change, shown after the rows
+
+  def __str__(self) -> str:
+    return super().__str__() + ''.join(f'\n({note})' for note in self.notes)
+
+  def one_line(self) -> str:
+
+    counts = []
+    for rows, what in ((self.mismatched, 'shape mismatch'), (self.missing, 'missing key'),
+                       (self.unexpected, 'unexpected key')):
+      if rows:
+        counts.append(f'{len(rows)} {what}{"es" if what.endswith("h") else "s"}, e.g. '
+                      f'{rows[0]}' if len(rows) > 1 else f'1 {what}: {rows[0]}')
+    fits = (f'; the file fits preset {" / ".join(self.presets)}' if self.presets else
+            '; no preset fits the file')
+    notes = ''.join(f' ({note})' for note in self.notes)
+    return f'{self.title} {"; ".join(counts)}{fits}{notes} (--verbose lists all)'
+
+
+
+
+
+def vit_architecture(params_or_flat: Mapping) -> Optional[dict[str, Any]]:
+  """hidden_size, patch, num_layers, mlp_dim, num_heads of a ViT (or hybrid) tree; None if not one."""
+  flat = _as_flat(params_or_flat)
+  embedding = flat.get('embedding/kernel')
+  block = 'Transformer/encoderblock_0/'
+  query = flat.get(block + 'MultiHeadDotProductAttention_1/query/kernel')
+  mlp = flat.get(block + 'MlpBlock_3/Dense_0/kernel')
+  if embedding is None or query is None or mlp is None or len(_shape(embedding)) != 4:
+    return None
+  layers = {int(m.group(1)) for m in
+            (re.match(r'Transformer/encoderblock_(\d+)/', k) for k in flat) if m}
+  return dict(hidden_size=_shape(embedding)[-1], patch=_shape(embedding)[:2],
+              num_layers=len(layers), mlp_dim=_shape(mlp)[-1], num_heads=_shape(query)[1])
+
+
+def _mixer_architecture(flat: Mapping) -> Optional[dict[str, Any]]:
+  stem = flat.get('stem/kernel')
+  tokens = flat.get('MixerBlock_0/token_mixing/Dense_0/kernel')
+  channels = flat.get('MixerBlock_0/channel_mixing/Dense_0/kernel')
+  if stem is None or tokens is None or channels is None:
+    return None
+  blocks = {int(m.group(1)) for m in (re.match(r'MixerBlock_(\d+)/', k) for k in flat) if m}
+  return dict(hidden_dim=_shape(stem)[-1], patch=_shape(stem)[:2], num_blocks=len(blocks),
+              tokens_mlp_dim=_shape(tokens)[-1], channels_mlp_dim=_shape(channels)[-1])
+
+
+def guess_presets(params_or_flat: Mapping) -> list[str]:
+  """The presets (`vit_jax.configs.models` names) whose architecture a tree's shapes show.
+
+  Read off the shapes alone (an .npz's headers are enough: `read_npz_specs`),
+  ignoring what fine-tuning adapts (head, representation layer, position-embedding
+  grid): ['ViT-B_16'] for a ViT-B/16 file, ['BiT-R50x1'] for BiT-M R50x1; ViT,
+  R+ViT hybrids, BiT ResNets and MLP-Mixers. [] when no preset fits.
+  """
+  from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
+  flat = _as_flat(params_or_flat)
+  if is_bit_layout(flat) or ('conv_root/kernel' in flat and not any(
+      k.startswith('Transformer/') for k in flat)):
+    name = bit_preset_name(flat)
+    return [name] if name else []
+  vit, mixer = vit_architecture(flat), _mixer_architecture(flat)
+  resnet = resnet_architecture(flat) if vit is not None and 'conv_root/kernel' in flat else None
+  found = []
+  for name in models_config.names():
+    config = models_config.get_config(name)
+    kind = config.get('model_type', 'vit')
+    if kind == 'vit' and vit is not None:
+      fits = (config.hidden_size == vit['hidden_size']
+              and tuple(config.patches.size) == tuple(vit['patch'])
+              and config.transformer.num_layers == vit['num_layers']
+              and config.transformer.mlp_dim == vit['mlp_dim']
+              and config.transformer.num_heads == vit['num_heads'])
+      if config.get('resnet') is None:
+        fits = fits and resnet is None
+      else:
+        fits = fits and resnet is not None and (
+            tuple(config.resnet.num_layers) == resnet.num_layers
+            and int(64 * config.resnet.width_factor) == resnet.root_width)
+    elif kind == 'mixer' and mixer is not None:
+      fits = all(config.get(k) == v for k, v in mixer.items() if k != 'patch') and tuple(
+          config.patches.size) == tuple(mixer['patch'])
+    else:
+      fits = False
+    if fits:
+      found.append(name)
+  return found
+
 
 
 
@@ -1147,16 +1242,16 @@ def _format_problems(title: str, rows: list[str]) -> str:
 
 
 def _raise_if_problems(title: str, missing: list[str], unexpected: list[str],
-                       mismatched: list[str]) -> None:
-  """ValueError listing every missing / unexpected key and shape mismatch, if any."""
+                       mismatched: list[str], shapes: Optional[Mapping] = None) -> None:
+  """ModelMismatchError listing every missing / unexpected key and shape mismatch, if any.
+
+  `shapes`, the checked tree's flat {key: array or spec}, lets the error name the
+  preset that fits it.
+  """
   if not (missing or unexpected or mismatched):
     return
-  parts = [title]
-  for name, rows in (('missing keys', missing), ('unexpected keys', unexpected),
-                     ('shape mismatches', mismatched)):
-    if rows:
-      parts.append(_format_problems(name, rows))
-  raise ValueError('\n'.join(parts))
+  raise ModelMismatchError(title, missing, unexpected, mismatched, shapes)
+
 
 
 def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mapping,
@@ -1273,7 +1368,8 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
   unexpected = [f'{k}: checkpoint {_shape(v)}, not in model'
                 for k, v in sorted(restored.items()) if k not in init]
   _raise_if_problems(f'Checkpoint {source!r} does not fit the model:', missing, unexpected,
-                     mismatched)
+                     mismatched, restored)
+
 
   result = {}
   for key, target in init.items():
@@ -1313,7 +1409,8 @@ def _check_keys_fit(specs: Mapping[str, Any], init: Mapping[str, Any], source: s
                 if k in specs and k not in HEAD_KEYS and k != POSEMB_KEY
                 and squeeze(_shape(specs[k])) != squeeze(_shape(v))]
   _raise_if_problems(f'Checkpoint {source!r} does not fit the model:', missing, unexpected,
-                     mismatched)
+                     mismatched, specs)
+
 
 
 def _adapt_posemb(value: np.ndarray, target_shape: tuple, restored: Mapping, config: Any,
@@ -1390,4 +1487,5 @@ def check_params(params: Mapping, expected: Mapping, source: str = 'params',
   mismatched = [f'{k}: {source} {_shape(have[k])} vs model {_shape(v)}'
                 for k, v in sorted(want.items()) if k in have and _shape(have[k]) != _shape(v)]
   _raise_if_problems(title or f'{source} does not fit the model:', missing, unexpected,
-                     mismatched)
+                     mismatched, have)
+

@@ -335,9 +335,13 @@ def check_against_config(flat: Mapping[str, Any], config: Any, source: str,
   try:
     checkpoint.check_params(checkpoint.unflatten(dict(flat)), expected, source=label,
                             title=title)
+  except checkpoint.ModelMismatchError as e:
+    e.notes.extend(hints)
+    raise
   except ValueError as e:
     hint = ''.join(f'\n({h})' for h in hints)
     raise ValueError(f'{e}{hint}') from None
+
 
 
 def _finish_params(flat: dict[str, np.ndarray], config: Any, source: str) -> dict:

@@ -36,6 +36,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_jax import cli
+
+
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file(
@@ -75,13 +78,8 @@ class _DropLibraryInfo(std_logging.Filter):
 
 def _is_user_error(error: BaseException) -> bool:
   """Errors whose message says what to change: shown without a traceback."""
-  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    return True
-  if isinstance(error, (ValueError, FileNotFoundError, workdir_lock.WorkdirLockedError)):
-    return True
-  periodic = sys.modules.get('vit_jax.periodic')  # not imported: not raised
-  return periodic is not None and isinstance(error, periodic.NonFiniteLossError)
+  return cli.is_user_error(error)
+
 
 
 def _quiet_after_failed_writes() -> None:
@@ -128,7 +126,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required.')
+  try:  # Before the slow imports: a file or a read-only directory cannot hold a run.
+    cli.check_writable_dir(FLAGS.workdir, '--workdir')
+  except cli.UserError as e:
+    sys.exit(cli.report_user_error(e, FLAGS.verbose))
   _quiet_after_failed_writes()
+
   try:
     with _workdir_locked_early(FLAGS.workdir):
       metrics = _run()
@@ -164,10 +167,33 @@ def _run() -> dict:
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
-  logging.info('Config:\n%s', FLAGS.config)
+  if jax.process_index() == 0:
+    _write_config(FLAGS.config, FLAGS.workdir)
   return train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _write_config(config, workdir: str) -> None:
+  """The resolved config (every field, defaults included) as WORKDIR/config.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  resolved = schema.resolve(config)
+  path = os.path.join(os.path.expanduser(workdir), 'config.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f'{path}.partial-{os.getpid()}'
+  try:
+    with open(partial, 'w', encoding='utf-8') as f:
+      json.dump(resolved.to_dict(), f, indent=1, sort_keys=True, default=str)
+      f.write('\n')
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  logging.info('Config: %s (model %s, dataset %s, %d steps of batch %d)', path,
+               resolved.model_name, resolved.dataset, resolved.total_steps, resolved.batch_size)
+
+
 if __name__ == '__main__':
+  cli.quiet_console()  # before TensorFlow and JAX load
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_absl_flags)
+

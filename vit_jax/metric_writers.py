@@ -120,7 +120,9 @@ class ConsoleWriter(MetricWriter):
     self._print(f'{prefix} {body}')
 
   def write_hparams(self, hparams):
-    self._print('hparams: ' + json.dumps(dict(hparams), sort_keys=True, default=str))
+    # The console stays short: the config is in WORKDIR/config.json and metrics.jsonl.
+    del hparams
+
 
 
 def _fsync_path(path: str) -> None:

@@ -2,15 +2,27 @@
 
 The whole parallelism story of vit_jax is in this file:
 
-- One 1-D `Mesh` over every device of every process, axis `'data'`.
-- Batches are split along that axis (`data_sharding`): each device sees
+- The mesh is configuration: `config.mesh` names axes and their sizes, e.g.
+  `(('data', -1), ('fsdp', 16))` (-1: the rest of the devices). Two axes exist:
+  `data` (copies of the model, each on its own share of the batch) and `fsdp`
+  (parameters and optimizer state split into shards, ZeRO-3 / FSDP style).
+  The default `(('data', -1),)` is plain data parallelism, parameters replicated;
+  `config.fsdp=True` is the named case `(('fsdp', -1),)`: everything sharded over
+  every device. `resolve_mesh` turns the field into sizes, `make_mesh` into a
+  `Mesh`, always with both axes (a size-1 axis costs nothing).
+- The batch is split over all axes (`data_sharding`): each device sees
   global_batch / num_devices examples; each process feeds only its own slice
   (`shard_batch` builds the global array from per-process pieces).
-- Parameters and optimiser state are replicated (`replicated`) or, for models
-  that do not fit one device, sharded FSDP-style over the same axis
-  (`fsdp_sharding`): XLA inserts the all-gathers and reduce-scatters.
-- One `jax.jit` train step with these shardings is the data-parallel program;
-  gradients are averaged across devices by the compiler, not by hand.
+- Each large parameter (and its optimizer state) is split along its largest
+  axis divisible by the `fsdp` size (`state_shardings`); small arrays (biases,
+  norms) are replicated. XLA inserts the all-gathers before use and the
+  reduce-scatters of the gradients: one `jax.jit` train step with these
+  shardings is the whole parallel program.
+- Devices are laid out so that the inner (`fsdp`) axis stays inside a process /
+  TPU slice: on TPUs `mesh_utils.create_device_mesh` follows the torus. With
+  several TPU slices (devices carry `slice_index`), the `data` axis is split
+  across slices over the data-centre network (`create_hybrid_device_mesh`), so
+  only the gradient reduction crosses slices.
 - Multi-host: `initialize_distributed` starts JAX's own runtime
   (`jax.distributed.initialize`) before anything touches a device.
 """
@@ -19,14 +31,23 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Iterable, Iterator, Optional
+import math
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+AXES = (DATA_AXIS, FSDP_AXIS)  # mesh axis order: fsdp innermost (fastest links)
+DEFAULT_MESH = ((DATA_AXIS, -1),)
+FSDP_MESH = ((FSDP_AXIS, -1),)  # what `config.fsdp=True` names
+# Arrays smaller than this stay replicated: splitting them saves little and
+# costs a collective each.
+FSDP_MIN_SIZE = 2**14
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
@@ -45,28 +66,126 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(devices: Optional[list] = None) -> Mesh:
-  """A 1-D data mesh over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+# ---------------------------------------------------------------------------
+# The mesh.
+# ---------------------------------------------------------------------------
+
+
+def resolve_mesh(spec: Any, num_devices: int, *, fsdp: bool = False,
+                 field: str = 'config.mesh') -> dict[str, int]:
+  """`(('data', -1), ('fsdp', 4))` -> {'data': n/4, 'fsdp': 4} for `num_devices` = n.
+
+  Refuses, naming `field`, unknown axis names, repeated names, sizes that are not
+  positive (or one -1), and sizes whose product is not the number of devices.
+  `fsdp=True` (the `config.fsdp` shorthand) stands for `(('fsdp', -1),)` and may
+  not be combined with another mesh.
+  """
+  spec = tuple(tuple(axis) for axis in (spec or DEFAULT_MESH))
+  if fsdp:
+    if spec not in (DEFAULT_MESH, FSDP_MESH):
+      raise ValueError(f'config.fsdp=True means {field}={FSDP_MESH!r}; it cannot be combined '
+                       f'with {field}={spec!r}: set one of them')
+    spec = FSDP_MESH
+  sizes: dict[str, int] = {}
+  for axis in spec:
+    if len(axis) != 2 or not isinstance(axis[0], str):
+      raise ValueError(f'{field} must be pairs (axis name, size), e.g. '
+                       f"(('data', -1), ('fsdp', 8)); got {spec!r}")
+    name, size = axis
+    if name not in AXES:
+      raise ValueError(f'{field}: unknown axis {name!r}; the axes are {AXES} (data '
+                       'parallelism and parameter sharding)')
+    if name in sizes:
+      raise ValueError(f'{field}: axis {name!r} is given twice in {spec!r}')
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
+        size < 1 and size != -1):
+      raise ValueError(f'{field}: the size of axis {name!r} must be a positive integer or '
+                       f'-1 (the rest of the devices), got {size!r}')
+    sizes[name] = int(size)
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f'{field}: only one axis may have size -1, got {spec!r}')
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'{field}={spec!r}: {num_devices} devices cannot be split into '
+                       f'axes of sizes {fixed} x -1 ({num_devices} is not divisible by {fixed})')
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f'{field}={spec!r} has {fixed} devices in all, but the run has '
+                     f'{num_devices}: give an axis size -1 to take the rest')
+  return {name: sizes.get(name, 1) for name in AXES}
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many TPU slices `devices` span (1 off TPU: no `slice_index`)."""
+  return len({getattr(d, 'slice_index', 0) or 0 for d in devices})
+
+
+def make_mesh(devices: Optional[Sequence[Any]] = None,
+              shape: Optional[Mapping[str, int]] = None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all devices of all processes).
+
+  `shape` is `resolve_mesh`'s result; default: every device on the data axis.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = dict(shape or {DATA_AXIS: len(devices), FSDP_AXIS: 1})
+  dims = tuple(shape.get(name, 1) for name in AXES)
+  if math.prod(dims) != len(devices):
+    raise ValueError(f'mesh {dict(zip(AXES, dims))} needs {math.prod(dims)} devices, '
+                     f'got {len(devices)}')
+  return Mesh(_device_grid(dims, devices), AXES)
+
+
+def _device_grid(dims: tuple[int, int], devices: list) -> np.ndarray:
+  slices = num_slices(devices)
+  if slices > 1:
+    data, fsdp = dims
+    if data % slices:
+      raise ValueError(f'config.mesh: the data axis ({data}) must be divisible by the number '
+                       f'of TPU slices ({slices}): only the data axis crosses slices')
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
+  if devices[0].platform == 'tpu':
+    return mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
+  # Elsewhere: each process's devices contiguous, so the fsdp axis stays within a
+  # host (NVLink) whenever it is no larger than the devices of one process.
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return np.asarray(ordered, dtype=object).reshape(dims)
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+  return {name: int(size) for name, size in mesh.shape.items()}
+
+
+# ---------------------------------------------------------------------------
+# Shardings.
+# ---------------------------------------------------------------------------
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the mesh."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over every axis of the mesh."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[micro-batches, batch, ...]: each micro-batch split like a batch."""
+  return NamedSharding(mesh, P(None, tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
-  """Shards each large array along its largest axis divisible by the mesh size.
+def fsdp_sharding(tree: Any, mesh: Mesh, min_size: Optional[int] = None) -> Any:
+  """Shards each large array along its largest axis divisible by the `fsdp` size.
 
-  Small arrays (biases, norms) and arrays with no divisible axis stay replicated:
-  splitting them saves nothing and costs a collective each.
+  Arrays of fewer than `min_size` (default `FSDP_MIN_SIZE`) elements and arrays
+  with no divisible axis stay replicated. A mesh without an `fsdp` axis (or of
+  size 1) replicates everything.
   """
-  size = mesh.shape[DATA_AXIS]
+  size = dict(mesh.shape).get(FSDP_AXIS, 1)
+  min_size = FSDP_MIN_SIZE if min_size is None else min_size
 
   def spec(x):
     shape = getattr(x, 'shape', ())
@@ -75,11 +194,27 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
       if shape[axis] % size == 0:
         parts = [None] * len(shape)
-        parts[axis] = DATA_AXIS
+        parts[axis] = FSDP_AXIS
         return NamedSharding(mesh, P(*parts))
     return replicated(mesh)
 
   return jax.tree.map(spec, tree)
+
+
+state_shardings = fsdp_sharding  # the train state's shardings on any mesh
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes of `tree` (arrays or ShapeDtypeStructs) that one device holds."""
+  def nbytes(x, sharding):
+    shard = sharding.shard_shape(x.shape)
+    return int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(nbytes, tree, shardings)))
+
+
+# ---------------------------------------------------------------------------
+# Moving data.
+# ---------------------------------------------------------------------------
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -104,7 +239,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = 'batch_size'
 
 
 def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
-  """Turns this process's numpy batch into global arrays sharded on the data axis."""
+  """Turns this process's numpy batch into global arrays sharded on the batch axis."""
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 

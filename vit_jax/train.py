@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from vit_jax import checkpoint
 from vit_jax import data_sources
@@ -80,7 +80,7 @@ def _split_micro_batches(x: jax.Array, num: int, mesh) -> jax.Array:
   x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
   x = jnp.swapaxes(x, 0, 1)
   if mesh is not None:
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+    x = jax.lax.with_sharding_constraint(x, parallel.micro_batch_sharding(mesh))
   return x
 
 
@@ -95,9 +95,9 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *,
   the same update as the whole batch at once with 1/A of the activation memory.
   Dropout randomness is a function of `config.seed` and `state.step` only.
   Metrics: 'loss' (mean over the batch, before the update), 'grad_norm' (global
-  norm before clipping), 'learning_rate' (used by this update).
+  norm before clipping), 'learning_rate' (used by this update). `config` is a
+  resolved config (`schema.resolve`; `build_program` resolves it once).
   """
-  config = schema.resolve(config)
   accum = int(config.grad_accum_steps)
   loss_fn = optimizers.make_loss(config)
   schedule = schedule or optimizers.make_schedule(config)
@@ -152,12 +152,6 @@ def _flatten_config(config) -> dict:
           for k, v in flat.items()}
 
 
-def _state_shardings(config, abstract_state, mesh):
-  if config.fsdp:
-    return parallel.fsdp_sharding(abstract_state, mesh)
-  return jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
-
-
 def _initial_state(config, checkpointer, abstract_state, state_sharding, model_config,
                    init_state: Callable, fingerprint: str) -> tuple[TrainState, int]:
   """The latest checkpoint of this run, else the pre-trained weights, else a fresh init."""
@@ -189,6 +183,88 @@ def _pretrained_state(config, abstract_state, model_config, state_sharding, init
   return jax.jit(init_state, out_shardings=state_sharding)(params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The train step exactly as `main` runs it and `plan` compiles it ahead of time.
+
+  Built once by `build_program` from a resolved config, the class count and a
+  mesh: the model, the optimizer, the abstract state (shapes and dtypes, nothing
+  allocated), its shardings and the jitted step with those shardings.
+  """
+  config: ml_collections.ConfigDict  # resolved and validated
+  mesh: Mesh
+  num_classes: int
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  init_state: Callable[..., TrainState]  # (params=None) -> TrainState; jit it
+  abstract_state: TrainState  # ShapeDtypeStructs
+  state_sharding: TrainState  # NamedShardings
+  batch_sharding: NamedSharding
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+
+  @property
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+  def sharded_abstract_state(self) -> TrainState:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
+
+  def abstract_batch(self) -> dict:
+    """A global training batch as the input pipeline delivers it (float32 images, one-hot)."""
+    height, width = image_hw(self.config.image_size)
+    batch = int(self.config.batch_size)
+    return {
+        'image': jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32,
+                                      sharding=self.batch_sharding),
+        'label': jax.ShapeDtypeStruct((batch, self.num_classes), jnp.float32,
+                                      sharding=self.batch_sharding),
+    }
+
+  def lower(self):
+    """The step lowered for this mesh's devices (real or compile-only), not run."""
+    return self.train_step.lower(self.sharded_abstract_state(), self.abstract_batch())
+
+
+def run_mesh(config: ml_collections.ConfigDict, devices: Optional[list] = None) -> Mesh:
+  """The mesh `config.mesh` (or `config.fsdp`) names, over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = parallel.resolve_mesh(config.mesh, len(devices), fsdp=bool(config.fsdp))
+  return parallel.make_mesh(devices, shape)
+
+
+def build_program(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh) -> Program:
+  """The one construction of the train step, for `main` (`_set_up`) and `plan`.
+
+  `config` is resolved and validated here, once, against the mesh; what follows
+  reads it as it is.
+  """
+  config = validate_config(config, num_devices=mesh.devices.size,
+                           num_processes=len({d.process_index for d in mesh.devices.flat}))
+  model = build_model(config, num_classes)
+  schedule = optimizers.make_schedule(config)
+  tx = optimizers.make_optimizer(config, schedule)
+  height, width = image_hw(config.image_size)
+  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
+
+  def init_state(params=None) -> TrainState:
+    if params is None:
+      images = jnp.zeros((1, height, width, 3), jnp.float32)
+      params = model.init({'params': init_key}, images, train=False)['params']
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  batch_sharding = parallel.data_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config, schedule=schedule, mesh=mesh),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, parallel.replicated(mesh)),
+                       donate_argnums=(0,))
+  return Program(config, mesh, int(num_classes), model, tx, schedule, init_state,
+                 abstract_state, state_sharding, batch_sharding, train_step)
+
+
 @dataclasses.dataclass
 class _Run:
   """What one run is made of, set up before the first step."""
@@ -209,33 +285,19 @@ class _Run:
 def _set_up(config: ml_collections.ConfigDict, workdir: str, mesh) -> _Run:
   """Data, model, optimizer, compiled steps and the starting state of a run."""
   data = data_sources.get_data(config)
-  model = build_model(config, data.num_classes)
-  schedule = optimizers.make_schedule(config)
-  tx = optimizers.make_optimizer(config, schedule)
-  height, width = image_hw(config.image_size)
-  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
-
-  def init_state(params=None) -> TrainState:
-    if params is None:
-      images = jnp.zeros((1, height, width, 3), jnp.float32)
-      params = model.init({'params': init_key}, images, train=False)['params']
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = _state_shardings(config, abstract_state, mesh)
+  program = build_program(config, data.num_classes, mesh)
+  model, init_state = program.model, program.init_state
+  abstract_state, state_sharding = program.abstract_state, program.state_sharding
   checkpointer = train_checkpoints.RunCheckpointer(
       workdir, max_to_keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpoints))
   fingerprint = train_checkpoints.fingerprint(abstract_state)
   state, start_step = _initial_state(config, checkpointer, abstract_state, state_sharding,
                                      schema.model_config(config), init_state, fingerprint)
-  train_step = jax.jit(make_train_step(model, tx, config, schedule=schedule, mesh=mesh),
-                       in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                       out_shardings=(state_sharding, parallel.replicated(mesh)),
-                       donate_argnums=(0,))
+  train_step = program.train_step
   evaluator = evaluators.ClassificationEvaluator(model, config, mesh, state_sharding.params)
   few = (fewshot.FewShotEvaluator(model, config, mesh, shots=tuple(config.fewshot_shots))
          if config.fewshot_every else None)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  num_params = program.num_params
   return _Run(config, mesh, data, model, train_step, evaluator, few, checkpointer, fingerprint,
               state, start_step, num_params)
 
@@ -298,13 +360,17 @@ def _checkpoint_meta(run: _Run, step: int) -> dict:
           'dataset': run.config.dataset, 'fingerprint': run.fingerprint}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Optional[list] = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final metrics.
 
   The final metrics are also written to `workdir/final_metrics.json`. A run
   stopped by SIGTERM saves a checkpoint and returns with `preempted=True`.
+  `devices` (default: every device of every process) are laid out as
+  `config.mesh` says.
   """
-  mesh = parallel.make_mesh()
+  config = schema.resolve(config)
+  mesh = run_mesh(config, devices)
   config = validate_config(config, num_devices=mesh.devices.size,
                            num_processes=jax.process_count())
   is_main = jax.process_index() == 0

@@ -153,7 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Compute.
   c.dtype = 'float32'  # or 'bfloat16' (params and optimizer state stay float32)
-  c.fsdp = False  # shard params / optimizer state over the devices
+  # The device mesh (vit_jax.parallel): (axis, size) pairs over the axes 'data' (batch
+  # split, model copied) and 'fsdp' (parameters and optimizer state split); -1: the
+  # rest of the devices. E.g. (('data', -1), ('fsdp', 16)) on a 256-chip pod.
+  c.mesh = (('data', -1),)
+  c.fsdp = False  # shorthand for mesh=(('fsdp', -1),): everything sharded over every device
 
   # Bookkeeping.
   c.log_every = 50
@@ -184,6 +188,8 @@ def _merge(target: ml_collections.ConfigDict, given: Mapping, path: str) -> None
       continue
     if key == 'image_size' and path == 'config' and value is not None:
       value = _as_tuple(value)
+    if key == 'mesh' and path == 'config' and isinstance(value, (list, tuple)):
+      value = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in value)
     try:
       target[key] = value
     except TypeError as e:
