@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from vit_jax import cli
 from vit_jax import fewshot
+
 from vit_jax import flops as flops_lib
 from vit_jax import parallel
 from vit_jax import train
@@ -436,8 +438,9 @@ def write_outputs(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog='python -m vit_jax.compare',
+
       description='Train ViT and the BiT ResNet baseline with the same data, steps and '
                   'batch; write a table (markdown, JSON) and an accuracy-vs-compute plot.')
   p.add_argument('--out', required=True, help='output directory')
@@ -471,7 +474,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--quiet', action='store_true', help='no training progress lines')
   p.add_argument('--resume', action='store_true',
                  help='continue runs found in OUT/runs instead of starting afresh')
+  p.add_argument('--verbose', action='store_true',
+                 help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   return p.parse_args(argv)
+
 
 
 class VitJaxRecords(logging_std.Filter):
@@ -493,7 +499,9 @@ def show_training_progress() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.seeds < 1:
-    raise SystemExit(f'--seeds must be >= 1, got {args.seeds}')
+    raise cli.UserError(f'--seeds must be >= 1, got {args.seeds}')
+  cli.check_writable_dir(args.out, '--out')
+
   if not args.quiet:
     show_training_progress()
   settings = shared_settings(args, load_config(args.vit_config))
@@ -525,4 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
+  sys.exit(cli.run(main))
+
+

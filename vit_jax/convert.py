@@ -61,7 +61,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import functools
+
 import json
 import os
 import shutil
@@ -72,6 +74,8 @@ from absl import logging
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
+
 
 LAYER_NORM_EPSILON = 1e-6
 HF_LAYOUTS = ('modern', 'classic')
@@ -1007,7 +1011,32 @@ def _staging_path(output_path: str) -> str:
   return os.path.join(directory, f'.partial-{os.getpid()}-{base}')
 
 
+def _write_error(error: BaseException, output_path: str) -> BaseException:
+  """An OSError naming the user's `output_path` (not the staging file) for a failed write.
+
+  torch.save reports a full or read-only disk as a RuntimeError of its zip
+  writer ('unexpected pos ...', 'open file failed with strerror: ...').
+  """
+  if isinstance(error, OSError):
+    number = error.errno
+  else:
+    text = str(error)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(output_path))).free
+    if 'Read-only file system' in text:
+      number = errno.EROFS
+    elif 'Permission denied' in text:
+      number = errno.EACCES
+    elif 'No space left' in text or 'unexpected pos' in text or free < (1 << 20):
+      number = errno.ENOSPC
+    else:
+      return error
+  if number is None:
+    return error
+  return OSError(number, os.strerror(number), output_path)
+
+
 def _remove(path: str) -> None:
+
   if os.path.isdir(path):
     shutil.rmtree(path, ignore_errors=True)
   elif os.path.lexists(path):
@@ -1117,8 +1146,12 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
   _remove(staging)
   checks: dict[str, float] = {}
   try:
-    _write_output(target, params, config, staging, as_file)
+    try:
+      _write_output(target, params, config, staging, as_file)
+    except (OSError, RuntimeError) as e:
+      raise _write_error(e, output_path) from e
     if verify:
+
       num_classes, image_size = _geometry(params, config)
       images = verification_images(image_size)
       reference = our_outputs(params, config, images)
@@ -1143,8 +1176,9 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m vit_jax.convert',
+
       description='Convert ViT weights between our .npz layout, timm and Hugging Face. '
                   'The input is checked against --model and the output against the input '
                   '(same logits on a fixed batch) before it is written.')
@@ -1170,7 +1204,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
+    # Before the input is read and checked: an output that cannot be written.
+    cli.check_writable_dir(os.path.dirname(os.path.abspath(args.output)),
+                           f'--output {args.output!r}: its directory')
     result = convert_file(args.source, args.target, args.model, args.input, args.output,
+
                           args.classifier, args.representation_size,
                           verify=not args.no_verify, tolerance=args.tolerance)
   except (ValueError, OSError, ImportError, MemoryError) as e:
@@ -1184,4 +1222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
+  sys.exit(cli.run(main))
+

@@ -38,7 +38,9 @@ from typing import Any, Optional, Sequence, TextIO
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax.configs import schema
+
 
 # Above this many classes the JSON leaves the confusion matrix out (its PNG stays).
 JSON_CONFUSION_CLASSES = 100
@@ -418,8 +420,9 @@ def summary(result: dict) -> list[str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   from vit_jax import predict  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m vit_jax.evaluate',
+
       description='Evaluate a checkpoint (a run\'s workdir or an .npz) on a split: top-1, '
       'top-5, loss, per-class accuracy, confusion matrix, optional few-shot accuracy.')
   parser.add_argument('--checkpoint', required=True,
@@ -474,4 +477,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
+  sys.exit(cli.run(main))
+

@@ -182,8 +182,9 @@ def load_image_spec(spec: str) -> np.ndarray:
   elif spec.startswith('digits:'):
     parts = spec.split(':')
     split = parts[1] if len(parts) > 1 and parts[1] else 'test'
-    index = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+    index = _digits_index(spec, parts[2]) if len(parts) > 2 and parts[2] else 0
     image = digits_images(split, [index])[0][0]
+
   else:
     return read_uint8(spec)
   return read_uint8(image)
@@ -201,9 +202,25 @@ def load_images(spec: str, image_size: Optional[int | Sequence[int]] = None
     split = parts[1] if len(parts) > 1 and parts[1] else 'test'
     index = parts[2] if len(parts) > 2 and parts[2] else '0'
     first, _, last = index.partition('-')
-    indices = range(int(first), int(last or first) + 1)
-    return list(digits_images(split, indices, image_size)[0])
+    first = _digits_index(spec, first)
+    last = _digits_index(spec, last) if last else first
+    if last < first:
+      raise ValueError(f'Image {spec!r}: the range {first}-{last} is reversed; give A-B with '
+                       f'A <= B, e.g. digits:{split}:{last}-{first}')
+    return list(digits_images(split, range(first, last + 1), image_size)[0])
   return [load_image_spec(spec)]
+
+
+def _digits_index(spec: str, text: str) -> int:
+  try:
+    index = int(text)
+  except ValueError:
+    index = -1
+  if index < 0:
+    raise ValueError(f'Image {spec!r}: {text!r} is not an image index (0, 1, ...); give '
+                     'digits:SPLIT:INDEX or digits:SPLIT:A-B')
+  return index
+
 
 
 def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
@@ -219,6 +236,11 @@ def digits_images(split: str = 'test', indices: Optional[Sequence[int]] = None,
   images, labels = digits.load_arrays(split)
   if indices is not None:
     indices = list(indices)
+    outside = [i for i in indices if not 0 <= i < len(images)]
+    if outside:
+      raise ValueError(f'digits {split!r} has {len(images)} images (0-{len(images) - 1}); '
+                       f'no image {outside[0]}')
+
     images, labels = images[indices], labels[indices]
   if image_size is not None and images.shape[1:3] != _pair(image_size):
     height, width = _pair(image_size)

@@ -241,7 +241,8 @@ class _TfdsSource(_Source):
             'outside the catalog, e.g. a self-built imagenet21k, are read '
             'from there), nor one of the embedded datasets '
             f'{datasets.EMBEDDED_DATASETS}, nor '
-            f'"{IMAGE_FOLDER_PREFIX}/path/to/folder".') from e
+            f'"{IMAGE_FOLDER_PREFIX}/path/to/folder".') from None  # not TFDS's whole catalog
+
       if not builder.is_prepared():
         raise FileNotFoundError(
             f'Dataset {name!r} is not prepared in data_dir='

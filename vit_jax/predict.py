@@ -26,7 +26,9 @@ from absl import logging
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import labels as labels_lib
+
 from vit_jax.images import load_image
 
 def _config_for_checkpoint(model_name: str, flat: dict) -> Any:
@@ -117,7 +119,9 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
   else:
     own_size = (224, 224)
   image_size = own_size if image_size is None else image_hw(image_size)
+  check_input_size(config, image_size)
   expected = checkpoint.abstract_params(config, num_classes, image_size)
+
   stored = checkpoint.flatten(expected)
   if has_posemb:
     # The file holds the embeddings of its own grid; they are resampled once read.
@@ -137,7 +141,56 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
   return model, params, image_size
 
 
+def attention_bytes(config: Any, image_size: Sequence[int], batch: int = 1) -> int:
+  """Bytes of one layer's attention logits and weights (float32, every head) for `batch` images.
+
+  The largest buffer of a ViT's forward pass at a high resolution: it grows with
+  the square of the token count, the fourth power of the image side. 0 for
+  models without attention (BiT ResNets, MLP-Mixers).
+  """
+  if config.get('model_type', 'vit') != 'vit':
+    return 0
+  stride = checkpoint.patch_stride(config)
+  tokens = ((image_size[0] // stride[0]) * (image_size[1] // stride[1])
+            + (1 if config.classifier == 'token' else 0))
+  return 2 * batch * int(config.transformer.num_heads) * tokens * tokens * 4
+
+
+def memory_limit_bytes() -> int:
+  """Half of this machine's physical memory: the most one attention layer may take."""
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
+  except (ValueError, OSError, AttributeError):
+    return 8 << 30
+
+
+def check_input_size(config: Any, image_size: Sequence[int], batch: int = 1,
+                     limit: Optional[int] = None) -> None:
+  """Refuses, before anything is allocated, an input size whose attention needs too much memory.
+
+  The limit is `memory_limit_bytes()` (half the physical memory) for
+  `attention_bytes`; the message names the size, the memory it needs and the
+  largest square size that fits.
+  """
+  limit = memory_limit_bytes() if limit is None else limit
+  need = attention_bytes(config, image_size, batch)
+  if need <= limit:
+    return
+  stride = checkpoint.patch_stride(config)
+  heads = int(config.transformer.num_heads)
+  prefix = 1 if config.classifier == 'token' else 0
+  grid = int(((limit / (8 * batch * heads)) ** 0.5 - prefix) ** 0.5)
+  raise cli.UserError(
+      f'image size {image_size[0]}x{image_size[1]} is too large for {config.name}: '
+      f'one attention layer needs {checkpoint.format_bytes(need)} at that size ({heads}
+ heads of '
+      f'{(image_size[0] // stride[0]) * (image_size[1] // stride[1]) + prefix:,}^2 float32 '
+      f'logits and weights), more than the {checkpoint.format_bytes(limit)} allowed (half '
+      f'this machine\'s memory); at most about {grid * stride[0]}x{grid * stride[1]} fits')
+
+
 _JITTED: dict[int, tuple[Any, Any]] = {}
+
 
 
 def _jitted_probs(model):
@@ -202,8 +255,9 @@ def format_top_k(rows: Sequence[tuple[int, str, float]]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m vit_jax.predict',
+
       description='Print the top-k classes of images under a checkpoint.')
   parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
   parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
@@ -214,7 +268,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='class names, one per line (default: ImageNet-1k for 1000 classes)')
   parser.add_argument('--image_size', type=_argparse_image_size, default=None,
                       help='input resolution, H (square) or HxW, e.g. 384x512; default: '
-                      "the checkpoint's. Another patch grid resamples the position embeddings")
+                      "the checkpoint's. Another patch grid resamples the position embeddings; "
+                      "a size whose attention needs more than half the machine's memory is "
+                      'refused (check_input_size)')
+
   parser.add_argument('--verbose', action='store_true',
                       help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
@@ -236,4 +293,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
+  sys.exit(cli.run(main))
+

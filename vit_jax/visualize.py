@@ -49,7 +49,9 @@ from PIL import Image
 
 from vit_jax import attention_maps
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import images as images_lib
+
 from vit_jax import predict
 from vit_jax import train_checkpoints
 from vit_jax.configs import models as model_configs
@@ -597,8 +599,9 @@ def _image_size_arg(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog='python -m vit_jax.visualize',
+
       description='Writes PNGs of what a Vision Transformer attends to: patch grid, '
                   'position-embedding similarity, class-token attention per layer and '
                   'head, attention rollout, mean attention distance and top-5 predictions.')
@@ -625,12 +628,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help='write 256-colour PNGs (2-3x smaller, e.g. for docs)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', required=True, help='output directory for the PNGs')
+  p.add_argument('--verbose', action='store_true',
+                 help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   return p.parse_args(argv)
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   args = parse_args(argv)
+  cli.check_writable_dir(args.out, '--out')
   model, params, image_size, dataset = build_from_args(args)
+
   num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
   labels = read_labels(args.labels, num_classes, dataset)
   images = [image for spec in (args.image or ['skimage:chelsea'])
@@ -649,4 +657,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
+  sys.exit(cli.run(main))
+
+
