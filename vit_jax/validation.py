@@ -42,7 +42,20 @@ def build_model(config, num_classes: int):
     raise ValueError(f'config.model has a field the model does not take: {e}') from None
 
 
+def _model_overrides(config) -> str:
+  """'transformer.num_heads=3, ...' of the config.model fields that are set."""
+  def leaves(tree, prefix=''):
+    for key, value in sorted(tree.items()):
+      if hasattr(value, 'items'):
+        yield from leaves(value, f'{prefix}{key}.')
+      elif value is not None:
+        yield f'{prefix}{key}={value!r}'
+  rows = list(leaves(config.model)) if config.get('model') else []
+  return ', '.join(rows) if rows else '(no overrides)'
+
+
 def validate_config(config, num_devices: Optional[int] = None,
+
                     num_processes: Optional[int] = None) -> ml_collections.ConfigDict:
   """The resolved config (`schema.resolve`), checked: a bad value raises ValueError naming it.
 
@@ -120,8 +133,13 @@ def validate_config(config, num_devices: Optional[int] = None,
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3)),
                                       train=False))
   except ValueError as e:
-    raise ValueError(f'config.image_size={tuple(config.image_size)} does not fit '
-                     f'config.model_name={config.model_name!r}: {e}') from None
+    if 'image size' in str(e):
+      raise ValueError(f'config.image_size={tuple(config.image_size)} does not fit '
+                       f'config.model_name={config.model_name!r}: {e}') from None
+    # Not the image: the preset with its config.model overrides cannot be built.
+    raise ValueError(f'config.model_name={config.model_name!r} with config.model '
+                     f'{_model_overrides(config)}: {e}') from None
+
   if dtype == 'bfloat16' and jax.default_backend() == 'cpu':
     logging.warning("config.dtype='bfloat16' on a CPU: XLA:CPU has no fast bf16 matmuls "
                     '(ViT-Ti/16 bf16 inference measured at 0.35x of PyTorch on an AMX CPU, and '

@@ -66,6 +66,9 @@ _OPTIONAL_FIELD_TYPES = {
 # Module fields of every family that no preset sets: the sigmoid-loss head starts at
 # this bias (ViT and ResNet alike).
 _MODULE_ONLY_FIELDS = {'head_bias_init': float}
+# Groups a preset may lack (None): an override that adds one must give these fields.
+_GROUP_FIELDS = {'resnet': ('num_layers', 'width_factor')}
+
 
 
 def model_overrides() -> ml_collections.ConfigDict:
@@ -268,7 +271,14 @@ def _apply(preset: ml_collections.ConfigDict, overrides: Mapping, path: str,
     current = preset[key]
     if isinstance(value, Mapping):
       if current is None:
+        needed = [f for f in _GROUP_FIELDS.get(key, ()) if f not in value]
+        if needed:
+          raise ValueError(
+              f'{field}.{next(iter(value))} does not apply to model {name!r}: it has no '
+              f'{key} ({field} is None); a new {field} needs {", ".join(_GROUP_FIELDS[key])} '
+              f'(missing: {", ".join(needed)}), or choose a preset that has one')
         preset[key] = ml_collections.ConfigDict(value)
+
       elif isinstance(current, ml_collections.ConfigDict):
         _apply(current, value, field, name)
       else:
