@@ -38,6 +38,19 @@ DATASET_SIZES = {
     'imagenet2012': 1_281_167,
 }
 
+# Classes of the datasets the recipes name, for planning a run with no dataset
+# present (`vit_jax.plan`); the input pipeline reads the real count from TFDS.
+NUM_CLASSES = {
+    'jft300m': 18_291,  # paper Sec. 4.1: "18k classes"
+    'imagenet21k': 21_843,  # as in the published BiT-M / ViT i21k heads
+    'imagenet2012': 1000,
+    'cifar10': 10,
+    'cifar100': 100,
+    'oxford_iiit_pet': 37,
+    'oxford_flowers102': 102,
+    'digits': 10,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainRecipe:
@@ -222,7 +235,28 @@ def finetune_config(dataset: str, model_name: str,
   _set_sgd_recipe(c, row, FINETUNE_LEARNING_RATES[-1])
   c.grad_clip_norm = row.grad_clip_norm
   c.grad_accum_steps, c.accumulator_dtype = row.grad_accum_steps, row.accumulator_dtype
+  if models.get_config(model_name).get('model_type') == 'mixer':
+    _mixer_finetune_resolution(c, models.get_config(model_name), row.image_size)
   return c
+
+
+# The published Mixer checkpoints' pre-training resolution.
+MIXER_PRETRAIN_PX = 224
+
+
+def _mixer_finetune_resolution(c: ml_collections.ConfigDict, preset: ml_collections.ConfigDict,
+                               recipe_px: int) -> None:
+  """A Mixer fine-tunes on a whole multiple K of its pre-training patch grid.
+
+  Its token-mixing MLP is tied to the grid; the Mixer paper's Appendix widens
+  it K^2 times (block-diagonal copies of the pre-trained weights) for K^2 times
+  more patches (`checkpoint.load_pretrained`). K is the smallest whole factor
+  reaching the recipe's resolution: 224 -> 448 px for the ViT recipe's 384.
+  """
+  k = -(-recipe_px // MIXER_PRETRAIN_PX)
+  c.image_size = (k * MIXER_PRETRAIN_PX, k * MIXER_PRETRAIN_PX)
+  if k > 1:
+    c.model.tokens_mlp_dim = k * k * preset.tokens_mlp_dim
 
 
 def _set_sgd_recipe(c: ml_collections.ConfigDict, row, learning_rate: float) -> None:
@@ -260,12 +294,15 @@ def runlocal(config: ml_collections.ConfigDict,
              model_name: Optional[str] = None) -> ml_collections.ConfigDict:
   """`config` shrunk to a seconds-long CPU run on the embedded digits, recipe otherwise kept.
 
-  The tiny model is `ViT-Test_4` (or `BiT-Test` for a ResNet config), with the
+  The tiny model is `ViT-Test_4` (`BiT-Test` for a ResNet config, `Mixer-Test_4` for
+  a Mixer config), with the
   recipe's model overrides (dropout, representation layer, head bias); no
   pre-trained checkpoint; 16x16 images; batch 16; 4 steps.
   """
   family = models.get_config(config.model_name).get('model_type', 'vit')
-  config.model_name = model_name or ('BiT-Test' if family == 'resnet' else 'ViT-Test_4')
+  tiny = {'resnet': 'BiT-Test', 'mixer': 'Mixer-Test_4'}
+  config.model_name = model_name or tiny.get(family, 'ViT-Test_4')
+  config.model.tokens_mlp_dim = None  # a widened token MLP belongs to the full-size grid
   if config.model.representation_size is not None:
     config.model.representation_size = models.get_config(config.model_name).hidden_size
   config.pretrained_path = None
@@ -286,7 +323,7 @@ def runlocal(config: ml_collections.ConfigDict,
 def digits_config(model_name: str = 'ViT-Digits_4') -> ml_collections.ConfigDict:
   """This project's default run: a small model from scratch on the embedded digits.
 
-  A ViT trains with AdamW (lr 2e-3, wd 0.05, label smoothing 0.1, 600 steps);
+  A ViT or an MLP-Mixer trains with AdamW (lr 2e-3, wd 0.05, label smoothing 0.1, 600 steps);
   a BiT ResNet with SGD momentum as in BiT (lr 0.03, 200 steps). Measured
   accuracies and times: docs/training.md.
   """
