@@ -8,6 +8,11 @@ import tempfile
 # Must happen before JAX initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The [plan] extra installs libtpu and jaxlib's CUDA plugin (compile-only use by
+# vit_jax.plan): keep every test process on the CPU so neither looks for its
+# hardware, and let libtpu load in several processes at once.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 # TFDS prepares the embedded digits on first use into its data dir. A private one
 # per test process (pytest-xdist runs two) keeps concurrent preparations apart and
