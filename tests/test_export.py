@@ -1,0 +1,282 @@
+"""vit_jax.export: ONNX (run by onnxruntime) and StableHLO files compute the JAX model's logits.
+
+Each exported file is run outside the exporter -- ONNX by onnxruntime, the
+StableHLO file by `jax.export.deserialize` in a fresh process -- at batch 1 and
+5 and compared with the Flax model to 1e-4. Models: ViT-Ti/16 and BiT-R50x1 at
+32x32, the tiny R50-hybrid and a 'gap' ViT. A tampered file is caught by the
+check and removed; what a format cannot express is refused naming why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint
+from vit_jax import export
+from vit_jax import onnx_classify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4  # times max(1, max |logit|), as the exporter checks
+
+
+def _within(got, want) -> bool:
+  return float(np.max(np.abs(got - want))) <= TOL * max(1.0, float(np.max(np.abs(want))))
+
+
+def _npz(tmp_dir, name: str, size: int, classes: int = 7, seed: int = 0, **overrides) -> str:
+  """Initialised weights with a random head (the init's is zero) as a published-layout .npz."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  config = models.get_config(name)
+  config.update(overrides)
+  model = models.build_model(config, classes)
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)), train=False)
+  flat = {k: np.asarray(v, np.float32) for k, v in checkpoint.flatten(params['params']).items()}
+  rng = np.random.default_rng(seed)
+  fan_in = flat['head/kernel'].shape[0]
+  flat['head/kernel'] = rng.normal(0, 3 / fan_in**0.5, flat['head/kernel'].shape).astype(np.float32)
+  flat['head/bias'] = rng.normal(0, 0.1, flat['head/bias'].shape).astype(np.float32)
+  path = os.path.join(tmp_dir, f'{name.replace("+", "-")}-{size}-{seed}.npz')
+  checkpoint.save(checkpoint.unflatten(flat), path)
+  return path
+
+
+def _images(batch: int, size: int, seed: int = 7) -> np.ndarray:
+  return np.random.default_rng(seed).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+
+
+def _ort(path: str, images: np.ndarray) -> np.ndarray:
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+  return session.run(['logits'], {'images': images})[0]
+
+
+@pytest.fixture(scope='module')
+def tmp_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('export'))
+
+
+CASES = {
+    'vit_ti16': ('ViT-Ti_16', 32, {}),
+    'bit_r50x1': ('BiT-R50x1', 32, {}),
+    'hybrid': ('R-Test+ViT-Test_1', 16, {}),
+    'vit_gap': ('ViT-Test_4', 16, {'classifier': 'gap'}),
+}
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_dir):
+  """(npz, source, {format: Exported}) per case, each written once for the module."""
+  cache = {}
+
+  def get(case: str, fmt: str):
+    name, size, overrides = CASES[case]
+    if case not in cache:
+      npz = _npz(tmp_dir, name, size, **overrides)
+      model = name if not overrides else None
+      config = None
+      if overrides:  # a gap ViT: its preset says 'token', the file has no class token
+        model = name
+      cache[case] = (npz, export.load(npz, model=model, config=config), {})
+    npz, source, done = cache[case]
+    if fmt not in done:
+      done[fmt] = export.export(npz, fmt, os.path.join(tmp_dir, f'{case}.{fmt}'),
+                                source=source)
+    return npz, source, done[fmt]
+  return get
+
+
+@pytest.mark.parametrize('case', ['vit_ti16', 'bit_r50x1', 'hybrid', 'vit_gap'])
+def test_onnx_matches_jax_at_batch_1_and_5(exports, case):
+  _, source, result = exports(case, 'onnx')
+  assert set(result.checks) == {1, 5}
+  reference = export.jax_logits(source)
+  size = source.image_size[0]
+  for batch in (1, 5):
+    images = _images(batch, size)
+    got = _ort(result.path, images)  # onnxruntime, outside the exporter
+    want = reference(images)
+    assert got.shape == (batch, source.num_classes)
+    assert _within(got, want), (batch, np.max(np.abs(got - want)), np.max(np.abs(want)))
+    assert np.std(want) > 0.05  # a function of the image, not a constant head
+
+
+def test_onnx_graph_interface(exports):
+  import onnx  # pylint: disable=g-import-not-at-top
+  _, source, result = exports('vit_ti16', 'onnx')
+  graph = onnx.load(result.path).graph
+  (inp,), (out,) = graph.input, graph.output
+  dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+  assert inp.name == 'images' and out.name == 'logits'
+  assert isinstance(dims(inp)[0], str) and dims(inp)[1:] == [32, 32, 3]
+  assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+  assert dims(out)[1] == source.num_classes
+  with open(result.metadata_path, encoding='utf-8') as f:
+    meta = json.load(f)
+  assert meta['model'] == 'ViT-Ti_16' and meta['image_size'] == [32, 32]
+  assert meta['input']['layout'] == 'NHWC' and meta['input']['range'] == [-1.0, 1.0]
+  assert set(meta['check']['max_abs_logit_diff']) == {'1', '5'}
+  assert meta['source_checkpoint'].endswith('.npz')
+  with open(result.labels_path, encoding='utf-8') as f:
+    assert len(f.read().splitlines()) == source.num_classes
+
+
+@pytest.mark.parametrize('case', ['vit_ti16', 'bit_r50x1'])
+def test_stablehlo_reloads_in_a_fresh_process(exports, tmp_dir, case):
+  _, source, result = exports(case, 'stablehlo')
+  assert max(result.checks.values()) == 0  # the same XLA program
+  size = source.image_size[0]
+  inputs = {b: _images(b, size, seed=b) for b in (1, 5)}
+  np.savez(os.path.join(tmp_dir, f'{case}-in.npz'), **{str(b): x for b, x in inputs.items()})
+  code = (
+      'import sys, numpy as np, jax\n'
+      'exp = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))\n'
+      'x = np.load(sys.argv[2])\n'
+      'np.savez(sys.argv[3], **{k: np.asarray(exp.call(x[k])) for k in x.files})\n')
+  out = os.path.join(tmp_dir, f'{case}-out.npz')
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-c', code, result.path,
+                         os.path.join(tmp_dir, f'{case}-in.npz'), out],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(out)
+  reference = export.jax_logits(source)
+  for b, x in inputs.items():
+    np.testing.assert_allclose(got[str(b)], reference(x), atol=TOL, rtol=0)
+
+
+def _bilinear_half_pixel(images: np.ndarray, h: int, w: int) -> np.ndarray:
+  """Bilinear resize with half-pixel centres and edge clamping, from the definition."""
+  def axis(n_in, n_out):
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, pos - lo
+  y0, y1, fy = axis(images.shape[1], h)
+  x0, x1, fx = axis(images.shape[2], w)
+  x = images.astype(np.float64)
+  rows = x[:, y0] * (1 - fy)[None, :, None, None] + x[:, y1] * fy[None, :, None, None]
+  return rows[:, :, x0] * (1 - fx)[None, None, :, None] + rows[:, :, x1] * fx[None, None, :, None]
+
+
+def test_preprocess_bakes_resize_and_scaling(tmp_dir, exports):
+  npz, source, _ = exports('hybrid', 'onnx')
+  out = os.path.join(tmp_dir, 'pre.onnx')
+  result = export.export(npz, 'onnx', out, source=source, preprocess=True)
+  raw = np.random.default_rng(3).integers(0, 256, (2, 40, 27, 3), dtype=np.uint8)
+  want = export.jax_logits(source)(
+      (_bilinear_half_pixel(raw, 16, 16) / 127.5 - 1.0).astype(np.float32))
+  assert _within(_ort(out, raw), want)
+  with open(result.metadata_path, encoding='utf-8') as f:
+    assert json.load(f)['input']['dtype'] == 'uint8'
+
+
+def _tamper_onnx(path: str) -> None:
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  model = onnx.load(path)
+  biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+  values = numpy_helper.to_array(biggest).copy()
+  values.flat[::7] += 0.05
+  biggest.CopyFrom(numpy_helper.from_array(values, biggest.name))
+  onnx.save(model, path)
+
+
+def test_tampered_onnx_is_caught_and_deleted(tmp_dir, exports):
+  npz, source, good = exports('vit_gap', 'onnx')
+  bad = os.path.join(tmp_dir, 'tampered.onnx')
+  with open(good.path, 'rb') as src, open(bad, 'wb') as dst:
+    dst.write(src.read())
+  _tamper_onnx(bad)
+  with pytest.raises(export.ExportCheckError, match=r'max \|logit difference\| [\d.e-]+ at batch 1'):
+    export.verify(bad, 'onnx', source)
+  assert not os.path.exists(bad)
+
+
+def test_failed_check_leaves_nothing_behind(tmp_dir, exports, monkeypatch):
+  npz, source, _ = exports('vit_gap', 'onnx')
+  real = export.write_onnx
+
+  def broken(*args, **kwargs):
+    real(*args, **kwargs)
+    _tamper_onnx(args[1])
+  monkeypatch.setattr(export, 'write_onnx', broken)
+  out = os.path.join(tmp_dir, 'broken', 'model.onnx')
+  with pytest.raises(export.ExportCheckError, match='does not compute the JAX model'):
+    export.export(npz, 'onnx', out, source=source)
+  assert not os.listdir(os.path.dirname(out))
+
+
+def test_truncated_stablehlo_is_caught_and_deleted(tmp_dir, exports):
+  _, source, good = exports('vit_ti16', 'stablehlo')
+  bad = os.path.join(tmp_dir, 'cut.stablehlo')
+  with open(good.path, 'rb') as src, open(bad, 'wb') as dst:
+    dst.write(src.read()[: os.path.getsize(good.path) // 2])
+  with pytest.raises(export.ExportCheckError, match='cannot read'):
+    export.verify(bad, 'stablehlo', source)
+  assert not os.path.exists(bad)
+
+
+def test_refusals_name_the_reason(tmp_dir):
+  npz = _npz(tmp_dir, 'ViT-Test_4', 16, representation_size=8)
+  source = export.load(npz, model='ViT-Test_4')
+  with pytest.raises(ValueError, match='representation layer'):
+    export.export(npz, 'onnx', os.path.join(tmp_dir, 'r.onnx'), source=source)
+  assert not os.path.exists(os.path.join(tmp_dir, 'r.onnx'))
+  with pytest.raises(ValueError, match='--preprocess is for --format onnx'):
+    export.export(npz, 'stablehlo', os.path.join(tmp_dir, 'r.stablehlo'), source=source,
+                  preprocess=True)
+  # StableHLO expresses whatever JAX runs, the representation layer included.
+  result = export.export(npz, 'stablehlo', os.path.join(tmp_dir, 'r.stablehlo'), source=source)
+  assert max(result.checks.values()) == 0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--format', 'onnx'], 'name its model with --model'),
+    (['--format', 'onnx', '--model', 'ViT-Nope'], "Unknown model 'ViT-Nope'"),
+    (['--format', 'stablehlo', '--model', 'ViT-Test_4', '--preprocess'], '--preprocess is for'),
+])
+def test_cli_user_errors(tmp_dir, capsys, args, message):
+  npz = _npz(tmp_dir, 'ViT-Test_4', 16)
+  out = os.path.join(tmp_dir, 'cli', 'm.bin')
+  assert export.main(['--checkpoint', npz, '--out', out] + args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
+  assert not os.path.exists(out)
+
+
+def test_cli_missing_checkpoint_in_a_subprocess(tmp_dir):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.export', '--checkpoint',
+                         os.path.join(tmp_dir, 'absent.npz'), '--model', 'ViT-Test_4',
+                         '--format', 'onnx', '--out', os.path.join(tmp_dir, 'x.onnx')],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'absent.npz' in errors[0], proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_onnx_classify_example_prints_top_k(tmp_dir, exports, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _, source, result = exports('vit_gap', 'onnx')
+  photo = os.path.join(tmp_dir, 'photo.png')
+  Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)).save(photo)
+  assert onnx_classify.main(['--onnx', result.path, '--image', photo, '--top_k', '3']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 4 and lines[1].lstrip().startswith('1.'), lines
+  # The same probabilities as the JAX model on the same resized pixels.
+  with Image.open(photo) as im:
+    pixels = np.asarray(im.convert('RGB').resize((16, 16), Image.BILINEAR), np.float32)
+  logits = export.jax_logits(source)((pixels / 127.5 - 1.0)[None])[0]
+  best = int(np.argmax(logits))
+  assert f'[{best:4d}]' in lines[1]
