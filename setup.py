@@ -40,6 +40,20 @@ EXTRAS_REQUIRE = {
         'nbformat>=5.10',
         'ipykernel>=6.29',
         'psutil>=5.9',
+        # vit_jax.export's tests: the exporter and the runtime that checks its files.
+        'onnx>=1.18',
+        'onnxscript>=0.5',
+        'onnxruntime>=1.22',
+    ],
+    # vit_jax.export --format onnx: the model rebuilt in timm, written by
+    # torch.onnx (its dynamo exporter needs onnxscript), checked by onnxruntime.
+    # (--format stablehlo needs nothing beyond jax.)
+    'export': [
+        'torch>=2.6',
+        'timm>=1.0',
+        'onnx>=1.18',
+        'onnxscript>=0.5',
+        'onnxruntime>=1.22',
     ],
     # Accelerator builds of jaxlib; install one of these instead of the CPU default.
     'gpu': ['jax[cuda12]>=0.10.0,<0.12'],
