@@ -24,6 +24,10 @@ every contender then sees the same load, which keeps the ratios honest.
 
 Synthetic data only; TensorFlow is never imported. timm is optional: without
 torch/timm its columns say why they are missing.
+
+`--onnx` adds a deployment contender to float32 inference: the same model
+exported by `vit_jax.export` and run by ONNX Runtime (benchmarks/onnx_bench.py;
+same thread count, `allow_spinning` off), in its own table.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ def _worker(spec: dict[str, Any]) -> int:
         spec['host_memory'] = 'unsupported'
   if spec['framework'] == 'jax':
     from benchmarks import jax_bench as bench
+  elif spec['framework'] == 'onnx':
+    from benchmarks import onnx_bench as bench
   else:
     from benchmarks import timm_bench as bench
 
@@ -472,6 +478,17 @@ def report(meta: dict, rows: list[dict], scaling: list[dict]) -> str:
                                    'train timm', 'ratio'], table))
   if timm_note:
     out.append(f'timm columns empty: {timm_note}')
+  onnx_rows = [r for r in rows if 'onnx_infer' in r['cells']]
+  if onnx_rows:
+    out.append('')
+    out.append('ONNX Runtime inference (our model exported by vit_jax.export), images/s; '
+               'ratio = ONNX Runtime / ours:')
+    out.append(markdown_table(hdr + ['ours (JAX)', 'timm', 'ONNX Runtime', 'ratio'], [
+        [r['model'], r['image_size'], r['batch'], r['dtype'],
+         _num(_rate(r['cells'].get('jax_infer'))), _num(_rate(r['cells'].get('timm_infer'))),
+         _num(_rate(r['cells'].get('onnx_infer'))),
+         _num(paired_ratio(r['cells'].get('onnx_infer'), r['cells'].get('jax_infer')))]
+        for r in onnx_rows]))
 
   peak = peak_flops(probe)
   mem_kind = 'device peak' if probe['platform'] != 'cpu' else 'peak RSS'
@@ -608,6 +625,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='steps per repeat chosen so a repeat lasts at least this long')
   p.add_argument('--steps', type=int, help='fixed steps per repeat (overrides the above)')
   p.add_argument('--no-timm', action='store_true', help='ours only')
+  p.add_argument('--onnx', action='store_true',
+                 help='also time float32 inference of the ONNX export in ONNX Runtime')
   p.add_argument('--scaling-devices', type=_ints,
                  help='device counts for the weak-scaling table; empty string: skip')
   p.add_argument('--no-scaling', action='store_true', help='skip the scaling table')
@@ -740,6 +759,9 @@ def main(argv=None) -> int:
           for i, variant in enumerate(args.timm_variants if use_timm else []):
             specs.append(dict(cell, framework='timm', variant=i,
                               torch_compile=variant == 'compiled'))
+            envs.append(child_env('', 1, interleave and not cpu))
+          if args.onnx and mode == 'infer' and dtype == 'fp32':
+            specs.append(dict(cell, framework='onnx'))
             envs.append(child_env('', 1, interleave and not cpu))
         for result in run_group(specs, envs, args.repeats, interleave,
                                 args.settle_seconds, log, args.quiet_wait,
