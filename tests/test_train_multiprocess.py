@@ -4,14 +4,21 @@ Both processes run `python -m vit_jax.main` with `--coordinator_address`,
 `--num_processes` and `--process_id`; each feeds its half of every global batch.
 The losses they log and the params they end with must match the single-process
 8-device run of the same config.
+
+Launch checks on the same entry point: processes given different workdirs (a
+workdir that is not shared) both refuse at start in one line naming their path;
+SIGTERM makes both processes save one checkpoint at an agreed step and exit with
+143, and the rerun resumes from it.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import ml_collections
@@ -89,3 +96,122 @@ def test_two_processes_match_one_process(tmp_path):
   params_one = checkpoint.load(reference_dir / 'params.npz')
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                params_two, params_one)
+
+
+# ---------------------------------------------------------------------------
+# Launch checks: a workdir the processes do not share, SIGTERM on a cluster.
+# ---------------------------------------------------------------------------
+
+LONG = dict(CONFIG, total_steps=100_000, log_every=2, eval_every=0, checkpoint_every=0,
+            export_params=False)
+
+
+def write_config(path, config):
+  path.write_text(textwrap.dedent(f'''
+      import ml_collections
+      def get_config():
+        return ml_collections.ConfigDict({config!r})
+      '''))
+  return path
+
+
+def launch(config_path, workdirs, logs):
+  """Process i of 2 on localhost with `--workdir=workdirs[i]`, its output in `logs[i]`."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  procs = []
+  for i, (workdir, log) in enumerate(zip(workdirs, logs)):
+    with open(log, 'w') as f:
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'vit_jax.main', f'--config={config_path}',
+           f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}', '--platform=cpu'],
+          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f))
+  return procs
+
+
+def finish(procs, logs, timeout=300):
+  """Exit statuses of `procs` (killed if still running after `timeout` s) and their logs."""
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [p.returncode for p in procs], [open(log).read() for log in logs]
+
+
+def wait_for_step(procs, metrics_path, after: int, timeout=300) -> int:
+  """The first logged training step beyond `after` (waits while both processes run)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs), 'a process ended before training'
+    if metrics_path.exists():
+      steps = [json.loads(line)['step'] for line in metrics_path.read_text().splitlines()
+               if line.endswith('}') and 'train_loss' in line]
+      if steps and steps[-1] > after:
+        return steps[-1]
+    time.sleep(0.5)
+  raise AssertionError(f'no training step beyond {after} logged in {timeout} s')
+
+
+def error_lines(log):
+  return [line for line in log.splitlines() if line.startswith('error:')]
+
+
+def test_workdir_not_shared_is_refused(tmp_path):
+  """Each process gets its own directory: both refuse at start, naming their path."""
+  config_path = write_config(tmp_path / 'config.py', LONG)
+  workdirs = [tmp_path / 'host0_disk' / 'run', tmp_path / 'host1_disk' / 'run']
+  logs = [tmp_path / 'process0.log', tmp_path / 'process1.log']
+  statuses, outputs = finish(launch(config_path, workdirs, logs), logs)
+  for workdir, status, output in zip(workdirs, statuses, outputs):
+    errors = error_lines(output)
+    assert status == 2 and len(errors) == 1, output[-4000:]
+    assert f"'{workdir}' is not shared by the processes" in errors[0], errors
+    assert 'process 1 does not see' in errors[0], errors
+    assert not (workdir / 'checkpoints').exists()
+  assert not [f for f in os.listdir(workdirs[0]) if f.startswith('.shared-check-')]
+
+
+def test_sigterm_saves_once_and_every_process_exits(tmp_path):
+  """SIGTERM to every process (as a scheduler sends it), then to one only: each time
+  both processes agree on one step, save it once and exit with 143; a rerun resumes."""
+  config_path = write_config(tmp_path / 'config.py', LONG)
+  workdir = tmp_path / 'shared_run'
+  metrics_path = workdir / 'metrics.jsonl'
+  checkpoints = workdir / 'checkpoints'
+
+  logs = [tmp_path / 'first0.log', tmp_path / 'first1.log']
+  procs = launch(config_path, [workdir] * 2, logs)
+  try:
+    wait_for_step(procs, metrics_path, after=0)
+  finally:
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+  statuses, outputs = finish(procs, logs)
+  assert statuses == [143, 143], '\n\n'.join(o[-3000:] for o in outputs)
+  saved = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert len(saved) == 1 and saved[0] > 0, saved
+  first_stop = saved[0]
+  for output in outputs:
+    assert f'at step {first_stop} after saving a checkpoint' in error_lines(output)[-1], output
+
+  logs = [tmp_path / 'rerun0.log', tmp_path / 'rerun1.log']
+  procs = launch(config_path, [workdir] * 2, logs)
+  try:
+    resumed_step = wait_for_step(procs, metrics_path, after=first_stop)
+  finally:
+    procs[1].send_signal(signal.SIGTERM)  # one process only: the stop is still agreed
+  statuses, outputs = finish(procs, logs)
+  assert statuses == [143, 143], '\n\n'.join(o[-3000:] for o in outputs)
+  for output in outputs:
+    assert f'Resuming from step {first_stop}' in output, output[-3000:]
+  saved = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert len(saved) == 2 and saved[0] == first_stop and saved[1] >= resumed_step, saved
+  logged = [json.loads(line)['step'] for line in metrics_path.read_text().splitlines()
+            if 'train_loss' in line]
+  assert logged == sorted(set(logged)), logged  # no step trained twice

@@ -24,7 +24,8 @@ The whole parallelism story of vit_jax is in this file:
   across slices over the data-centre network (`create_hybrid_device_mesh`), so
   only the gradient reduction crosses slices.
 - Multi-host: `initialize_distributed` starts JAX's own runtime
-  (`jax.distributed.initialize`) before anything touches a device.
+  (`jax.distributed.initialize`) before anything touches a device;
+  `check_shared_workdir` refuses a workdir that the processes do not all see.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
+import secrets
+import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -64,6 +69,77 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+SHARED_CHECK_PREFIX = '.shared-check-'
+
+
+def check_shared_workdir(workdir: str, wait_s: float = 3.0) -> None:
+  """Refuses (ValueError, on every process) a workdir the processes do not all share.
+
+  Checkpoints are written by all processes into one directory and read back by
+  all of them on resume, so every process must see the same `workdir`, e.g. on
+  NFS or a Cloud Storage FUSE mount. Process 0 writes a file with a random name
+  and content there and broadcasts the content; every other process must find
+  that file with that content within `wait_s` seconds (a new name, so no cached
+  "no such file" answer of a network filesystem hides it). The per-process
+  results are gathered, so every process raises, and none waits in a collective
+  for one that stopped. Collective: call it on every process. One process: no-op.
+  """
+  if jax.process_count() == 1:
+    return
+  token = secrets.token_hex(16) if jax.process_index() == 0 else '0' * 32
+  written = True
+  if jax.process_index() == 0:
+    try:
+      with open(os.path.join(workdir, SHARED_CHECK_PREFIX + token), 'w',
+                encoding='ascii') as f:
+        f.write(token)
+    except OSError as e:
+      logging.error('Cannot write into workdir %s: %s', workdir, e)
+      written = False
+  # The broadcast is also the barrier: process 0 wrote the file before joining it.
+  token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(token.encode('ascii'), np.uint8)))).decode('ascii')
+  path = os.path.join(workdir, SHARED_CHECK_PREFIX + token)
+  ok = written if jax.process_index() == 0 else _sees_token(path, token, wait_s)
+  oks = np.asarray(multihost_utils.process_allgather(np.asarray([ok], np.int32))).reshape(-1)
+  if jax.process_index() == 0:
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+  if not oks[0]:
+    raise ValueError(f'--workdir {workdir!r}: process 0 cannot write into it, so it cannot '
+                     'be checked to be shared by the processes of this run')
+  missing = [i for i, ok in enumerate(oks) if not ok]
+  if missing:
+    raise ValueError(
+        f'--workdir {workdir!r} is not shared by the processes of this run: '
+        f'{_processes(missing)} not see the file {os.path.basename(path)} that process 0 '
+        'wrote into its workdir. Every process must see one directory: put the '
+        'workdir on a filesystem all hosts mount at the same path (NFS, Filestore, '
+        'Cloud Storage FUSE).')
+
+
+def _processes(indices: list[int]) -> str:
+  if len(indices) == 1:
+    return f'process {indices[0]} does'
+  return f'processes {", ".join(map(str, indices))} do'
+
+
+def _sees_token(path: str, token: str, wait_s: float) -> bool:
+  deadline = time.monotonic() + wait_s
+  while True:
+    try:
+      with open(path, encoding='ascii') as f:
+        if f.read() == token:
+          return True
+    except OSError:
+      pass
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------

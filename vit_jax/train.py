@@ -376,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_count() > 1:  # checkpoints are written and read by all processes
+    parallel.check_shared_workdir(workdir)
   with workdir_lock.hold(workdir, enabled=is_main):  # one run per workdir
     run = _set_up(config, workdir, mesh)
     writer = metric_writers.create_default_writer(
