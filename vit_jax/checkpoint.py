@@ -279,8 +279,14 @@ def _scan_npz(zf: zipfile.ZipFile, where: str, max_bytes: int) -> dict[str, _Mem
   for info in zf.infolist():
     name = info.filename
     if info.is_dir() or not name.endswith('.npy'):
-      hint = (' (this looks like a torch file: convert it with vit_jax.convert)'
-              if name.endswith('.pkl') else '')
+      if name.endswith('data.pkl'):
+        # torch.save's zip: its member names are internal (an archive folder named
+        # after whatever file it was first written to); the user's file is `where`.
+        raise ValueError(f'{where} is a PyTorch file (torch.save), not an .npz of named '
+                         'arrays: convert it first, e.g. python -m vit_jax.convert --from '
+                         'timm --to npz --model MODEL --input FILE.pth --output FILE.npz')
+      hint = ''
+
       raise ValueError(f'{where}: zip member {name!r} is not an .npy array, so this is '
                        f'not an .npz of named arrays{hint}')
     key = name[:-len('.npy')]

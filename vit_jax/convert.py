@@ -832,7 +832,11 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
     return
   import torch  # pylint: disable=g-import-not-at-top
-  torch.save(torch_state_dict(state_dict), path)
+  # Through a file object: torch names the zip's inner folder 'archive', not
+  # after the (temporary) file name.
+  with open(path, 'wb') as f:
+    torch.save(torch_state_dict(state_dict), f)
+
 
 
 def write_hf_directory(params: Mapping, model_config: Any, path: str,

@@ -88,7 +88,15 @@ class PipelineData:
     self._ip = input_pipeline
     self.config = config = schema.resolve(config)
     info = input_pipeline.get_dataset_info(config)
+    if info.num_classes < 2:
+      # Training on it reaches loss 0 and 100% accuracy having learnt nothing.
+      names = f' ({", ".join(map(str, info.class_names))})' if info.class_names else ''
+      raise ValueError(
+          f'config.dataset={config.dataset!r} has {info.num_classes} class{names}: a '
+          'classifier has nothing to tell apart; give it at least two classes (for an '
+          'image folder, one sub-folder per class)')
     self.num_classes = info.num_classes
+
     self.num_train_examples = info.num_train_examples
     self.num_eval_examples = info.num_eval_examples
     self._eval_ds = None

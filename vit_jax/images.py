@@ -24,6 +24,14 @@ from PIL import Image
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
 
+# The one pixel limit of every image reader (predict, visualize, evaluate, and the
+# training and evaluation input pipeline, which follows config.bad_images): a larger
+# image is refused from its header, before it is decoded. PIL's own
+# decompression-bomb limit: 2 x PIL.Image.MAX_IMAGE_PIXELS = 178,956,970 pixels
+# (about 13,377 x 13,377; 537 MB as RGB).
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+
 
 # PIL modes of 16-bit (and 32-bit integer) greyscale images: `convert('RGB')`
 # clips them to 0..255, which saturates almost every pixel of a 16-bit image.

@@ -63,8 +63,10 @@ import weakref
 
 from absl import logging
 
+from vit_jax import images as images_lib
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
+
 
 IMAGE_FOLDER_PREFIX = 'image_folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -596,10 +598,51 @@ def _resize_pad(image_size: tuple[int, int], crop_pad) -> tuple[int, int]:
   return tuple(s + int(crop_pad) for s in image_size)
 
 
+def _header_size(data):
+  """(height, width) int64 that an encoded image's header declares, read without decoding.
+
+  PNG, GIF, BMP and JPEG headers are read; other formats (and headers too short
+  to hold a size) give (0, 0), left to the decoder.
+  """
+  tf = _tf()
+  head = tf.io.decode_raw(tf.strings.substr(data, 0, 32), tf.uint8)
+  head = tf.cast(tf.pad(head, [[0, 32 - tf.shape(head)[0]]]), tf.int64)
+
+  def big(i, n):
+    return sum(head[i + k] * (256 ** (n - 1 - k)) for k in range(n))
+
+  def little(i, n, signed=False):
+    value = sum(head[i + k] * (256 ** k) for k in range(n))
+    return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value)) if signed else value
+
+  prefix = lambda n: tf.strings.substr(data, 0, n)
+  return tf.case([
+      (tf.equal(prefix(8), b'\x89PNG\r\n\x1a\n'), lambda: tf.stack([big(20, 4), big(16, 4)])),
+      (tf.equal(prefix(3), b'GIF'), lambda: tf.stack([little(8, 2), little(6, 2)])),
+      (tf.equal(prefix(2), b'BM'),
+       lambda: tf.stack([little(22, 4, signed=True), little(18, 4, signed=True)])),
+      (tf.io.is_jpeg(data),
+       lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)),
+  ], default=lambda: tf.zeros([2], tf.int64))
+
+
+def _within_pixel_limit(data):
+  """`data`, once its header is checked against `images.MAX_PIXELS` (before any decoding)."""
+  tf = _tf()
+  size = _header_size(data)
+  check = tf.debugging.assert_less_equal(
+      size[0] * size[1], tf.constant(images_lib.MAX_PIXELS, tf.int64),
+      message='image larger than vit_jax.images.MAX_PIXELS')
+  with tf.control_dependencies([check]):
+    return tf.identity(data)
+
+
 def _decode(data):
   """Encoded image (any format TF decodes) -> uint8 [h, w, 3]."""
   tf = _tf()
+  data = _within_pixel_limit(data)
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
+
   image.set_shape([None, None, 3])
   return image
 
@@ -607,6 +650,8 @@ def _decode(data):
 def _decode_random_crop(data, seed, min_area, max_area):
   """Inception crop: random area / aspect ratio crop of the decoded image."""
   tf = _tf()
+  data = _within_pixel_limit(data)
+
 
   def crop_window(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -753,7 +798,15 @@ def _failure_reason(raw: bytes | None, path: str | None) -> str:
   if not raw:
     return 'empty file (0 bytes)'
   try:
+    height, width = (int(v) for v in _header_size(tf.constant(raw)))
+  except Exception:  # pylint: disable=broad-except  (a corrupt header: the decoder says why)
+    height = width = 0
+  if height * width > images_lib.MAX_PIXELS:
+    return (f'{width}x{height} = {height * width:,} pixels, more than the limit of '
+            f'{images_lib.MAX_PIXELS:,} (vit_jax.images.MAX_PIXELS); not decoded')
+  try:
     tf.io.decode_image(raw, channels=3, expand_animations=False)
+
   except Exception as e:  # pylint: disable=broad-except
     return f'cannot be decoded ({_error_text(e)})'
   return 'it decodes, but preprocessing it failed'
