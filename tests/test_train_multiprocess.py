@@ -198,7 +198,7 @@ def test_sigterm_saves_once_and_every_process_exits(tmp_path):
   assert len(saved) == 1 and saved[0] > 0, saved
   first_stop = saved[0]
   for output in outputs:
-    assert f'at step {first_stop} after saving a checkpoint' in error_lines(output)[-1], output
+    assert f'Stopped at step {first_stop} after saving a checkpoint' in output, output[-3000:]
 
   logs = [tmp_path / 'rerun0.log', tmp_path / 'rerun1.log']
   procs = launch(config_path, [workdir] * 2, logs)
@@ -212,6 +212,8 @@ def test_sigterm_saves_once_and_every_process_exits(tmp_path):
     assert f'Resuming from step {first_stop}' in output, output[-3000:]
   saved = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
   assert len(saved) == 2 and saved[0] == first_stop and saved[1] >= resumed_step, saved
+  for output in outputs:
+    assert f'Stopped at step {saved[1]} after saving a checkpoint' in output, output[-3000:]
   logged = [json.loads(line)['step'] for line in metrics_path.read_text().splitlines()
             if 'train_loss' in line]
   assert logged == sorted(set(logged)), logged  # no step trained twice
