@@ -60,6 +60,16 @@ documented message) and leave real output: final_metrics.json in a workdir,
 the PNGs in visualize's --out, compare's table and plot, a benchmark table and
 JSON, converted files that load, five predictions.
 
+Commands that need a cluster (several hosts, TPUs or GPUs) are the ones started
+by a launcher in CLUSTER_LAUNCHERS (gcloud's TPU VM ssh, srun) and the
+`vit_jax.main` commands that join other processes (CLUSTER_FLAGS, e.g.
+`--coordinator_address`). They do not run, but their `python -m vit_jax.main ...`
+(in the launcher's arguments, or in the shell line it passes on, such as gcloud's
+`--command="cd vit_jax && python -m vit_jax.main ..."`) runs unchanged with
+`--dry_run` appended, in the environment the launcher would give it
+(CLUSTER_LAUNCHERS): the flags, the config with its overrides and the mesh must
+resolve, and the run must join the other processes.
+
 Two further runs: the documented `--config.model.transformer.dropout_rate=0.1`
 override on configs/default.py, and a fine-tuning command whose data dir holds
 no dataset, which must stop with the "not prepared" message naming that dir.
@@ -115,6 +125,19 @@ EXEMPT = {
         ('needs a GPU (cuDNN attention)',
          'the other benchmark commands here run the same CLI on the CPU'),
 }
+
+# Documented commands that need a cluster, by the launcher they start with:
+# launcher -> (why, the environment variables it gives the command it starts).
+CLUSTER_LAUNCHERS = {
+    'gcloud compute tpus tpu-vm ssh':
+        ('runs its --command on every host of a Cloud TPU VM slice', {}),
+    'gcloud compute tpus queued-resources ssh':
+        ('runs its --command on every host of every slice of a queued resource', {}),
+    'srun': ('starts one task per GPU on the nodes of a SLURM job',
+             {'SLURM_NTASKS': '32', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}),
+}
+# A `vit_jax.main` command with one of these joins other processes: it needs a cluster too.
+CLUSTER_FLAGS = ('--coordinator_address', '--num_processes', '--process_id', '--multiprocess')
 
 # Documented commands that are meant to fail: command -> text their output must contain.
 EXPECTED_FAILURES: dict[str, str] = {}
@@ -303,13 +326,41 @@ def producer(name: str, reader: Block) -> Optional[Block]:
     if block.id == reader.id:
       return None
     for command in block.commands:
-      if command not in EXEMPT and name in writes(command):
+      if command not in EXEMPT and not cluster(command) and name in writes(command):
         return block
   return None
 
 
 def runnable(command: str) -> bool:
   return program(shlex.split(command))[0] in TINY
+
+
+def cluster(command: str) -> Optional[str]:
+  """The launcher of a command that needs a cluster ('' for a vit_jax.main that joins
+  other processes by its flags); None for the others."""
+  for launcher in CLUSTER_LAUNCHERS:
+    if command == launcher or command.startswith(launcher + ' '):
+      return launcher
+  prog, args = program(shlex.split(command))
+  if prog == 'vit_jax.main' and any(flag in CLUSTER_FLAGS for flag, _, _ in options(args)):
+    return ''
+  return None
+
+
+def cluster_main_argv(command: str) -> Optional[list[str]]:
+  """The `python -m vit_jax.main ...` words that a cluster command runs: among its
+  own words, or in a shell line passed in one of them (`--command=cd x && python ...`)."""
+  words = shlex.split(command)
+  for i, word in enumerate(words):
+    if word in ('python', 'python3') and words[i + 1:i + 3] == ['-m', 'vit_jax.main']:
+      return words[i:]
+    value = word.partition('=')[2]
+    if 'vit_jax.main' in value:
+      for inner in split_commands(value):
+        found = cluster_main_argv(inner)
+        if found:
+          return found
+  return None
 
 
 # ---------------------------------------------------------------------------
@@ -567,6 +618,9 @@ def run_block(runner: Runner, block: Block) -> list:
       if command in EXEMPT:
         results.append(EXEMPT[command])
         continue
+      if cluster(command) is not None:  # test_cluster_command_parses dry-runs it
+        results.append(('needs a cluster', 'its --dry_run runs here'))
+        continue
       log = os.path.join(context.dir, f'{index}.log')
       results.append(runner.run(command, context.argv(command), log))
     return results
@@ -745,7 +799,10 @@ EXTRA_JOBS = {'extra:dropout': _dropout_run, 'extra:missing-dataset': _missing_d
 # Tests.
 # ---------------------------------------------------------------------------
 
-RUN_BLOCKS = [b for b in BLOCKS if any(c not in EXEMPT for c in b.commands)]
+RUN_BLOCKS = [b for b in BLOCKS
+              if any(c not in EXEMPT and cluster(c) is None for c in b.commands)]
+CLUSTER_COMMANDS = [c for b in BLOCKS for c in b.commands
+                    if c not in EXEMPT and cluster(c) is not None]
 
 
 @pytest.fixture(scope='module')
@@ -780,7 +837,8 @@ def test_commands_are_found():
 
 def test_every_command_runs_or_is_exempt():
   commands = [c for b in BLOCKS for c in b.commands]
-  uncovered = [c for c in commands if c not in EXEMPT and not runnable(c)]
+  uncovered = [c for c in commands
+               if c not in EXEMPT and cluster(c) is None and not runnable(c)]
   assert not uncovered, (
       'documented commands that neither run here (add their program to TINY and CHECKS) '
       f'nor are exempt (add them to EXEMPT with the reason): {uncovered}')
@@ -788,6 +846,24 @@ def test_every_command_runs_or_is_exempt():
   assert not stale, f'EXEMPT entries that match no documented command: {stale}'
   stale = [c for c in EXPECTED_FAILURES if c not in commands]
   assert not stale, f'EXPECTED_FAILURES entries that match no documented command: {stale}'
+
+
+@pytest.mark.parametrize('command', CLUSTER_COMMANDS)
+def test_cluster_command_parses(command):
+  """A command that needs a cluster: its vit_jax.main resolves with --dry_run."""
+  argv = cluster_main_argv(command)
+  assert argv, f'a cluster command must run `python -m vit_jax.main ...`: {command}'
+  env = dict(subprocess_env(), **CLUSTER_LAUNCHERS.get(cluster(command), ('', {}))[1])
+  proc = subprocess.run([sys.executable] + argv[1:] + ['--dry_run'], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('dry run: ')]
+  assert proc.returncode == 0 and len(lines) == 2, (
+      f'{shlex.join(argv)} --dry_run: exit status {proc.returncode}\n'
+      f'{proc.stdout[-3000:]}{proc.stderr[-3000:]}')
+  model = last_value(argv, '--config').partition(':')[2].split(',')[0]
+  assert model in lines[0] and ' mesh ' in lines[0], lines
+  assert 'one process' not in lines[1], f'the run does not join the other processes: {lines}'
+  assert last_value(argv, '--workdir') in lines[1], lines
 
 
 def test_no_unfenced_commands():

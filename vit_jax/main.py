@@ -58,6 +58,10 @@ flags.DEFINE_bool('retain_host_memory', False,
                   'for all threads); see vit_jax/host_memory.py.')
 flags.DEFINE_bool('verbose', False,
                   'On an error, also print its traceback (as VIT_JAX_TRACEBACK=1 does).')
+flags.DEFINE_bool('dry_run', False,
+                  'Parse the flags and the config with its overrides, resolve the run (config '
+                  'and mesh), print it in two lines and exit: no device, process group, '
+                  'dataset or workdir is touched (checks a cluster launch command anywhere).')
 
 def _wants_distributed() -> bool:
   if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
@@ -126,6 +130,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required.')
+  if FLAGS.dry_run:
+    try:
+      print(_dry_run())
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_user_error(e):
+        raise
+      sys.exit(cli.report_user_error(e, FLAGS.verbose))
+    return
   try:  # Before the slow imports: a file or a read-only directory cannot hold a run.
     cli.check_writable_dir(FLAGS.workdir, '--workdir')
   except cli.UserError as e:
@@ -142,6 +154,40 @@ def main(argv):
     sys.exit(checkpoint.report_user_error(e, FLAGS.verbose))
   if metrics.get('preempted'):
     sys.exit(143)
+
+
+def _dry_run() -> str:
+  """The resolved run in two lines, for `--dry_run`.
+
+  The number of devices is not known without starting the accelerators (and
+  joining the other processes), so an axis of size -1 is shown as the rest of
+  the devices; the other sizes and the axis names are checked.
+  """
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  config = schema.resolve(FLAGS.config)
+  spec = parallel.FSDP_MESH if config.fsdp else tuple(config.mesh or parallel.DEFAULT_MESH)
+  fixed = 1
+  for axis in spec:  # malformed axes are refused by resolve_mesh below
+    size = axis[1] if isinstance(axis, (tuple, list)) and len(axis) == 2 else None
+    if isinstance(size, int) and size > 0:
+      fixed *= size
+  sizes = parallel.resolve_mesh(config.mesh, fixed, fsdp=config.fsdp)
+  free = {axis[0] for axis in spec if axis[1] == -1}
+  mesh = ' x '.join(f'{name}=' + ('rest' if name in free else str(size))
+                    for name, size in sizes.items())
+  if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+    processes = (f'process {FLAGS.process_id} of {FLAGS.num_processes}, coordinator '
+                 f'{FLAGS.coordinator_address}')
+  elif _wants_distributed():
+    processes = ('processes from the cluster environment (jax.distributed: SLURM, Open MPI, '
+                 'Cloud TPU)')
+  else:
+    processes = 'one process'
+  return (f'dry run: {config.model_name} on {config.dataset}, {config.total_steps} steps of '
+          f'batch {config.batch_size}, mesh {mesh}'
+          f'{" (rest: the devices the other axes leave)" if free else ""}\n'
+          f'dry run: {processes}; workdir {FLAGS.workdir}; nothing was started')
 
 
 def _run() -> dict:
