@@ -866,6 +866,21 @@ def test_cluster_command_parses(command):
   assert last_value(argv, '--workdir') in lines[1], lines
 
 
+def test_dry_run_resolves(tmp_path):
+  """--dry_run is no rubber stamp: a mesh that cannot be laid out is refused in one
+  line naming config.mesh, and nothing is written."""
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/pretrain_imagenet21k.py:ViT-B_16',
+       f'--workdir={workdir}', '--multiprocess', "--config.mesh=(('data', -1), ('model', 4))",
+       '--dry_run'], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+      timeout=COMMAND_TIMEOUT_S)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+  assert "config.mesh: unknown axis 'model'" in errors[0], errors
+  assert not workdir.exists()
+
+
 def test_no_unfenced_commands():
   """A command in an indented (unfenced) code block would escape this module."""
   found = []
