@@ -30,11 +30,12 @@ What runs differs from the documented text in exactly these ways:
    `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
+   `vit_jax.export`: `--image_size 16`. `vit_jax.onnx_classify`: nothing appended.
 3. Substitutions:
    - `--config configs/NAME.py[:ARG]` (main, visualize) -> `configs/NAME.py:ARG,runlocal`
      for the paper's recipes (vit_jax/configs/recipes.py `from_arg`), else
      `configs/NAME.py:ViT-Test_4`;
-   - `--model NAME` (visualize, convert, predict) -> `ViT-Test_4`;
+   - `--model NAME` (visualize, convert, predict, export) -> `ViT-Test_4`;
    - a path `/tmp/NAME...` -> NAME under a fresh directory per docs block, and a
      relative output (`--out`, `--output`, `--json`, and main's `--workdir`)
      -> the same directory; a later input naming it reads it there;
@@ -107,6 +108,9 @@ EXEMPT = {
          'with the [test] extra, into a fresh virtual environment'),
     "pip install -c constraints.txt -e '.[test]'":
         ('installs the package into the environment', '.ci/run runs exactly this'),
+    "pip install -c constraints.txt -e '.[export]'":
+        ('installs the package into the environment',
+         "'.[test]' (what .ci/run installs) holds every package of '.[export]'"),
     'python -m pytest -q':
         ('the whole test suite, this module included', '.ci/run runs exactly this'),
     'python -m vit_jax.main --config=... --workdir=/shared/run --coordinator_address=host0:1234 '
@@ -157,6 +161,8 @@ TINY = {
         '--data-dir', '{tfds}', '--vit-model', TINY_MODEL, '--only', 'ViT', '--seeds', '1'],
     'vit_jax.convert': [],
     'vit_jax.predict': [],
+    'vit_jax.export': ['--image_size', '16'],
+    'vit_jax.onnx_classify': [],
     'vit_jax.evaluate': ['--model', TINY_MODEL, '--image_size', '16', '--batch_size', '16',
                          '--data_dir', '{tfds}'],
     'benchmarks/benchmark.py': [
@@ -176,7 +182,8 @@ TINY = {
 # so the documented value is dropped and TINY's used instead (rule 2).
 REPLACED_FLAGS = ('--config.image_size',)
 # Programs whose `--model` / `--config` values are replaced (rule 3).
-MODEL_FLAG_PROGRAMS = ('vit_jax.visualize', 'vit_jax.convert', 'vit_jax.predict')
+MODEL_FLAG_PROGRAMS = ('vit_jax.visualize', 'vit_jax.convert', 'vit_jax.predict',
+                       'vit_jax.export')
 CONFIG_FLAG_PROGRAMS = ('vit_jax.main', 'vit_jax.visualize')
 OUTPUT_FLAGS = ('--out', '--output', '--json')
 TMP_PATH = re.compile(r'/tmp/([^/\s;,"\']+)')
@@ -729,6 +736,16 @@ def _check_predict(run: Run) -> list[str]:
   return [] if len(lines) == k else [f'expected {k} prediction lines, got {len(lines)}']
 
 
+def _check_export(run: Run) -> list[str]:
+  out = last_value(run.argv, '--out')
+  meta_path = os.path.splitext(out)[0] + '.json'
+  if not os.path.isfile(out) or not os.path.isfile(meta_path):
+    return [f'{out} or {meta_path} was not written']
+  with open(meta_path, encoding='utf-8') as f:
+    diffs = json.load(f)['check']['max_abs_logit_diff']
+  return [] if set(diffs) == {'1', '5'} and max(diffs.values()) <= 1e-4 else [f'checks {diffs}']
+
+
 def _check_evaluate(run: Run) -> list[str]:
   path = os.path.join(last_value(run.argv, '--out'), 'metrics.json')
   if not os.path.isfile(path):
@@ -750,6 +767,8 @@ CHECKS = {
     'vit_jax.compare': _check_compare,
     'vit_jax.convert': _check_convert,
     'vit_jax.predict': _check_predict,
+    'vit_jax.export': _check_export,
+    'vit_jax.onnx_classify': _check_predict,  # the same top-k lines
     'vit_jax.evaluate': _check_evaluate,
     'benchmarks/benchmark.py': _check_benchmark,
     'benchmarks/attention_benchmark.py': _check_attention,

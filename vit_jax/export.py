@@ -77,6 +77,7 @@ class Source:
   image_size: tuple[int, int]
   num_classes: int
   path: str
+  _jitted: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def family(self) -> str:
@@ -153,10 +154,12 @@ def flax_model(source: Source):
 
 
 def jax_logits(source: Source) -> Callable[[np.ndarray], np.ndarray]:
-  """images (N, H, W, 3) float32 in [-1, 1] -> logits, by the JAX model (jitted)."""
+  """images (N, H, W, 3) float32 in [-1, 1] -> logits, by the JAX model (jitted once per source)."""
   import jax  # pylint: disable=g-import-not-at-top
-  model = flax_model(source)
-  fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
+  if source._jitted is None:  # pylint: disable=protected-access
+    model = flax_model(source)
+    source._jitted = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])  # pylint: disable=protected-access
+  fn = source._jitted  # pylint: disable=protected-access
   return lambda images: np.asarray(fn(source.params, images), np.float32)
 
 
