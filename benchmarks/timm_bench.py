@@ -6,6 +6,11 @@ both sides compute the same network. Its defaults match ours: q/k/v biases,
 LayerNorm epsilon 1e-6, exact GELU, attention through
 `torch.nn.functional.scaled_dot_product_attention`.
 
+An MLP-Mixer preset is timed against timm's `MlpMixer` built from the preset's
+numbers (for Mixer-B_16 at 224 that is timm's `mixer_b16_224`), with timm's
+defaults: LayerNorm epsilon 1e-6, exact GELU (ours: the tanh form, the
+published checkpoints').
+
 bf16 means `torch.autocast(dtype=torch.bfloat16)` with float32 parameters,
 the counterpart of our `dtype=bfloat16` with float32 params. Training is AdamW
 with cross-entropy, `zero_grad(set_to_none=True)`. On CPU the intra-op thread
@@ -39,6 +44,16 @@ def timm_model(spec: dict[str, Any]):
   from vit_jax.configs import models
 
   config = models.get_config(spec['model'])
+  if config.get('model_type') == 'mixer':
+    from timm.models.mlp_mixer import MlpMixer
+    patch = tuple(config.patches.size)
+    if patch[0] != patch[1]:
+      raise ValueError('timm reference needs square patches')
+    return MlpMixer(
+        num_classes=int(spec['num_classes']), img_size=int(spec['image_size']),
+        patch_size=patch[0], num_blocks=config.num_blocks, embed_dim=config.hidden_dim,
+        mlp_ratio=(config.tokens_mlp_dim / config.hidden_dim,
+                   config.channels_mlp_dim / config.hidden_dim))
   if config.get('model_type', 'vit') != 'vit' or config.get('resnet'):
     raise ValueError(f'{spec["model"]} is not a plain ViT; no timm counterpart built')
   t = config.transformer

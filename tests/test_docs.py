@@ -54,7 +54,8 @@ def test_measured_figures_appear_in_the_docs():
   assert not missing, f'README figures not found in docs/: {missing}'
 
 
-@pytest.mark.parametrize('name', ['ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-L_16', 'ViT-H_14'])
+@pytest.mark.parametrize('name', ['ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-L_16', 'ViT-H_14',
+                                  'Mixer-S_32', 'Mixer-B_16', 'Mixer-H_14'])
 def test_model_table_counts(name):
   row = next(line for line in readme().splitlines()
              if line.startswith('| `') and f'`{name}`' in line.split('|')[1])

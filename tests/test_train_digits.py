@@ -1,4 +1,5 @@
-"""The documented digits runs reach >= 95%: configs/default.py (ViT) and resnet_baseline.py.
+"""The documented digits runs reach >= 95%: configs/default.py (ViT, and MLP-Mixer with
+`:Mixer-Digits_4`) and resnet_baseline.py.
 
 `python -m vit_jax.main --config=configs/<file> --workdir=DIR` in a subprocess
 (one CPU device, as on a laptop), then final_metrics.json is read. About a
@@ -35,7 +36,9 @@ def run_config(config, workdir, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name,model,steps', [('default.py', 'ViT-Digits_4', 600),
-                                              ('resnet_baseline.py', 'BiT-Test', 200)])
+                                              ('resnet_baseline.py', 'BiT-Test', 200),
+                                              ('default.py:Mixer-Digits_4', 'Mixer-Digits_4',
+                                               600)])
 def test_documented_digits_run_reaches_95_percent(tmp_path, name, model, steps):
   metrics, elapsed = run_config(os.path.join(REPO, 'configs', name), str(tmp_path))
   print(f'{name} ({model}): top-1 {metrics["eval_accuracy"]:.4f} after '

@@ -1064,9 +1064,12 @@ def num_prefix_tokens(params_or_flat: Mapping, model_config: Any = None) -> int:
 def infer_grid(params_or_flat: Mapping, model_config: Any = None) -> tuple[int, int]:
   """The (rows, cols) patch grid the position embeddings were trained for.
 
-  Only square grids can be read off a flat token count; others raise ValueError.
+  For an MLP-Mixer, the grid its token-mixing MLP mixes (`mixer_grid`). Only
+  square grids can be read off a flat token count; others raise ValueError.
   """
   flat = _as_flat(params_or_flat)
+  if POSEMB_KEY not in flat and MIXER_GRID_KEY in flat:
+    return mixer_grid(flat)
   if POSEMB_KEY not in flat:
     raise ValueError(f'No position embeddings ({POSEMB_KEY}) in these parameters')
   shape = tuple(flat[POSEMB_KEY].shape)
@@ -1208,12 +1211,14 @@ def resize_posemb(posemb: Any, new_grid: tuple[int, int], num_prefix: int,
 # ---------------------------------------------------------------------------
 
 def model_family(flat: Mapping[str, Any]) -> str:
-  """'vit', 'hybrid' (R50+ViT), 'resnet' (BiT) or 'unknown', from the key set.
+  """'vit', 'hybrid' (R50+ViT), 'resnet' (BiT), 'mixer' or 'unknown', from the key set.
 
   Our ResNetV2 tree and the BiT-M release layout (`resnet/...`) are both 'resnet'.
   """
   if is_bit_layout(flat):
     return 'resnet'
+  if any(_MIXER_TOKEN_RE.match(k) for k in flat):
+    return 'mixer'
   has_transformer = any(k.startswith('Transformer/') for k in flat)
   has_stem = any(k.startswith('conv_root/') for k in flat)
   if has_transformer and has_stem:
@@ -1313,12 +1318,22 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
     source = source_name or os.fspath(path_or_params)
     # The key set is checked from the headers, before any data is read: a file
     # of the wrong model (or of junk) costs nothing to refuse.
-    _check_keys_fit(read_npz_specs(path_or_params), init, source)
+    specs = read_npz_specs(path_or_params)
+    _check_keys_fit(specs, init, source)
+    _mixer_grids(specs, init, config, image_size, source_grid, source)
     restored = load_flat(path_or_params)
   _check_family(restored, init, source)
+  regrid = _mixer_grids(restored, init, config, image_size, source_grid, source)
 
   out: dict[str, np.ndarray] = {}
   missing, mismatched, notes = [], [], []
+  if regrid is not None:
+    old_grid, new_grid, k = regrid
+    _widen_mixer(restored, old_grid, k)
+    logging.info('load_pretrained: token-mixing MLPs widened %dx block-diagonally for the '
+                 'grid %dx%d -> %dx%d', k[0] * k[1], *old_grid, *new_grid)
+    notes.append(f'token mixing {_fmt_grid(old_grid)} -> {_fmt_grid(new_grid)} '
+                 f'({k[0] * k[1]} blocks)')
 
   # Representation layer: dropped when the new model has none (the paper's fine-tuning).
   if any(k.startswith('pre_logits/') for k in restored) and not any(
@@ -1385,6 +1400,153 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
   return unflatten(result)
 
 
+# ---------------------------------------------------------------------------
+# MLP-Mixer: the token-mixing MLP is tied to the patch grid
+# ---------------------------------------------------------------------------
+
+# `MixerBlock_3/token_mixing/Dense_0/kernel`: (num_patches, D_S); Dense_1 (D_S, num_patches).
+_MIXER_TOKEN_RE = re.compile(r'MixerBlock_(\d+)/token_mixing/Dense_([01])/(kernel|bias)$')
+MIXER_GRID_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
+
+
+def mixer_tokens(params_or_flat: Mapping) -> tuple[int, int]:
+  """(num_patches, tokens_mlp_dim) of a Mixer tree, read off its first token-mixing kernel."""
+  flat = _as_flat(params_or_flat)
+  if MIXER_GRID_KEY not in flat:
+    raise ValueError(f'No token-mixing weights ({MIXER_GRID_KEY}) in these parameters')
+  shape = _shape(flat[MIXER_GRID_KEY])
+  if len(shape) != 2:
+    raise ValueError(f'{MIXER_GRID_KEY} must be (num_patches, tokens_mlp_dim), got {shape}')
+  return int(shape[0]), int(shape[1])
+
+
+def mixer_grid(params_or_flat: Mapping) -> tuple[int, int]:
+  """The square patch grid a Mixer's token-mixing MLP was trained for."""
+  tokens, _ = mixer_tokens(params_or_flat)
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f'{MIXER_GRID_KEY} mixes {tokens} patches: not a square grid; '
+                     'pass source_grid=(rows, cols)')
+  return side, side
+
+
+def _fmt_grid(grid: tuple[int, int]) -> str:
+  return f'{grid[0]}x{grid[1]}'
+
+
+def mixer_regrid_factor(ckpt_tokens: tuple[int, int], model_tokens: tuple[int, int],
+                        old_grid: tuple[int, int], new_grid: tuple[int, int]
+                        ) -> tuple[int, int]:
+  """(K_rows, K_cols) of the Mixer paper's fine-tuning at a higher resolution, or ValueError.
+
+  The paper's Appendix fine-tunes a Mixer on K^2 times more patches by widening
+  the token-mixing MLP K^2 times and initialising it block-diagonally with K^2
+  copies of the pre-trained weights. That needs the new grid to be a whole
+  multiple of the old one and the model's tokens_mlp_dim to be K^2 times the
+  checkpoint's; anything else is refused with both patch grids named.
+  """
+  (old_n, old_ds), (new_n, new_ds) = ckpt_tokens, model_tokens
+  where = (f'the checkpoint\'s token-mixing MLP is tied to its {_fmt_grid(old_grid)} patch grid '
+           f'({old_n} patches, tokens_mlp_dim {old_ds}) but the model has a '
+           f'{_fmt_grid(new_grid)} grid ({new_n} patches, tokens_mlp_dim {new_ds})')
+  if old_grid[0] * old_grid[1] != old_n or new_grid[0] * new_grid[1] != new_n:
+    raise ValueError(f'{where}; the grids do not match those patch counts')
+  if new_grid[0] % old_grid[0] or new_grid[1] % old_grid[1]:
+    raise ValueError(f'{where}; fine-tuning on another grid needs a whole multiple K of '
+                     f'{_fmt_grid(old_grid)} (the Mixer paper\'s block-diagonal '
+                     'initialisation) or the same image size')
+  k = (new_grid[0] // old_grid[0], new_grid[1] // old_grid[1])
+  if new_ds != k[0] * k[1] * old_ds:
+    raise ValueError(f'{where}; a {k[0]}x{k[1]} block grid needs tokens_mlp_dim '
+                     f'{k[0] * k[1] * old_ds} ({k[0] * k[1]} x {old_ds}: '
+                     f'--config.model.tokens_mlp_dim={k[0] * k[1] * old_ds})')
+  return k
+
+
+def _block_of_tokens(old_grid: tuple[int, int], k: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """For each token of the new grid (row-major): its block and its index inside the block.
+
+  Blocks are contiguous old-grid-sized tiles of the new grid, row-major, so each
+  copy of the pre-trained MLP sees a tile laid out as the pre-training grid.
+  """
+  gh, gw = old_grid
+  rows, cols = np.meshgrid(np.arange(gh * k[0]), np.arange(gw * k[1]), indexing='ij')
+  block = (rows // gh) * k[1] + cols // gw
+  local = (rows % gh) * gw + cols % gw
+  return block.reshape(-1), local.reshape(-1)
+
+
+def widen_token_mixing(dense0_kernel: np.ndarray, dense0_bias: np.ndarray,
+                       dense1_kernel: np.ndarray, dense1_bias: np.ndarray,
+                       old_grid: tuple[int, int], k: tuple[int, int]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """One token-mixing MLP widened K^2 times, block-diagonal (see `mixer_regrid_factor`).
+
+  Returns (Dense_0 kernel (K^2 S, K^2 D_S), bias (K^2 D_S,), Dense_1 kernel
+  (K^2 D_S, K^2 S), bias (K^2 S,)): on each tile of the new grid the widened
+  MLP computes exactly the pre-trained one.
+  """
+  blocks = k[0] * k[1]
+  ds = dense0_kernel.shape[1]
+  block, local = _block_of_tokens(old_grid, k)
+  new_n = block.size
+  w0 = np.zeros((new_n, blocks * ds), dense0_kernel.dtype)
+  w1 = np.zeros((blocks * ds, new_n), dense1_kernel.dtype)
+  for b in range(blocks):
+    tokens = np.nonzero(block == b)[0]
+    w0[tokens, b * ds:(b + 1) * ds] = dense0_kernel[local[tokens]]
+    w1[b * ds:(b + 1) * ds, tokens] = dense1_kernel[:, local[tokens]]
+  return w0, np.tile(dense0_bias, blocks), w1, dense1_bias[local]
+
+
+def _mixer_grids(specs: Mapping[str, Any], init: Mapping[str, Any], config: Any,
+                 image_size: Optional[tuple[int, int]],
+                 source_grid: Optional[tuple[int, int]], source: str
+                 ) -> Optional[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+  """(old grid, new grid, K) when a Mixer checkpoint's token mixing must be widened.
+
+  None when the token-mixing shapes already fit; ValueError naming both patch
+  grids when they cannot be made to (`mixer_regrid_factor`).
+  """
+  if model_family(specs) != 'mixer' or MIXER_GRID_KEY not in init:
+    return None
+  ckpt_tokens, model_tokens = mixer_tokens(specs), mixer_tokens(init)
+  if image_size is not None:
+    ph, pw = patch_stride(config)
+    new_grid = (image_size[0] // ph, image_size[1] // pw)
+  else:
+    side = math.isqrt(model_tokens[0])
+    new_grid = (side, side) if side * side == model_tokens[0] else (model_tokens[0], 1)
+  if source_grid is not None:
+    old_grid = source_grid
+  else:
+    side = math.isqrt(ckpt_tokens[0])
+    old_grid = (side, side) if side * side == ckpt_tokens[0] else (ckpt_tokens[0], 1)
+  if ckpt_tokens == model_tokens and old_grid == new_grid:
+    return None
+  try:
+    k = mixer_regrid_factor(ckpt_tokens, model_tokens, old_grid, new_grid)
+  except ValueError as e:
+    raise ValueError(f'Checkpoint {source!r} does not fit the model: {e}') from None
+  return old_grid, new_grid, k
+
+
+def _widen_mixer(restored: dict[str, np.ndarray], old_grid: tuple[int, int],
+                 k: tuple[int, int]) -> list[str]:
+  """Widens every block's token-mixing MLP in `restored` in place; returns the keys changed."""
+  blocks = sorted({int(m.group(1)) for m in map(_MIXER_TOKEN_RE.match, restored) if m})
+  changed = []
+  for i in blocks:
+    prefix = f'MixerBlock_{i}/token_mixing/'
+    keys = [f'{prefix}Dense_0/kernel', f'{prefix}Dense_0/bias', f'{prefix}Dense_1/kernel',
+            f'{prefix}Dense_1/bias']
+    widened = widen_token_mixing(*(restored[key] for key in keys), old_grid, k)
+    for key, value in zip(keys, widened):
+      restored[key] = value
+    changed.extend(keys)
+  return changed
+
+
 def _check_family(restored: Mapping[str, Any], init: Mapping[str, Any], source: str) -> None:
   family_ckpt, family_model = model_family(restored), model_family(init)
   if family_ckpt != family_model:
@@ -1413,6 +1575,7 @@ def _check_keys_fit(specs: Mapping[str, Any], init: Mapping[str, Any], source: s
   mismatched = [f'{k}: checkpoint {_shape(specs[k])} vs model {_shape(v)}'
                 for k, v in sorted(init.items())
                 if k in specs and k not in HEAD_KEYS and k != POSEMB_KEY
+                and not _MIXER_TOKEN_RE.match(k)  # their fit: _mixer_grids
                 and squeeze(_shape(specs[k])) != squeeze(_shape(v))]
   _raise_if_problems(f'Checkpoint {source!r} does not fit the model:', missing, unexpected,
                      mismatched, specs)

@@ -37,6 +37,13 @@ Transformers 5 renamed the per-layer modules
 (`vit.encoder.layer.i.attention.attention.query`). Both are read; exports use
 the names of the installed transformers unless `layout` says otherwise.
 
+MLP-Mixer presets convert to and from timm's `MlpMixer` (`mixer_b16_224` and
+friends): `stem` <-> `stem.proj`, `MixerBlock_i/LayerNorm_{0,1}` <->
+`blocks.i.norm{1,2}`, `token_mixing` / `channel_mixing` `Dense_{0,1}` <->
+`blocks.i.mlp_tokens` / `mlp_channels` `fc{1,2}`, `pre_head_layer_norm` <->
+`norm`, `head` <-> `head`; timm's Mixer computes exact GELU too. Hugging Face
+has no Mixer.
+
 What the PyTorch models cannot express is refused with a ValueError: the
 representation layer (`pre_logits`; current timm and HF have none), the
 R50 hybrid, and 'gap' pooling in HF (its classifier always reads token 0).
@@ -298,7 +305,8 @@ def _expected_params(flat: Mapping[str, Any], config: Any, source: str) -> dict:
   embeddings; weights without a head (a timm model with num_classes=0, a HF
   `ViTModel`) are expected without one: `checkpoint.load_pretrained` adds a fresh one.
   """
-  if checkpoint.POSEMB_KEY not in flat:
+  if checkpoint.POSEMB_KEY not in flat and not (
+      is_mixer_config(config) and checkpoint.MIXER_GRID_KEY in flat):
     raise ValueError(f'{source} weights have no position embeddings '
                      f'({checkpoint.POSEMB_KEY}): not a ViT of this layout')
   has_head = 'head/kernel' in flat
@@ -330,7 +338,8 @@ def check_against_config(flat: Mapping[str, Any], config: Any, source: str,
     hints.append(f'the weights have a representation layer of size '
                  f'{flat["pre_logits/kernel"].shape[-1]}: set representation_size, '
                  '--representation_size on the command line')
-  if 'cls' not in flat and _get(config, 'classifier', 'token') == 'token':
+  if ('cls' not in flat and not is_mixer_config(config)
+      and _get(config, 'classifier', 'token') == 'token'):
     hints.append("the weights have no class token: set classifier='gap', --classifier gap "
                  'on the command line')
   name = _get(config, 'name', '')
@@ -374,8 +383,110 @@ def _check_dims(config: Any, hidden: int, num_layers: int, mlp_dim: int, source:
 # timm
 # ---------------------------------------------------------------------------
 
+_MIXER_TIMM = (('LayerNorm_0/scale', 'norm1.weight'), ('LayerNorm_0/bias', 'norm1.bias'),
+               ('LayerNorm_1/scale', 'norm2.weight'), ('LayerNorm_1/bias', 'norm2.bias'))
+_MIXER_TIMM_MLPS = (('token_mixing', 'mlp_tokens'), ('channel_mixing', 'mlp_channels'))
+
+
+def is_mixer_config(model_config: Any) -> bool:
+  return _get(_resolve(model_config), 'model_type', 'vit') == 'mixer'
+
+
+def _mixer_num_blocks(flat: Mapping[str, Any]) -> int:
+  n = 0
+  while f'MixerBlock_{n}/LayerNorm_0/scale' in flat:
+    n += 1
+  return n
+
+
+def _mixer_to_timm(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  sd = {'stem.proj.weight': _conv_to_torch(flat['stem/kernel']),
+        'stem.proj.bias': flat['stem/bias']}
+  for i in range(_mixer_num_blocks(flat)):
+    p, t = f'MixerBlock_{i}/', f'blocks.{i}.'
+    for ours, theirs in _MIXER_TIMM:
+      sd[t + theirs] = flat[p + ours]
+    for ours, theirs in _MIXER_TIMM_MLPS:
+      for j in range(2):
+        sd[f'{t}{theirs}.fc{j + 1}.weight'] = _dense_from_torch(
+            flat[f'{p}{ours}/Dense_{j}/kernel'])
+        sd[f'{t}{theirs}.fc{j + 1}.bias'] = flat[f'{p}{ours}/Dense_{j}/bias']
+  sd['norm.weight'] = flat['pre_head_layer_norm/scale']
+  sd['norm.bias'] = flat['pre_head_layer_norm/bias']
+  if 'head/kernel' in flat:
+    sd['head.weight'] = _dense_from_torch(flat['head/kernel'])
+    sd['head.bias'] = flat['head/bias']
+  return sd
+
+
+def _mixer_from_timm(state_dict: Mapping[str, Any], config: Any) -> dict:
+  take = _Taker(_numpy_dict(state_dict), 'timm')
+  flat = {}
+  stem = take('stem.proj.weight')
+  if stem is None:
+    take.finish()
+  flat['stem/kernel'] = _conv_from_torch(stem)
+  flat['stem/bias'] = take('stem.proj.bias')
+  for i in range(_count_indices(take.sd, 'blocks.{i}')):
+    p, t = f'MixerBlock_{i}/', f'blocks.{i}.'
+    for ours, theirs in _MIXER_TIMM:
+      flat[p + ours] = take(t + theirs)
+    for ours, theirs in _MIXER_TIMM_MLPS:
+      for j in range(2):
+        w = take(f'{t}{theirs}.fc{j + 1}.weight')
+        if w is not None:
+          flat[f'{p}{ours}/Dense_{j}/kernel'] = _dense_from_torch(w)
+        flat[f'{p}{ours}/Dense_{j}/bias'] = take(f'{t}{theirs}.fc{j + 1}.bias')
+  flat['pre_head_layer_norm/scale'] = take('norm.weight')
+  flat['pre_head_layer_norm/bias'] = take('norm.bias')
+  head_w = take.optional('head.weight')
+  if head_w is not None:
+    flat['head/kernel'] = _dense_from_torch(head_w)
+    flat['head/bias'] = take('head.bias')
+  take.finish()
+  return _finish_params(flat, config, 'timm')
+
+
+def mixer_timm_kwargs(model_config: Any, num_classes: int,
+                      image_size: Sequence[int]) -> dict[str, Any]:
+  """Keyword arguments of timm's `MlpMixer` computing the same function as our Mixer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  config = _resolve(model_config)
+  hidden = int(_get(config, 'hidden_dim'))
+  patch = tuple(int(s) for s in _get(_get(config, 'patches'), 'size'))
+  height, width = (int(s) for s in image_size)
+  if patch[0] != patch[1] or height != width:
+    raise ValueError(f'timm MlpMixer takes square patches and images, got patch {patch} '
+                     f'and image {height}x{width}')
+  tanh = uses_tanh_gelu(config)
+  return dict(
+      num_classes=int(num_classes), img_size=height, patch_size=patch[0],
+      num_blocks=int(_get(config, 'num_blocks')), embed_dim=hidden,
+      mlp_ratio=(int(_get(config, 'tokens_mlp_dim')) / hidden,
+                 int(_get(config, 'channels_mlp_dim')) / hidden),
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=LAYER_NORM_EPSILON),
+      # timm's Mixer default is the exact erf GELU.
+      act_layer=(functools.partial(torch.nn.GELU, approximate='tanh') if tanh
+                 else torch.nn.GELU))
+
+
+def build_timm_mixer(model_config: Any, num_classes: int, image_size: Sequence[int]):
+  """A randomly initialised timm `MlpMixer` (eval mode) matching our Mixer."""
+  from timm.models import mlp_mixer  # pylint: disable=g-import-not-at-top
+  config = _resolve(model_config)
+  model = mlp_mixer.MlpMixer(**mixer_timm_kwargs(config, num_classes, image_size))
+  block = model.blocks[0] if len(model.blocks) else None
+  want = (int(_get(config, 'tokens_mlp_dim')), int(_get(config, 'channels_mlp_dim')))
+  if block is not None and (block.mlp_tokens.fc1.out_features,
+                            block.mlp_channels.fc1.out_features) != want:
+    raise ValueError(f'timm rounded the Mixer MLP sizes to '
+                     f'{(block.mlp_tokens.fc1.out_features, block.mlp_channels.fc1.out_features)}'
+                     f', not {want}')
+  return model.eval()
+
+
 def to_timm(params: Mapping, approximate_gelu: bool = True) -> dict[str, np.ndarray]:
-  """Our params -> a timm `VisionTransformer` state dict (numpy arrays).
+  """Our params -> a timm `VisionTransformer` (or, for a Mixer, `MlpMixer`) state dict.
 
   `approximate_gelu`: the GELU of the model these params belong to. The state
   dict cannot say which GELU to use; with True (tanh) the timm model must be
@@ -383,6 +494,12 @@ def to_timm(params: Mapping, approximate_gelu: bool = True) -> dict[str, np.ndar
   which is logged as a warning.
   """
   flat = {k: checkpoint._to_numpy(v) for k, v in checkpoint.flatten(params).items()}  # pylint: disable=protected-access
+  if checkpoint.model_family(flat) == 'mixer':
+    if approximate_gelu:
+      logging.warning('to_timm: these Mixer params are for tanh GELU; timm\'s MlpMixer computes '
+                      'exact GELU unless built with act_layer=GELU(approximate="tanh") '
+                      '(convert.mixer_timm_kwargs)')
+    return _mixer_to_timm(flat)
   _check_plain_vit(flat, 'timm')
   if approximate_gelu:
     logging.warning(
@@ -432,6 +549,8 @@ def from_timm(state_dict: Mapping[str, Any], model_config: Any) -> dict:
   """
   config = _resolve(model_config)
   _warn_if_tanh(config, 'timm')
+  if is_mixer_config(config):
+    return _mixer_from_timm(state_dict, config)
   take = _Taker(_numpy_dict(state_dict), 'timm')
   flat = {}
   cls = take.optional('cls_token')
@@ -889,7 +1008,8 @@ def our_outputs(params: Mapping, model_config: Any, images: np.ndarray) -> np.nd
   if headless:
     # A zero head of one class only makes the model callable; its features are returned.
     flat = checkpoint.flatten(params)
-    feature = flat['pre_logits/kernel'] if 'pre_logits/kernel' in flat else flat['embedding/kernel']
+    feature = (flat['pre_logits/kernel'] if 'pre_logits/kernel' in flat else
+               flat['stem/kernel'] if 'stem/kernel' in flat else flat['embedding/kernel'])
     width = int(feature.shape[-1])
     params['head'] = {'kernel': np.zeros((width, 1), np.float32),
                       'bias': np.zeros((1,), np.float32)}
@@ -920,7 +1040,8 @@ def timm_outputs(path: str, model_config: Any, num_classes: int, image_size: Seq
                  images: np.ndarray) -> np.ndarray:
   """A timm file's logits on `images`, run by timm (a model built by `build_timm_model`)."""
   import torch  # pylint: disable=g-import-not-at-top
-  model = build_timm_model(model_config, num_classes, image_size)
+  build = build_timm_mixer if is_mixer_config(model_config) else build_timm_model
+  model = build(model_config, num_classes, image_size)
   try:
     result = model.load_state_dict(torch_state_dict(read_torch_file(path)), strict=False)
   except RuntimeError as e:  # shape mismatches, even when not strict
@@ -1127,6 +1248,9 @@ def convert_file(source: str, target: str, model: str, input_path: str, output_p
   if target not in ('npz', 'timm', 'hf'):
     raise ValueError(f'Unknown target format {target!r}')
   config = models_config.get_config(model)
+  if is_mixer_config(config) and 'hf' in (source, target):
+    raise ValueError(f'{model} is an MLP-Mixer: Hugging Face transformers has no Mixer; '
+                     'convert it to or from timm or npz')
   if classifier:
     config.classifier = classifier
   if representation_size:

@@ -60,9 +60,35 @@ def vit_macs(config: Any, image_size: int | Sequence[int], num_classes: int) -> 
   return layers * per_layer + embedding + head
 
 
+def mixer_macs(config: Any, image_size: int | Sequence[int], num_classes: int) -> int:
+  """Forward multiply-accumulates per image for an MLP-Mixer preset config.
+
+  With S patches of P x P, hidden C, token-MLP D_S and channel-MLP D_C, each
+  block costs C * 2 * S * D_S (token mixing, per channel) + S * 2 * C * D_C
+  (channel mixing, per patch); plus the stem S * P^2 * 3 * C and the head.
+  """
+  height, width = ((image_size, image_size) if isinstance(image_size, int)
+                   else tuple(image_size))
+  patches = _field(config, 'patches')
+  ph, pw = tuple(_field(patches, 'size', patches))
+  if height % ph or width % pw:
+    raise ValueError(f'image {height}x{width} is not divisible by patch {ph}x{pw}')
+  s = (height // ph) * (width // pw)
+  c = _field(config, 'hidden_dim')
+  block = c * 2 * s * _field(config, 'tokens_mlp_dim') + s * 2 * c * _field(
+      config, 'channels_mlp_dim')
+  return _field(config, 'num_blocks') * block + s * ph * pw * 3 * c + c * num_classes
+
+
 def vit_flops(config: Any, image_size: int | Sequence[int], num_classes: int,
               train: bool = False) -> int:
-  """FLOPs per image (2 per MAC); `train=True` gives forward + backward."""
+  """FLOPs per image (2 per MAC); `train=True` gives forward + backward.
+
+  An MLP-Mixer config is counted with `mixer_macs`.
+  """
+  if _field(config, 'model_type', 'vit') == 'mixer':
+    flops = 2 * mixer_macs(config, image_size, num_classes)
+    return flops * TRAIN_FLOPS_FACTOR if train else flops
   flops = 2 * vit_macs(config, image_size, num_classes)
   return flops * TRAIN_FLOPS_FACTOR if train else flops
 

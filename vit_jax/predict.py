@@ -86,8 +86,9 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
   embeddings, or from `image_size` (an int or (height, width)): when that gives
   another patch grid, the position embeddings are resampled to it
   (`checkpoint.resize_posemb`, the reference's linear method). `source_grid`
-  (rows, cols) is the checkpoint's grid when it is not square. Models without
-  position embeddings (the BiT ResNets) default to 224x224.
+  (rows, cols) is the checkpoint's grid when it is not square. An MLP-Mixer runs
+  at the grid of its token-mixing MLP only; models without either (the BiT
+  ResNets) default to 224x224.
   """
   from vit_jax.configs import models as models_config  # pylint: disable=g-import-not-at-top
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
@@ -116,6 +117,22 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
         raise ValueError(f'{source}: {e}; pass source_grid=(rows, cols)') from None
     stride = checkpoint.patch_stride(config)
     own_size = (old_grid[0] * stride[0], old_grid[1] * stride[1])
+  elif checkpoint.MIXER_GRID_KEY in specs:
+    # An MLP-Mixer's token-mixing MLP fixes its patch grid: no other input size.
+    try:
+      old_grid = (tuple(int(g) for g in source_grid) if source_grid is not None
+                  else checkpoint.mixer_grid(specs))
+    except ValueError as e:
+      raise ValueError(f'{source}: {e}') from None
+    stride = checkpoint.patch_stride(config)
+    own_size = (old_grid[0] * stride[0], old_grid[1] * stride[1])
+    if image_size is not None and image_hw(image_size) != own_size:
+      size = image_hw(image_size)
+      raise ValueError(
+          f'{source} is an MLP-Mixer whose token-mixing MLP is tied to its '
+          f'{old_grid[0]}x{old_grid[1]} patch grid ({own_size[0]}x{own_size[1]} px); '
+          f'{size[0]}x{size[1]} px would be a {size[0] // stride[0]}x{size[1] // stride[1]} '
+          'grid: predict at the checkpoint\'s own size')
   else:
     own_size = (224, 224)
   image_size = own_size if image_size is None else image_hw(image_size)
@@ -182,8 +199,7 @@ def check_input_size(config: Any, image_size: Sequence[int], batch: int = 1,
   grid = int(((limit / (8 * batch * heads)) ** 0.5 - prefix) ** 0.5)
   raise cli.UserError(
       f'image size {image_size[0]}x{image_size[1]} is too large for {config.name}: '
-      f'one attention layer needs {checkpoint.format_bytes(need)} at that size ({heads}
- heads of '
+      f'one attention layer needs {checkpoint.format_bytes(need)} at that size ({heads} heads of '
       f'{(image_size[0] // stride[0]) * (image_size[1] // stride[1]) + prefix:,}^2 float32 '
       f'logits and weights), more than the {checkpoint.format_bytes(limit)} allowed (half '
       f'this machine\'s memory); at most about {grid * stride[0]}x{grid * stride[1]} fits')

@@ -28,6 +28,11 @@ show the first. `--palette` writes 256-colour PNGs, small enough for docs.
 checkpoint's, the position embeddings are resampled to it
 (`checkpoint.resize_posemb`, linear, as fine-tuning does).
 
+An MLP-Mixer has no attention: for a Mixer preset the command writes the
+Mixer paper's Figure 5 instead (`token_mixing.png`: the hidden units of the
+first token-mixing MLPs, each unit's weights over the patches drawn as an image
+of the patch grid), with the patch grid and the top-5 predictions.
+
 The numbers behind the figures are vit_jax.attention_maps (NumPy only), the
 images vit_jax.images; what stays here is running the model, the matplotlib
 figures and the command line that ties a checkpoint, images and figures
@@ -469,13 +474,17 @@ def load_params(path: str) -> dict:
 
 
 def image_size_from_params(params, patch_stride: Sequence[int]) -> Optional[int]:
-  """Square input size implied by the position embeddings, if it is unambiguous.
+  """Square input size implied by the position embeddings (a Mixer's token-mixing
+  weights), if it is unambiguous.
 
   A non-square grid cannot be read off the token count: then None.
   """
   pos = _find_pos_embedding(params)
   if pos is None:
-    return None
+    try:
+      return checkpoint.mixer_grid(checkpoint.flatten(params))[0] * int(patch_stride[0])
+    except ValueError:
+      return None
   tokens = pos.shape[1]
   for prefix in (1, 0):
     side = int(round(np.sqrt(tokens - prefix)))
@@ -634,6 +643,89 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 
+# ----------------------------------------------------------------------------
+# MLP-Mixer: the Mixer paper's Figure 5.
+# ----------------------------------------------------------------------------
+
+MIXER_FIGURE_FILES = {'patches': 'patches.png', 'token_mixing': 'token_mixing.png',
+                      'top_k': 'top5.png'}
+
+
+def token_mixing_units(params, block: int, grid: Sequence[int],
+                       max_units: Optional[int] = None) -> np.ndarray:
+  """(units, rows, cols): block `block`'s token-mixing Dense_0 weights, one image per hidden unit.
+
+  Each hidden unit of a token-mixing MLP has one weight per input patch, so its
+  weights form an image of the patch grid (the Mixer paper's Figure 5). Units
+  are sorted by the mean spatial frequency of their weights (low first), as the
+  paper orders them by filter frequency.
+  """
+  flat = checkpoint.flatten(params)
+  key = f'MixerBlock_{block}/token_mixing/Dense_0/kernel'
+  if key not in flat:
+    raise ValueError(f'no {key} in these parameters (not an MLP-Mixer, or fewer blocks)')
+  kernel = np.asarray(flat[key], np.float32)
+  rows, cols = (int(g) for g in grid)
+  if kernel.shape[0] != rows * cols:
+    raise ValueError(f'{key} mixes {kernel.shape[0]} patches, not a {rows}x{cols} grid')
+  units = kernel.T.reshape(-1, rows, cols)
+  power = np.abs(np.fft.fft2(units - units.mean(axis=(1, 2), keepdims=True))) ** 2
+  fy = np.abs(np.fft.fftfreq(rows))[:, None]
+  fx = np.abs(np.fft.fftfreq(cols))[None, :]
+  frequency = (power * np.hypot(fy, fx)).sum(axis=(1, 2)) / np.maximum(
+      power.sum(axis=(1, 2)), 1e-12)
+  order = np.argsort(frequency, kind='stable')
+  return units[order[:max_units] if max_units else order]
+
+
+def plot_token_mixing(params, grid: Sequence[int], blocks: Sequence[int] = (0, 1, 2),
+                      max_units: int = 64):
+  """Figure 5 of the Mixer paper: the token-mixing units of `blocks`, one panel each."""
+  fig = _figure(4.2 * len(blocks), 4.6)
+  axes = fig.subplots(1, len(blocks), squeeze=False)[0]
+  for ax, block in zip(axes, blocks):
+    units = token_mixing_units(params, block, grid, max_units)
+    # Each unit scaled on its own to [-1, 1]: the pattern, not the magnitude, is the point.
+    units = units / np.maximum(np.abs(units).max(axis=(1, 2), keepdims=True), 1e-12)
+    n, h, w = units.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    tiles = np.full((rows * cols, h, w), np.nan)
+    tiles[:n] = units
+    ax.imshow(_mosaic(tiles.reshape(rows, cols, h, w)), cmap='RdBu_r', vmin=-1, vmax=1,
+              interpolation='nearest')
+    ax.set_title(f'MixerBlock_{block}: {units.shape[0]} token-mixing units', fontsize=9)
+    ax.set_axis_off()
+  return fig
+
+
+def _mixer_blocks(params) -> int:
+  return sum(1 for k in params if k.startswith('MixerBlock_'))
+
+
+def write_mixer_figures(model, params, image: np.ndarray, out_dir: str,
+                        labels: Optional[Sequence[str]] = None,
+                        display_image: Optional[np.ndarray] = None, dpi: int = 100,
+                        palette: bool = False) -> tuple[dict[str, str], list]:
+  """The Mixer figures (patch grid, Figure 5's token-mixing units, top-5) and analysis.json."""
+  patch = tuple(int(s) for s in model.patch_stride)
+  grid = (image.shape[0] // patch[0], image.shape[1] // patch[1])
+  probs = np.asarray(predict.predict(model, params, images_lib.to_model_input(image)))[0]
+  top = [(label_name(labels, i), p) for i, _, p in predict.top_k(probs, 5)]
+  blocks = tuple(range(min(3, _mixer_blocks(params))))
+  figs = {'patches': plot_patch_grid(image, patch, display_image),
+          'token_mixing': plot_token_mixing(params, grid, blocks),
+          'top_k': plot_top_k(top)}
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: save_figure(fig, os.path.join(out_dir, MIXER_FIGURE_FILES[name]), dpi, palette)
+           for name, fig in figs.items()}
+  with open(os.path.join(out_dir, 'analysis.json'), 'w') as f:
+    json.dump({'image_size': list(image.shape[:2]), 'patch_size': list(patch),
+               'grid_shape': list(grid), 'token_mixing_blocks': list(blocks),
+               'top5': [{'label': l, 'probability': p} for l, p in top]}, f, indent=2)
+  return paths, top
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   args = parse_args(argv)
   cli.check_writable_dir(args.out, '--out')
@@ -644,6 +736,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, str]:
   images = [image for spec in (args.image or ['skimage:chelsea'])
             for image in images_lib.load_images(spec, image_size)]
   model_input, shown = images_lib.prepare_image(images[0], image_size, args.display_size)
+  if any(k.startswith('MixerBlock_') for k in params):
+    paths, top = write_mixer_figures(model, params, model_input, args.out, labels, shown,
+                                     args.dpi, args.palette)
+    for name, path in paths.items():
+      print(f'{name}: {path}')
+    print('top-5: ' + ', '.join(f'{l} {p:.1%}' for l, p in top))
+    return paths
   analysis = analyze(model, params, model_input, labels, shown)
   if len(images) > 1:
     inputs = np.stack([images_lib.prepare_image(im, image_size, 0)[0] for im in images])

@@ -1,4 +1,4 @@
-"""Named model presets (ViT-Ti ... ViT-g, R50+ViT hybrid, BiT ResNets) and `build_model`.
+"""Named model presets (ViT-Ti ... ViT-g, R50+ViT hybrid, BiT ResNets, MLP-Mixer) and `build_model`.
 
 A preset is a `ml_collections.ConfigDict` of pure data; `build_model` is the one
 place that turns it into a Flax module. Names follow the published checkpoint
@@ -74,6 +74,18 @@ def resnet_config(name: str, num_layers: tuple[int, ...], width_factor: int,
       gn_epsilon=1e-5))
 
 
+def mixer_config(name: str, *, patch: int, hidden_dim: int, num_blocks: int,
+                 tokens_mlp_dim: int, channels_mlp_dim: int) -> ml_collections.ConfigDict:
+  """An MLP-Mixer config (`vit_jax.models_mixer.MlpMixer`)."""
+  return ml_collections.ConfigDict(dict(
+      model_type='mixer', name=name,
+      patches=ml_collections.ConfigDict(dict(size=(patch, patch))),
+      hidden_dim=hidden_dim, num_blocks=num_blocks,
+      tokens_mlp_dim=tokens_mlp_dim, channels_mlp_dim=channels_mlp_dim,
+      # The released Mixer code's tanh GELU; False for timm's exact erf form.
+      approximate_gelu=True))
+
+
 # (hidden size, MLP size, heads, layers) from the paper's Table 1, plus Ti/S
 # from DeiT/AugReg and g from Zhai et al. (2021).
 _VIT_SIZES = {
@@ -113,6 +125,28 @@ for _name, (_layers, _wf) in _BIT_PRESETS.items():
   _register(_name)(lambda n=_name, l=_layers, w=_wf: resnet_config(n, l, w))
 
 
+# Mixer paper (Tolstikhin et al. 2021) Table 1: (hidden C, blocks, token-MLP D_S,
+# channel-MLP D_C) per size.
+_MIXER_SIZES = {
+    'S': (512, 8, 256, 2048),
+    'B': (768, 12, 384, 3072),
+    'L': (1024, 24, 512, 4096),
+    'H': (1280, 32, 640, 5120),
+}
+_MIXER_PRESETS = [('S', 32), ('S', 16), ('B', 32), ('B', 16), ('L', 32), ('L', 16), ('H', 14)]
+
+
+def _make_mixer(size: str, patch: int) -> Callable[[], ml_collections.ConfigDict]:
+  hidden, blocks, tokens, channels = _MIXER_SIZES[size]
+  name = f'Mixer-{size}_{patch}'
+  return lambda: mixer_config(name, patch=patch, hidden_dim=hidden, num_blocks=blocks,
+                              tokens_mlp_dim=tokens, channels_mlp_dim=channels)
+
+
+for _size, _patch in _MIXER_PRESETS:
+  _register(f'Mixer-{_size}_{_patch}')(_make_mixer(_size, _patch))
+
+
 # Tiny sizes for tests, CI and the embedded digits dataset.
 @_register('ViT-Test_4')
 def _vit_test():
@@ -139,6 +173,19 @@ def _bit_test():
   return resnet_config('BiT-Test', (1, 1, 1, 1), 1, width=32)
 
 
+@_register('Mixer-Test_4')
+def _mixer_test():
+  return mixer_config('Mixer-Test_4', patch=4, hidden_dim=32, num_blocks=2,
+                      tokens_mlp_dim=16, channels_mlp_dim=64)
+
+
+@_register('Mixer-Digits_4')
+def _mixer_digits():
+  """The digits-sized Mixer: 16 patches at 16x16."""
+  return mixer_config('Mixer-Digits_4', patch=4, hidden_dim=64, num_blocks=4,
+                      tokens_mlp_dim=32, channels_mlp_dim=128)
+
+
 def names() -> list[str]:
   return sorted(_PRESETS)
 
@@ -161,7 +208,7 @@ def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
   """A Flax module for a preset name or config; `overrides` set module fields (dtype, ...)."""
   # Imported here so configs stay importable as plain data.
   import flax
-  from vit_jax import models_resnet, models_vit
+  from vit_jax import models_mixer, models_resnet, models_vit
 
   if isinstance(config, str):
     config = get_config(config)
@@ -183,4 +230,7 @@ def build_model(config: ml_collections.ConfigDict | str, num_classes: int,
   if model_type == 'resnet':
     fields['num_layers'] = tuple(fields['num_layers'])
     return models_resnet.ResNetV2(num_classes=num_classes, **fields)
-  raise ValueError(f"model_type must be 'vit' or 'resnet', got {model_type!r}")
+  if model_type == 'mixer':
+    fields['patches'] = tuple(fields['patches']['size'])
+    return models_mixer.MlpMixer(num_classes=num_classes, **fields)
+  raise ValueError(f"model_type must be 'vit', 'resnet' or 'mixer', got {model_type!r}")

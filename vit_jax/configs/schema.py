@@ -76,8 +76,9 @@ def model_overrides() -> ml_collections.ConfigDict:
   vit = models.get_config('ViT-B_16').to_dict()
   hybrid = models.get_config('R50+ViT-B_16').to_dict()
   resnet = models.get_config('BiT-R50x1').to_dict()
+  mixer = models.get_config('Mixer-B_16').to_dict()
   fields: dict[str, Any] = {}
-  for preset in (vit, resnet):
+  for preset in (vit, resnet, mixer):
     for key, value in preset.items():
       if key in _NOT_OVERRIDABLE or key in fields:
         continue
