@@ -17,7 +17,9 @@ INSTALL_REQUIRES = [
     'orbax-checkpoint>=0.12.0',
     'pillow>=10.0',
     'matplotlib>=3.8',
+    'scikit-image>=0.24,<0.27',  # skimage:NAME photos of visualize, the docs and the notebook
     'scikit-learn>=1.5',  # ships the embedded default dataset (digits)
+
     'scipy>=1.11',  # position-embedding resampling as the reference does it
     'tensorboard>=2.16',  # event files; its writer needs no TensorFlow
     'tensorflow-cpu>=2.18; platform_machine == "x86_64"',
@@ -31,7 +33,7 @@ EXTRAS_REQUIRE = {
     'test': [
         'pytest>=8.0',
         'pytest-xdist>=3.5',  # the suite runs on both cores (pyproject addopts)
-        'scikit-image>=0.24',
+
         'torch>=2.6',
         'torchvision>=0.21',
         'timm>=1.0',

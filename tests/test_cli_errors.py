@@ -26,9 +26,11 @@ TINY_RUN = ['--config.total_steps=2', '--config.warmup_steps=0', '--config.eval_
             '--config.eval_batch_size=64', '--config.num_eval_examples=64']
 
 
-def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k != 'VIT_JAX_TRACEBACK'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+def run_cli(module: str, *args: str, timeout: int = 300,
+            cpu: bool = True) -> subprocess.CompletedProcess:
+  hidden = ('VIT_JAX_TRACEBACK',) + (() if cpu else ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL'))
+  env = {k: v for k, v in os.environ.items() if k not in hidden}
+  env.update(PYTHONPATH=REPO, **({'JAX_PLATFORMS': 'cpu'} if cpu else {}))
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -111,16 +113,17 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
-  """(read-only disk, workdir of a finished 2-step run on it, digest of its files)."""
+  """(read-only disk, workdir of a finished 2-step run on it, digest of its files, the
+  run's console output). The run sees the environment a user has (no JAX_PLATFORMS)."""
   disk = Disk(str(tmp_path_factory.mktemp('ro_disk') / 'mnt'))
   try:
     workdir = os.path.join(disk.path, 'run')
     result = run_cli('vit_jax.main', f'--config={DEFAULT}:ViT-Test_4', f'--workdir={workdir}',
-                     *TINY_RUN)
+                     *TINY_RUN, cpu=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(os.path.join(workdir, 'checkpoints'))
     disk.read_only()
-    yield disk, workdir, tree_digest(workdir)
+    yield disk, workdir, tree_digest(workdir), result.stdout + result.stderr
   finally:
     disk.close()
 
@@ -168,7 +171,7 @@ def test_main_names_the_model_field(case, tmp_path):
 
 @pytest.mark.parametrize('state', ['new', 'partial', 'finished'])
 def test_main_read_only_workdir(state, finished_run):
-  disk, workdir, digest = finished_run
+  disk, workdir, digest, _ = finished_run
   target = os.path.join(disk.path, 'new_run') if state == 'new' else workdir
   extra = ['--config.total_steps=4'] if state == 'partial' else []
   assert_user_error(run_cli('vit_jax.main', f'--config={DEFAULT}:ViT-Test_4',
@@ -197,7 +200,7 @@ def test_visualize_bad_image(case, files, tmp_path):
 
 
 def test_visualize_read_only_out(finished_run):
-  disk, _, _ = finished_run
+  disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.visualize', '--model', 'ViT-Test_4', '--random-init',
                             '--image', 'digits:test:1', '--out', f'{disk.path}/vis'),
                     '--out', 'cannot be written')
@@ -218,7 +221,7 @@ def test_compare_bad_arguments(case, tmp_path):
 
 
 def test_compare_read_only_out(finished_run):
-  disk, _, _ = finished_run
+  disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.compare', '--steps', '2', '--out', f'{disk.path}/cmp'),
                     '--out', 'cannot be written')
 
@@ -226,7 +229,7 @@ def test_compare_read_only_out(finished_run):
 # --- convert, predict, evaluate -------------------------------------------------------
 
 def test_convert_read_only_output(files, finished_run):
-  disk, _, _ = finished_run
+  disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.convert', '--from', 'npz', '--to', 'timm', '--model',
                             'ViT-Test_4', '--input', str(files / 'ViT-Test_4.npz'),
                             '--output', f'{disk.path}/out.pth'),
@@ -307,3 +310,24 @@ def test_one_line_summary_of_a_model_mismatch():
                   '(3,) vs model (4,); 1 missing key: a: model (2,), not in checkpoint; the file '
                   'fits preset ViT-S_16 (--verbose lists all)')
   assert 'missing keys (1):\n  a: model (2,)' in str(error)  # the full listing stays
+
+
+def test_console_is_quiet_and_the_config_is_a_file(finished_run):
+  """A run's console: its own progress lines, one line naming WORKDIR/config.json, no
+  config dump, no library banners (TPU probing, TensorFlow's CPU and oneDNN notes)."""
+  import json  # pylint: disable=g-import-not-at-top
+  _, workdir, _, console = finished_run
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  assert config['model_name'] == 'ViT-Test_4' and config['total_steps'] == 2
+  assert config['learning_rate'] > 0  # every field, defaults included
+  # The embedded dataset is prepared once per TFDS data_dir (a fresh one per test
+  # worker): TFDS's progress bars of that step are left out of the count.
+  preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'dataset_info.json')
+  lines = [line for line in console.splitlines()
+           if line.strip() and not any(p in line for p in preparing)]
+  assert sum(f'Config: {workdir}/config.json' in line for line in lines) == 1, console
+  for noise in ('hparams:', 'learning_rate: ', 'xla_bridge', "backend 'tpu'", 'host bounds',
+                'oneDNN', 'cpu_feature_guard', 'dataset_info.py', 'reader.py'):
+    assert noise not in console, (noise, console)
+  assert len(lines) <= 12, console

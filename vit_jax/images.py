@@ -181,7 +181,12 @@ def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
 def load_image_spec(spec: str) -> np.ndarray:
   """uint8 (H, W, 3) from a file path, `skimage:NAME` or `digits:SPLIT:INDEX`."""
   if spec.startswith('skimage:'):
-    import skimage.data  # pylint: disable=g-import-not-at-top
+    try:
+      import skimage.data  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ValueError(f'Image {spec!r} needs scikit-image (a dependency of vit_jax: '
+                       'pip install "scikit-image>=0.24,<0.27")') from None
+
     name = spec.split(':', 1)[1]
     loader = getattr(skimage.data, name, None)
     if loader is None:
