@@ -27,9 +27,11 @@ def resnet_config_path():
 def test_default_configs_exist_and_name_models():
   vit = compare.load_config(compare.DEFAULT_CONFIGS['ViT'])
   resnet = compare.load_config(resnet_config_path())
+  mixer = compare.load_config(compare.DEFAULT_CONFIGS['Mixer'])
   from vit_jax.configs import models
   assert models.get_config(vit.model_name).model_type == 'vit'
   assert models.get_config(resnet.model_name).model_type == 'resnet'
+  assert models.get_config(mixer.model_name).model_type == 'mixer'
 
 
 def test_shared_settings_make_both_configs_equal():
@@ -114,8 +116,8 @@ def test_table_and_plot():
 
 
 def test_cli_tiny_run(tmp_path):
-  """Both models, three seeds, two steps on the embedded digits, the ViT fine-tuned
-  from a checkpoint: table with mean ± std and few-shot, JSON, PNG."""
+  """The three families, three seeds, two steps on the embedded digits, the ViT
+  fine-tuned from a checkpoint: table with mean ± std and few-shot, JSON, PNG."""
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   vit = models.build_model('ViT-Test_4', 10)
@@ -131,8 +133,9 @@ def test_cli_tiny_run(tmp_path):
       [sys.executable, '-m', 'vit_jax.compare', *extra, '--out', str(out), '--steps', '2',
        '--batch-size', '8', '--eval-batch-size', '8', '--eval-points', '1',
        '--dataset', 'digits', '--image-size', '16',
-       '--vit-model', 'ViT-Test_4', '--resnet-model', 'BiT-Test'],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
+       '--vit-model', 'ViT-Test_4', '--resnet-model', 'BiT-Test',
+       '--mixer-model', 'Mixer-Test_4'],
+      cwd=REPO, capture_output=True, text=True, timeout=1500,  # three families x three seeds
       env=dict(os.environ, MPLBACKEND='Agg', XLA_FLAGS=''))
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / 'accuracy_vs_compute.png', 'rb') as f:
@@ -140,11 +143,12 @@ def test_cli_tiny_run(tmp_path):
   assert os.path.getsize(out / 'accuracy_vs_compute.png') > 1000
   data = json.loads((out / 'compare.json').read_text())
   rows = {r['name']: r for r in data['results']}
-  assert set(rows) == {'ViT', 'ResNet'}
+  assert set(rows) == {'ViT', 'ResNet', 'Mixer'}
   assert rows['ViT']['model_name'] == 'ViT-Test_4'
   assert rows['ResNet']['model_name'] == 'BiT-Test'
+  assert (rows['Mixer']['model_name'], rows['Mixer']['model_type']) == ('Mixer-Test_4', 'mixer')
   for key in ('steps', 'batch_size', 'dataset', 'image_size', 'examples_seen'):
-    assert rows['ViT'][key] == rows['ResNet'][key], key
+    assert rows['ViT'][key] == rows['ResNet'][key] == rows['Mixer'][key], key
   for row in rows.values():
     assert 0.0 <= row['eval_accuracy'] <= 1.0
     assert row['num_params'] > 0 and row['forward_flops_xla'] > 0
@@ -160,7 +164,8 @@ def test_cli_tiny_run(tmp_path):
   assert '±' in result.stdout  # the printed table: mean ± std over the seeds
   assert rows['ResNet']['runs'][0]['pretrained_path'] is None
   table = (out / 'compare.md').read_text()
-  assert 'ViT-Test_4' in table and 'BiT-Test' in table and table.count('1-shot linear') == 1
+  assert 'ViT-Test_4' in table and 'BiT-Test' in table and 'Mixer-Test_4' in table
+  assert table.startswith('# ViT vs ResNet vs Mixer') and table.count('1-shot linear') == 1
 
 
 def test_progress_filter_keeps_vit_jax_lines_only():

@@ -1,4 +1,4 @@
-"""ViT against the BiT ResNet baseline on equal terms: same data, steps and batch.
+"""ViT against the BiT ResNet baseline and MLP-Mixer on equal terms: same data, steps and batch.
 
   python -m vit_jax.compare --out /tmp/compare                 # embedded digits
   python -m vit_jax.compare --dataset cifar10 --image-size 32 --steps 2000 --out ...
@@ -6,7 +6,8 @@
 
 Both runs go through `vit_jax.train.train_and_evaluate` with their own experiment
 configs (`configs/default.py` for the ViT, `configs/resnet_baseline.py` for the
-ResNet: each keeps its own model, optimiser and learning rate), after the fields
+ResNet, `configs/default.py:Mixer-Digits_4` for the Mixer: each keeps its own
+model, optimiser and learning rate), after the fields
 that make the comparison fair are set to the same values in both: dataset,
 splits, image size, batch size, number of steps, evaluation schedule and seed.
 So both models see the same number of examples; what differs is the compute
@@ -61,6 +62,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = {
     'ViT': os.path.join(REPO_ROOT, 'configs', 'default.py'),
     'ResNet': os.path.join(REPO_ROOT, 'configs', 'resnet_baseline.py'),
+    'Mixer': os.path.join(REPO_ROOT, 'configs', 'default.py') + ':Mixer-Digits_4',
 }
 
 
@@ -139,7 +141,8 @@ def model_costs(config, num_classes: int, params: Any = None,
     except Exception:  # pylint: disable=broad-except
       xla_flops = None
   analytic = None
-  if model_config.get('model_type', 'vit') == 'vit' and not model_config.get('resnet'):
+  family = model_config.get('model_type', 'vit')
+  if (family == 'vit' and not model_config.get('resnet')) or family == 'mixer':
     analytic = float(flops_lib.vit_flops(model_config, (height, width), num_classes))
   return {
       'model_name': config.model_name,
@@ -347,7 +350,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def markdown_report(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
   first = rows[0] if rows else {}
   lines = [
-      '# ViT vs ResNet',
+      '# ' + ' vs '.join(row['name'] for row in rows) if rows else '# Comparison',
       '',
       f"Dataset `{settings['dataset']}` ({settings['train_split']} -> "
       f"{settings['eval_split']}), {settings['image_size'][0]}x{settings['image_size'][1]}, "
@@ -441,13 +444,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = cli.ArgumentParser(
       prog='python -m vit_jax.compare',
 
-      description='Train ViT and the BiT ResNet baseline with the same data, steps and '
-                  'batch; write a table (markdown, JSON) and an accuracy-vs-compute plot.')
+      description='Train ViT, the BiT ResNet baseline and MLP-Mixer with the same data, '
+                  'steps and batch; write a table (markdown, JSON) and an accuracy-vs-compute '
+                  'plot.')
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--vit-config', default=DEFAULT_CONFIGS['ViT'])
   p.add_argument('--resnet-config', default=DEFAULT_CONFIGS['ResNet'])
   p.add_argument('--vit-model', help='override the ViT config\'s model_name')
   p.add_argument('--resnet-model', help='override the ResNet config\'s model_name')
+  p.add_argument('--mixer-config', default=DEFAULT_CONFIGS['Mixer'])
+  p.add_argument('--mixer-model', help='override the Mixer config\'s model_name')
   p.add_argument('--dataset', help="'digits' (default, embedded), a TFDS name or "
                  "'synthetic'")
   p.add_argument('--data-dir', help='TFDS data directory')
@@ -466,6 +472,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  'training it from scratch')
   p.add_argument('--resnet-checkpoint', help='fine-tune the ResNet from this .npz '
                  '(BiT-M layout or ours)')
+  p.add_argument('--mixer-checkpoint', help='fine-tune the Mixer from this .npz '
+                 '(published Mixer layout)')
   p.add_argument('--fewshot', default='10',
                  help="comma list of k for few-shot linear accuracy of each trained model "
                  "('' for none)")
@@ -506,7 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     show_training_progress()
   settings = shared_settings(args, load_config(args.vit_config))
   overrides = {'ViT': (args.vit_config, args.vit_model, args.vit_checkpoint),
-               'ResNet': (args.resnet_config, args.resnet_model, args.resnet_checkpoint)}
+               'ResNet': (args.resnet_config, args.resnet_model, args.resnet_checkpoint),
+               'Mixer': (args.mixer_config, args.mixer_model, args.mixer_checkpoint)}
   shots = fewshot.parse_shots(args.fewshot) if args.fewshot else ()
   rows = []
   for name, (path, model_name, checkpoint_path) in overrides.items():
