@@ -28,6 +28,16 @@ INSTALL_REQUIRES = [
     'importlib_resources>=6.0',  # imported by TFDS when it prepares a dataset
 ]
 
+# The TPU and GPU compilers, used compile-only by `python -m vit_jax.plan`: libtpu
+# (jax[tpu]) and jaxlib's CUDA plugin with ptxas / libdevice. Both stay idle in a
+# process that runs with JAX_PLATFORMS=cpu, as vit_jax.plan does.
+PLAN = [
+    'jax[tpu]>=0.10.0,<0.12',
+    'jax-cuda13-plugin>=0.10.0,<0.12',
+    'nvidia-cuda-nvcc>=13.0',
+    'nvidia-nvvm>=13.0',
+]
+
 EXTRAS_REQUIRE = {
     # Test-time references only: the package never imports torch.
     'test': [
@@ -46,6 +56,7 @@ EXTRAS_REQUIRE = {
         'onnx>=1.18',
         'onnxscript>=0.5',
         'onnxruntime>=1.22',
+        *PLAN,  # tests/test_plan.py compiles for a TPU topology and GPU nodes
     ],
     # vit_jax.export --format onnx: the model rebuilt in timm, written by
     # torch.onnx (its dynamo exporter needs onnxscript), checked by onnxruntime.
@@ -57,6 +68,8 @@ EXTRAS_REQUIRE = {
         'onnxscript>=0.5',
         'onnxruntime>=1.22',
     ],
+    # vit_jax.plan: compile-only TPU and GPU targets on a CPU machine.
+    'plan': PLAN,
     # Accelerator builds of jaxlib; install one of these instead of the CPU default.
     'gpu': ['jax[cuda12]>=0.10.0,<0.12'],
     'tpu': ['jax[tpu]>=0.10.0,<0.12'],

@@ -108,6 +108,9 @@ EXEMPT = {
          'with the [test] extra, into a fresh virtual environment'),
     "pip install -c constraints.txt -e '.[test]'":
         ('installs the package into the environment', '.ci/run runs exactly this'),
+    "pip install -c constraints.txt -e '.[plan]'":
+        ('installs the compile-only TPU and GPU compilers',
+         '.ci/run installs them with the [test] extra; tests/test_plan.py uses them'),
     "pip install -c constraints.txt -e '.[export]'":
         ('installs the package into the environment',
          "'.[test]' (what .ci/run installs) holds every package of '.[export]'"),
@@ -162,6 +165,9 @@ TINY = {
     'vit_jax.convert': [],
     'vit_jax.predict': [],
     'vit_jax.export': ['--image_size', '16'],
+    # The documented target, the recipe's runlocal model (ViT-Test_4 at 16 px): a
+    # batch every target's chip count divides; no search (tests/test_plan.py runs it).
+    'vit_jax.plan': ['--config.batch_size=256', '--config.eval_batch_size=256', '--nosearch'],
     'vit_jax.onnx_classify': [],
     'vit_jax.evaluate': ['--model', TINY_MODEL, '--image_size', '16', '--batch_size', '16',
                          '--data_dir', '{tfds}'],
@@ -184,7 +190,7 @@ REPLACED_FLAGS = ('--config.image_size',)
 # Programs whose `--model` / `--config` values are replaced (rule 3).
 MODEL_FLAG_PROGRAMS = ('vit_jax.visualize', 'vit_jax.convert', 'vit_jax.predict',
                        'vit_jax.export')
-CONFIG_FLAG_PROGRAMS = ('vit_jax.main', 'vit_jax.visualize')
+CONFIG_FLAG_PROGRAMS = ('vit_jax.main', 'vit_jax.visualize', 'vit_jax.plan')
 OUTPUT_FLAGS = ('--out', '--output', '--json')
 TMP_PATH = re.compile(r'/tmp/([^/\s;,"\']+)')
 VISUALIZE_FILES = ('patches.png', 'position_embedding_similarity.png', 'attention_maps.png',
@@ -638,6 +644,20 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_plan(run: Run) -> list[str]:
+  path = last_value(run.argv, '--json')
+  if path:
+    if not os.path.isfile(path):
+      return [f'{path} was not written']
+    with open(path, encoding='utf-8') as f:
+      plan = json.load(f)
+    wanted = ('fits', 'per_chip_bytes', 'hbm_bytes', 'flops_per_step', 'mesh',
+              'analytic_flops_per_step', 'step_seconds_at_mfu', 'suggested_overrides')
+    missing = [k for k in wanted if k not in plan]
+    return [f'{path} lacks {missing}'] if missing else []
+  return [] if 'memory per chip' in run.stdout else ['no memory figures printed']
+
+
 def _check_main(run: Run) -> list[str]:
   workdir = last_value(run.argv, '--workdir')
   path = os.path.join(workdir, 'final_metrics.json')
@@ -768,6 +788,7 @@ CHECKS = {
     'vit_jax.convert': _check_convert,
     'vit_jax.predict': _check_predict,
     'vit_jax.export': _check_export,
+    'vit_jax.plan': _check_plan,
     'vit_jax.onnx_classify': _check_predict,  # the same top-k lines
     'vit_jax.evaluate': _check_evaluate,
     'benchmarks/benchmark.py': _check_benchmark,

@@ -238,6 +238,11 @@ def analyse(result: Compiled, target, *, mfu: float, gpu_memory_fraction: float)
       'hbm_bytes': int(target.chip.memory_bytes),
       'usable_bytes': int(usable),
       'compile_seconds': round(result.seconds, 1),
+      'target': target.description, 'chip': target.chip.name,
+      'peak_flops_per_chip': target.chip.peak_bf16_flops, 'mfu': mfu,
+      'num_slices': target.num_slices, 'hosts': target.hosts,
+      'model_name': config.model_name, 'image_size': list(config.image_size),
+      'num_classes': program.num_classes,
   }
   try:
     model_config = schema.model_config(config)
@@ -379,12 +384,7 @@ def make_plan(config, target, devices, *, mfu: float = 0.5, gpu_memory_fraction:
   """Compiles `config`'s step for `devices` of `target`; the plan as a JSON-able dict."""
   base_result = compile_step(config, devices, {})
   plan = analyse(base_result, target, mfu=mfu, gpu_memory_fraction=gpu_memory_fraction)
-  plan.update(target=target.description, chip=target.chip.name,
-              peak_flops_per_chip=target.chip.peak_bf16_flops, mfu=mfu,
-              num_slices=target.num_slices, hosts=target.hosts,
-              model_name=config.model_name, image_size=list(config.image_size),
-              num_classes=base_result.program.num_classes, suggested_overrides=[],
-              suggested_plan=None)
+  plan.update(suggested_overrides=[], suggested_plan=None)
   if not plan['fits'] and do_search:
     log(f'Does not fit ({_gib(plan["per_chip_bytes"]["total"])} GiB needed per chip, '
         f'{_gib(plan["usable_bytes"])} GiB usable); searching ...')
