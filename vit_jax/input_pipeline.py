@@ -751,6 +751,13 @@ def _options(ds):
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
+  # No autotuning model. Its optimisation thread sleeps for a period that doubles up
+  # to a minute, and destroying an iterator could wait out that sleep (0 to 32 s
+  # measured at the end of a run, CPU idle). Without it, AUTOTUNE map parallelism
+  # is the size of tf.data's thread pool (the cores) and AUTOTUNE prefetch buffers
+  # grow whenever the consumer waits: the same input speed here
+  # (benchmarks/input_pipeline_benchmark.py, docs/input_pipeline.md).
+  options.autotune.enabled = False
   return ds.with_options(options)
 
 

@@ -9,7 +9,9 @@ Multi-process runs: pass `--coordinator_address=host:port --num_processes=N
 --process_id=i` to every process, or nothing on a cluster that JAX detects by
 itself (SLURM, Open MPI, Cloud TPU; or set `--multiprocess` to make it try).
 Rerunning with the same `--workdir` resumes from the latest checkpoint. Exit
-status 143 means the run was stopped by SIGTERM after saving a checkpoint.
+status 143 means the run was stopped by SIGTERM (or a multi-process preemption
+notice), 130 by Ctrl-C (SIGINT), after saving a checkpoint; a second Ctrl-C exits
+with 130 at once.
 
 One run per workdir: the run holds an exclusive lock on `WORKDIR/.lock`
 (vit_jax.workdir_lock), taken here before the slow imports when the workdir
@@ -147,13 +149,25 @@ def main(argv):
   try:
     with _workdir_locked_early(FLAGS.workdir):
       metrics = _run()
+  except KeyboardInterrupt:  # Ctrl-C outside the training steps (which save first)
+    print('error: Interrupted (Ctrl-C) outside the training steps; the checkpoints saved '
+          'so far are intact.', file=sys.stderr)
+    sys.exit(_SIGNAL_STATUS['SIGINT'])
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
     from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
     sys.exit(checkpoint.report_user_error(e, FLAGS.verbose))
   if metrics.get('preempted'):
-    sys.exit(143)
+    stopped_by = metrics.get('stopped_by', 'SIGTERM')
+    print(f'error: Stopped by {stopped_by} at step {metrics["step"]} after saving a checkpoint '
+          f'in {metrics.get("checkpoint_dir", FLAGS.workdir)}; rerun the same command to resume.',
+          file=sys.stderr)
+    sys.exit(_SIGNAL_STATUS.get(stopped_by, 143))
+
+
+# 128 + the signal's number, as a shell reports a process a signal ended.
+_SIGNAL_STATUS = {'SIGINT': 130, 'SIGTERM': 143, 'preemption': 143}
 
 
 def _dry_run() -> str:

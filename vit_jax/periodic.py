@@ -3,8 +3,8 @@
 - `Schedule` says which periodic actions (log, eval, checkpoint) fall on a step.
 - `Chrono` measures training time only: the first step (compilation) and
   whatever runs inside `chrono.paused()` (evaluation, checkpointing) do not count.
-- `StopRequests` turns SIGTERM (one process) or JAX's preemption sync point
-  (multi-process) into "save and stop at this step".
+- `StopRequests` turns SIGTERM or SIGINT (one process) or JAX's preemption sync
+  point (multi-process) into "save and stop at this step".
 - `TrainMetrics` holds the step metrics still on the device and, every
   `log_every` steps, fetches them in one transfer, refuses non-finite values
   and writes their averages with throughput from the `Chrono`.
@@ -96,9 +96,12 @@ class TrainMetrics:
 
   def __init__(self, writer: Any, chrono: Chrono, batch_size: int, num_train_examples: int,
                describe_last_good: Callable[[], str],
-               restored: Optional[tuple[int, str]] = None):
-    """`restored`: (step, checkpoint directory) the run resumed from; step 0: a fresh start."""
+               restored: Optional[tuple[int, str]] = None,
+               examples_seen: Optional[Callable[[int], int]] = None):
+    """`restored`: (step, checkpoint directory) the run resumed from; step 0: a fresh start.
+    `examples_seen(step)`: the examples consumed up to `step` (default: step * batch)."""
     self._writer, self._chrono = writer, chrono
+    self._examples_seen = examples_seen or (lambda step: step * batch_size)
     self._batch, self._examples = batch_size, max(num_train_examples, 1)
     self._describe_last_good = describe_last_good
     self._restored = restored if restored and restored[0] > 0 else None
@@ -139,32 +142,54 @@ class TrainMetrics:
         'learning_rate': float(fetched[-1]['learning_rate']),
         'steps_per_sec': speed,
         'images_per_sec': speed * self._batch,
-        'examples_seen': float(steps[-1] * self._batch),
-        'epoch': steps[-1] * self._batch / self._examples,
+        'examples_seen': float(self._examples_seen(steps[-1])),
+        'epoch': self._examples_seen(steps[-1]) / self._examples,
     }
     self._writer.write_scalars(steps[-1], self.last)
 
 
+INTERRUPTED_AGAIN_STATUS = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 class StopRequests:
-  """SIGTERM (one process) or the JAX preemption sync point (multi-process)."""
+  """SIGTERM or SIGINT (one process), or the JAX preemption sync point (multi-process).
+
+  Ctrl-C is a request like SIGTERM: the loop saves at the current step and stops
+  (`signal` says which one came). A second SIGINT while that is under way exits
+  the process at once with status 130, without waiting for the save: Orbax writes
+  a checkpoint under a temporary name and renames it when complete, so the
+  checkpoints before it stay intact.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal: Optional[int] = None  # the first signal received
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._previous = {s: signal.signal(s, self._handler) for s in self._SIGNALS}
     return self
 
   def _handler(self, signum, frame):
     del frame
-    logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
-    self.requested = True
+    if self.requested and signum == signal.SIGINT:
+      os.write(2, b'error: interrupted again (Ctrl-C): exiting without waiting for the '
+                  b'checkpoint being saved; the earlier checkpoints are intact.\n')
+      os._exit(INTERRUPTED_AGAIN_STATUS)  # pylint: disable=protected-access
+    if self.requested:
+      return
+    name = signal.Signals(signum).name
+    logging.warning('Received %s: saving a checkpoint and stopping%s.', name,
+                    ' (Ctrl-C again exits at once)' if signum == signal.SIGINT else '')
+    self.requested, self.signal = True, signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:

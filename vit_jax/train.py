@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from typing import Any, Callable, Optional
 
 import flax
@@ -40,6 +41,7 @@ from vit_jax import metric_writers
 from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import periodic
+from vit_jax import run_history
 from vit_jax import train_checkpoints
 from vit_jax import validation
 from vit_jax import workdir_lock
@@ -157,7 +159,14 @@ def _initial_state(config, checkpointer, abstract_state, state_sharding, model_c
   """The latest checkpoint of this run, else the pre-trained weights, else a fresh init."""
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sharding)
-  state, _ = checkpointer.restore_latest(abstract, expect={'fingerprint': fingerprint})
+  schedule = optimizers.make_schedule(config)
+
+  def same_history(step: int, meta: dict) -> None:  # before any array is read
+    run_history.check_resume(meta, config, step, checkpointer.directory,
+                             learning_rate_now=float(schedule(step)))
+
+  state, _ = checkpointer.restore_latest(abstract, expect={'fingerprint': fingerprint},
+                                         check=same_history)
   if state is not None:
     start_step = int(jax.device_get(state.step))
     logging.info('Resuming from step %d (checkpoint in %s)', start_step, checkpointer.directory)
@@ -307,10 +316,12 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
   config, data, checkpointer = run.config, run.data, run.checkpointer
   final, preempted, step = {}, False, run.start_step
   chrono = periodic.Chrono(run.start_step)
+  history = _history(run)
   metrics = periodic.TrainMetrics(
       writer, chrono, config.batch_size, data.num_train_examples,
       lambda: (f'The last good checkpoint is step {checkpointer.latest_step()} in '
-               f'{checkpointer.directory}.'), restored=(run.start_step, checkpointer.directory))
+               f'{checkpointer.directory}.'), restored=(run.start_step, checkpointer.directory),
+      examples_seen=history.examples_seen)
   due = periodic.Schedule(config.total_steps, config.log_every, config.eval_every,
                           config.checkpoint_every)
   batches = None
@@ -322,6 +333,7 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
       for step in range(run.start_step + 1, config.total_steps + 1):
         run.state, step_metrics = run.train_step(run.state, next(batches))
         metrics.add(step, step_metrics)
+        checkpointer.check()  # a failed asynchronous save stops the run here
         if step == run.start_step + 1:
           jax.block_until_ready(step_metrics)  # the first step's time is compilation
           chrono.first_step_done(step)
@@ -332,7 +344,8 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
         with chrono.paused():
           # Saved before evaluating: a failing evaluation never loses finished training.
           if due.checkpoint(step) or stopping:
-            checkpointer.save(step, run.state, _checkpoint_meta(run, step),
+            checkpointer.save(step, run.state, _checkpoint_meta(run, step, history, chrono,
+                                                                metrics),
                               wait=stopping or step == config.total_steps)
             writer.flush(fsync=True)  # the metrics up to a checkpoint survive a kill
           results = {}  # written once per step, only what was measured at it
@@ -346,6 +359,9 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
         if stopping:
           logging.warning('Stopped at step %d after saving a checkpoint; rerun to resume.', step)
           preempted = True
+          final['stopped_by'] = (signal.Signals(stop.signal).name if stop.signal
+                                 else 'preemption')
+          final['checkpoint_dir'] = checkpointer.directory
           break
   finally:
     if batches is not None:
@@ -354,10 +370,20 @@ def _loop(run: _Run, writer) -> tuple[dict, int, bool, periodic.Chrono, periodic
   return final, step, preempted, chrono, metrics
 
 
-def _checkpoint_meta(run: _Run, step: int) -> dict:
-  return {'step': step, 'data_start_step': step,
-          'examples_seen': step * run.config.batch_size, 'model_name': run.config.model_name,
+def _history(run: _Run) -> run_history.History:
+  """The figures carried over from the checkpoint the run resumed from (if any)."""
+  return run_history.History(run.checkpointer.restored_meta if run.start_step else None,
+                             run.start_step, run.config)
+
+
+def _checkpoint_meta(run: _Run, step: int, history: run_history.History,
+                     chrono: periodic.Chrono, metrics: periodic.TrainMetrics) -> dict:
+  meta = {'step': step, 'data_start_step': step, 'model_name': run.config.model_name,
           'dataset': run.config.dataset, 'fingerprint': run.fingerprint}
+  schedule = optimizers.make_schedule(run.config)
+  meta.update(history.meta(step, chrono, metrics.last.get('train_loss'), run.config,
+                           learning_rate_next=float(schedule(step))))
+  return meta
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -405,10 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpoint.save(params, os.path.join(workdir, 'params.npz'))
     final.update({
         'step': int(step), 'preempted': preempted,
-        'train_loss': metrics.last.get('train_loss', float('nan')),
-        'examples_seen': float(step * config.batch_size),
-        'train_seconds': chrono.seconds, 'steps_per_sec': chrono.steps_per_sec,
-        'images_per_sec': chrono.steps_per_sec * config.batch_size,
+        # Over the run's whole history: a rerun that only evaluates or exports keeps them.
+        **_history(run).figures(step, chrono, metrics.last.get('train_loss')),
         'num_params': run.num_params, 'num_devices': int(mesh.devices.size),
         'num_processes': int(jax.process_count()),
     })

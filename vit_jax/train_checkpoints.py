@@ -24,7 +24,12 @@ processes have no digest: no single host holds their bytes.)
 
 A save that runs out of disk space raises `CheckpointDiskFullError` (an
 `OSError` with errno ENOSPC naming the checkpoint's directory) instead of
-Orbax's tracebacks; the checkpoints written before stay intact.
+Orbax's tracebacks; the checkpoints written before stay intact. A save is
+refused before it starts when the free space is smaller than the arrays'
+bytes, and is synchronous when less than twice that (plus 64 MiB) is free, so
+that its failure stops the run at its own step; `check()`, called by the
+training loop every step, raises the error of any other asynchronous save as
+soon as that save has failed, rather than at the next save.
 
 These are *run* checkpoints, for resuming; `vit_jax.checkpoint` reads and writes
 the published `.npz` weight files used for fine-tuning.
@@ -41,7 +46,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +61,7 @@ _ITEMS = ('state', 'meta')
 
 CHECKSUM_ALGORITHM = 'sha256'
 _PARALLEL_HASH_BYTES = 64 << 20
+_ROOM_MARGIN_BYTES = 64 << 20  # below 2x the state + this free, saves are synchronous
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -204,6 +210,7 @@ class RunCheckpointer:
     self._async = async_save
     self._failed = False  # A save failed and its error was raised.
     self._pending: Optional[int] = None  # The step of a save that may still be writing.
+    self.restored_meta: Optional[dict] = None  # The meta of the checkpoint resumed from.
     _install_log_filter()
     self._manager = self._make_manager()
 
@@ -243,6 +250,8 @@ class RunCheckpointer:
     # Orbax waits for the previous save before it starts one: waiting here first
     # blames a failure on the step that failed.
     self.wait()
+    if self._little_room(step, state):
+      wait = True  # a failure is then reported at this step, not steps later
     self._pending = step
     with self._disk_full_reported(step):
       saved = self._manager.save(
@@ -252,6 +261,34 @@ class RunCheckpointer:
     if wait:
       self.wait()
     return bool(saved)
+
+  def _little_room(self, step: int, state: Any) -> bool:
+    """Whether the disk has less than twice the arrays' bytes (plus 64 MiB) free.
+
+    Raises CheckpointDiskFullError before writing when the arrays alone cannot fit
+    (a save takes more: Orbax's metadata, the checksums)."""
+    if jax.process_count() > 1:  # Each process writes only its part.
+      return False
+    need = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return False
+    if free < need:
+      self._failed = True
+      raise CheckpointDiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                                    os.path.join(self.directory, str(step)))
+    return free < 2 * need + _ROOM_MARGIN_BYTES
+
+  def check(self) -> None:
+    """Raises a pending asynchronous save's error (CheckpointDiskFullError for a full
+    disk) as soon as that save has ended; returns at once while it is still writing.
+
+    Called every step, it stops a run at the step after a failed save instead of
+    at the next save."""
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    self.wait()
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
@@ -301,9 +338,14 @@ class RunCheckpointer:
         int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored.meta or {})
 
-  def restore_latest(self, abstract_state: Any = None, *, expect: Optional[dict] = None
+  def restore_latest(self, abstract_state: Any = None, *, expect: Optional[dict] = None,
+                     check: Optional[Callable[[int, dict], None]] = None
                      ) -> tuple[Optional[Any], Optional[dict]]:
     """The newest readable checkpoint as (state, meta), or (None, None) if none.
+
+    `check(step, meta)` may refuse a readable checkpoint by raising (e.g. a resume
+    that changes what the run's history depends on, vit_jax.run_history); it runs
+    before the arrays are read. The meta restored is kept as `restored_meta`.
 
     Unreadable checkpoints, those whose arrays fail their checksums and those
     holding non-finite values are skipped with a `CorruptCheckpointWarning` and
@@ -324,6 +366,8 @@ class RunCheckpointer:
               f'The checkpoint at step {step} in {self.directory} belongs to a different '
               f'run ({key}: {meta[key]!r} there, {value!r} now; e.g. another model, '
               'optimizer or image size). Use a new workdir, or remove the old checkpoints.')
+      if check is not None:
+        check(step, meta)
       try:
         state, meta = self.restore(step, abstract_state)
         _verify_checksums(state, meta)
@@ -333,6 +377,7 @@ class RunCheckpointer:
         self._skip(step, e)
         continue
       logging.info('Restored checkpoint at step %d from %s', step, self.directory)
+      self.restored_meta = meta
       return state, meta
     return None, None
 

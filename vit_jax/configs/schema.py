@@ -172,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.export_params = False  # also write workdir/params.npz (published layout) at the end
+  # A resume that changes a field the trained weights depend on (batch_size, total_steps,
+  # the schedule, ...; vit_jax.run_history): 'refuse' it, or 'continue' with the new values.
+  c.resume_changes = 'refuse'
   c.prefetch = 2
   return c
 
