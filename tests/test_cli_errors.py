@@ -331,3 +331,13 @@ def test_console_is_quiet_and_the_config_is_a_file(finished_run):
                 'oneDNN', 'cpu_feature_guard', 'dataset_info.py', 'reader.py'):
     assert noise not in console, (noise, console)
   assert len(lines) <= 12, console
+
+
+@pytest.mark.parametrize('preset,size', [
+    ('ViT-Test_4', 16), ('ViT-Digits_4', 16), ('Mixer-Test_4', 16), ('Mixer-Digits_4', 16),
+    ('BiT-Test', 32), ('R-Test+ViT-Test_1', 32)])
+def test_guess_presets_names_each_tiny_preset_from_its_shapes(preset, size):
+  """Each family's tree (shapes only, as an .npz's headers give them) names its own preset."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  shapes = checkpoint.flatten(checkpoint.abstract_params(preset, 7, (size, size)))
+  assert checkpoint.guess_presets(shapes) == [preset]
