@@ -304,3 +304,33 @@ def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path, presses):
   assert f'Resuming from step {steps[-1]}' in out and not error_lines(out)
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['step'] == 100 and final['examples_seen'] == 100 * 16
+
+
+# --- the end of a run ------------------------------------------------------------------------
+
+def test_closing_a_training_pipeline_does_not_wait(tmp_path):
+  """The run's end closes its training pipeline: no autotuning thread to wait for."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  for split in ('train', 'test'):
+    for label in ('a', 'b'):
+      folder = tmp_path / 'images' / split / label
+      folder.mkdir(parents=True)
+      for i in range(8):
+        Image.fromarray(np.full((12, 12, 3), 30 * i, np.uint8)).save(folder / f'{i}.png')
+  config = run_config(dataset=f'image_folder:{tmp_path / "images"}', num_classes=2,
+                      batch_size=4, cache=True, shuffle_buffer=16)
+  config.pp.train = 'plain'
+  ds = input_pipeline.get_train_dataset(config)
+  assert ds.options().autotune.enabled is False
+  batches = input_pipeline.iterate_numpy(ds)
+  start = time.monotonic()
+  while time.monotonic() - start < 5:
+    next(batches)
+    time.sleep(0.02)
+  closing = time.monotonic()
+  batches.close()
+  del batches
+  gc.collect()
+  assert time.monotonic() - closing < 2
