@@ -323,7 +323,8 @@ def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   assert config['learning_rate'] > 0  # every field, defaults included
   # The embedded dataset is prepared once per TFDS data_dir (a fresh one per test
   # worker): TFDS's progress bars of that step are left out of the count.
-  preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'dataset_info.json')
+  preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'downloaded and prepared',
+               'dataset_info.json')
   lines = [line for line in console.splitlines()
            if line.strip() and not any(p in line for p in preparing)]
   assert sum(f'Config: {workdir}/config.json' in line for line in lines) == 1, console

@@ -304,28 +304,29 @@ class _OwnInfoOnly(logging.Filter):
             or f'{os.sep}benchmarks{os.sep}' in record.pathname)
 
 
-def _libtpu_without_tpu() -> bool:
-  """libtpu installed, but no TPU on this machine and no other accelerator plugin.
+def _cpu_only_machine() -> bool:
+  """No TPU and no GPU device on this machine, while an accelerator plugin is installed.
 
-  Then CPU is the only backend JAX can start, and its TPU probe only prints
-  libtpu's failure lines ("Failed to find host bounds ...", "Unable to initialize
-  backend 'tpu'"). TPUs are found the way JAX's own check finds them: Google's
-  PCI vendor id, or /dev/accel* and /dev/vfio devices.
+  Then CPU is the only backend JAX can start, and probing the others only prints
+  their failures (libtpu's "Failed to find host bounds ...", "Unable to initialize
+  backend 'tpu'", the CUDA plugin's initialisation traceback). TPUs are found as
+  JAX's own check finds them (Google's PCI vendor id, /dev/accel*, /dev/vfio);
+  GPUs by their device files (/dev/nvidia*, /dev/kfd, /dev/dxg).
   """
   import glob  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec('libtpu') is None:
-    return False
-  for plugin in ('jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
-                 'jax_rocm60_plugin', 'jax_rocm7_plugin'):
-    if importlib.util.find_spec(plugin) is not None:
+  plugins = ('libtpu', 'jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
+             'jax_rocm60_plugin', 'jax_rocm7_plugin')
+  if not any(importlib.util.find_spec(name) is not None for name in plugins):
+    return False  # JAX starts its CPU backend alone anyway
+  for pattern in ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*', '/dev/kfd',
+                  '/dev/dxg', '/proc/driver/nvidia'):
+    if glob.glob(pattern):
       return False
-  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):
-    return False
   for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
     try:
       with open(vendor, encoding='ascii') as f:
-        if f.read().strip() == '0x1ae0':  # Google
+        if f.read().strip() == '0x1ae0':  # Google (TPU)
           return False
     except OSError:
       pass
@@ -336,15 +337,15 @@ def quiet_console() -> None:
   """Keeps library banners off the console; call before TensorFlow and JAX load.
 
   TensorFlow's and XLA's C++ INFO lines (the oneDNN banner, the CPU-instructions
-  note) are below TF_CPP_MIN_LOG_LEVEL=1; with libtpu installed on a machine
-  without TPUs (and no GPU plugin) JAX_PLATFORMS=cpu skips the TPU probe and its
-  failure lines; TFDS's, Orbax's and JAX's INFO records are filtered out of absl's
+  note) are below TF_CPP_MIN_LOG_LEVEL=1; on a machine without TPUs or GPUs but with
+  libtpu or a CUDA plugin installed, JAX_PLATFORMS=cpu skips their probes and failure
+  lines; TFDS's, Orbax's and JAX's INFO records are filtered out of absl's
   console handler. Settings the user made in the environment win.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
-  if 'JAX_PLATFORMS' not in os.environ and _libtpu_without_tpu():
-    os.environ['JAX_PLATFORMS'] = 'cpu'  # the only backend there is; no TPU probe
+  if 'JAX_PLATFORMS' not in os.environ and _cpu_only_machine():
+    os.environ['JAX_PLATFORMS'] = 'cpu'  # the only backend there is: no TPU/GPU probes
   for name in ('jax._src.xla_bridge', 'tensorflow_datasets', 'orbax'):
     logging.getLogger(name).setLevel(logging.WARNING)
   try:
