@@ -249,8 +249,10 @@ def build_program(config: ml_collections.ConfigDict, num_classes: int, mesh: Mes
   `config` is resolved and validated here, once, against the mesh; what follows
   reads it as it is.
   """
-  config = validate_config(config, num_devices=mesh.devices.size,
-                           num_processes=len({d.process_index for d in mesh.devices.flat}))
+  devices = list(mesh.devices.flat)
+  config = validate_config(config, num_devices=len(devices),
+                           num_processes=len({d.process_index for d in devices}),
+                           platform=devices[0].platform)
   model = build_model(config, num_classes)
   schedule = optimizers.make_schedule(config)
   tx = optimizers.make_optimizer(config, schedule)

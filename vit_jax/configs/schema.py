@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -211,6 +212,12 @@ def _as_tuple(value: Any) -> Any:
   return value
 
 
+# The configs `resolve` returned (locked: no field can be added, every value keeps
+# its type), so that resolving one again costs nothing.
+_RESOLVED: 'weakref.WeakValueDictionary[int, ml_collections.ConfigDict]' = (
+    weakref.WeakValueDictionary())
+
+
 def resolve(config: Any) -> ml_collections.ConfigDict:
   """`config` laid over `base_config()`: complete, type-checked, locked.
 
@@ -218,6 +225,8 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
   of the fields. An unknown field or a value of the wrong type raises
   ValueError naming the field.
   """
+  if _RESOLVED.get(id(config)) is config:
+    return config  # resolved once at the edge; the helpers it is passed to read it as is
   if isinstance(config, ml_collections.ConfigDict):
     given = config.to_dict()
   elif isinstance(config, Mapping):
@@ -229,6 +238,7 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
   if isinstance(out.image_size, tuple) and len(out.image_size) == 1:
     out.image_size = out.image_size * 2  # `--config.image_size=384` arrives as (384,)
   out.lock()
+  _RESOLVED[id(out)] = out
   return out
 
 
