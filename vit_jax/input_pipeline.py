@@ -601,29 +601,39 @@ def _resize_pad(image_size: tuple[int, int], crop_pad) -> tuple[int, int]:
 def _header_size(data):
   """(height, width) int64 that an encoded image's header declares, read without decoding.
 
-  PNG, GIF, BMP and JPEG headers are read; other formats (and headers too short
-  to hold a size) give (0, 0), left to the decoder.
+  JPEG, PNG, GIF and BMP headers are read (JPEG tested first: photos); other
+  formats (and headers too short to hold a size) give (0, 0), left to the decoder.
   """
   tf = _tf()
-  head = tf.io.decode_raw(tf.strings.substr(data, 0, 32), tf.uint8)
-  head = tf.cast(tf.pad(head, [[0, 32 - tf.shape(head)[0]]]), tf.int64)
 
-  def big(i, n):
-    return sum(head[i + k] * (256 ** (n - 1 - k)) for k in range(n))
+  def number(start, n, little=False, signed=False):
+    def read(head):
+      weights = [256 ** k for k in range(n)]
+      value = tf.reduce_sum(head[start:start + n] * (weights if little else weights[::-1]))
+      return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value)) if signed else value
+    return read
 
-  def little(i, n, signed=False):
-    value = sum(head[i + k] * (256 ** k) for k in range(n))
-    return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value)) if signed else value
+  def from_header(height, width):
+    def parse():
+      head = tf.io.decode_raw(tf.strings.substr(data, 0, 32), tf.uint8)
+      head = tf.cast(tf.pad(head, [[0, 32 - tf.shape(head)[0]]]), tf.int64)
+      return tf.stack([height(head), width(head)])
+    return parse
 
-  prefix = lambda n: tf.strings.substr(data, 0, n)
-  return tf.case([
-      (tf.equal(prefix(8), b'\x89PNG\r\n\x1a\n'), lambda: tf.stack([big(20, 4), big(16, 4)])),
-      (tf.equal(prefix(3), b'GIF'), lambda: tf.stack([little(8, 2), little(6, 2)])),
-      (tf.equal(prefix(2), b'BM'),
-       lambda: tf.stack([little(22, 4, signed=True), little(18, 4, signed=True)])),
-      (tf.io.is_jpeg(data),
-       lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)),
-  ], default=lambda: tf.zeros([2], tf.int64))
+  def other():
+    magic = tf.strings.substr(data, 0, 8)
+    png = from_header(number(20, 4), number(16, 4))
+    gif = from_header(number(8, 2, little=True), number(6, 2, little=True))
+    bmp = from_header(number(22, 4, little=True, signed=True),
+                      number(18, 4, little=True, signed=True))
+    unknown = lambda: tf.zeros([2], tf.int64)
+    return tf.cond(
+        tf.equal(magic, b'\x89PNG\r\n\x1a\n'), png, lambda: tf.cond(
+            tf.equal(tf.strings.substr(magic, 0, 3), b'GIF'), gif, lambda: tf.cond(
+                tf.equal(tf.strings.substr(magic, 0, 2), b'BM'), bmp, unknown)))
+
+  return tf.cond(tf.io.is_jpeg(data),
+                 lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64), other)
 
 
 def _within_pixel_limit(data):
