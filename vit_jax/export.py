@@ -164,7 +164,7 @@ def jax_logits(source: Source) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def scale_uint8(images: np.ndarray, size: Sequence[int]) -> np.ndarray:
-  """What `--preprocess` bakes in, in numpy-free JAX: bilinear resize, then x / 127.5 - 1."""
+  """The reference for `--preprocess`, in JAX: bilinear resize (half-pixel, no antialiasing), x / 127.5 - 1."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(images, jnp.float32)
@@ -303,9 +303,8 @@ def _vit_module(source: Source):
   return model, _to_timm(source.params, source.model_config), {}
 
 
-def onnx_refusal(source: Source, preprocess: bool = False) -> Optional[str]:
+def onnx_refusal(source: Source) -> Optional[str]:
   """Why the ONNX route cannot express `source`, or None."""
-  del preprocess
   if source.family == 'mixer':
     return 'the ONNX route rebuilds the model in timm, which has no mapping of our MLP-Mixer yet'
   if source.family not in ('vit', 'hybrid', 'resnet'):
@@ -323,7 +322,7 @@ def torch_module(source: Source, preprocess: bool = False):
   the module). ValueError naming the reason for what timm cannot express.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  reason = onnx_refusal(source, preprocess)
+  reason = onnx_refusal(source)
   if reason:
     raise ValueError(f'cannot export {source.name} to ONNX: {reason}')
   build = {'vit': _vit_module, 'hybrid': _hybrid_module, 'resnet': _bit_module}[source.family]
@@ -580,7 +579,7 @@ def export(checkpoint_path: str, fmt: str, out: str, *, model: Optional[str] = N
   if source is None:
     source = load(checkpoint_path, model, config, image_size)
   if fmt == 'onnx':
-    reason = onnx_refusal(source, preprocess)
+    reason = onnx_refusal(source)
     if reason:
       raise ValueError(f'cannot export {source.name} to ONNX: {reason}')
   elif preprocess:
