@@ -50,12 +50,8 @@ FSDP8 = "--config.mesh=(('data',-1),('fsdp',8))"
 # Cell -> overrides chosen for it (mesh, remat, accumulation); default: none.
 OVERRIDES = {
     'H14-jft@v4:4x4x4': [FSDP8], 'H14-jft@v6e:8x8': [FSDP8], 'H14-jft@v5e:8x8': [FSDP8],
-    'H14-jft@8xH100': [FSDP8, '--config.grad_accum_steps=4'],
     'g14-jft@v4:4x4x4': [FSDP8], 'g14-jft@v6e:8x8': [FSDP8], 'g14-jft@v5e:8x8': [FSDP8],
     'g14-jft@v5p:4x4x4': [FSDP8],
-    'g14-jft@8xH100': [FSDP8, '--config.grad_accum_steps=8'],
-    'B16-i21k@8xH100': ['--config.grad_accum_steps=2'],
-    'L16-i21k@8xH100': ['--config.grad_accum_steps=4'],
 }
 
 

@@ -108,6 +108,10 @@ EXEMPT = {
          'with the [test] extra, into a fresh virtual environment'),
     "pip install -c constraints.txt -e '.[test]'":
         ('installs the package into the environment', '.ci/run runs exactly this'),
+    'python benchmarks/plan_recipes.py --run all':
+        ('compiles every recipe for every target: hours on a small CPU',
+         'tests/test_plan.py compiles the same step for a TPU topology and GPU nodes, and '
+         'the documented vit_jax.plan commands run here at the runlocal size'),
     "pip install -c constraints.txt -e '.[plan]'":
         ('installs the compile-only TPU and GPU compilers',
          '.ci/run installs them with the [test] extra; tests/test_plan.py uses them'),
@@ -180,6 +184,7 @@ TINY = {
         '--models', TINY_MODEL, '--image-size', '16', '--memory-gb', '4', '--max-batch', '16',
         '--frameworks', 'jax'],
     'benchmarks/gpu_check.sh': [],
+    'benchmarks/plan_recipes.py': [],  # --table only reads docs/results/plans
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
@@ -644,6 +649,10 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_plan_table(run: Run) -> list[str]:
+  return [] if re.search(r'^\| B16-i21k \|.*fits', run.stdout, re.M) else ['no plans table']
+
+
 def _check_plan(run: Run) -> list[str]:
   path = last_value(run.argv, '--json')
   if path:
@@ -795,6 +804,7 @@ CHECKS = {
     'benchmarks/attention_benchmark.py': _check_attention,
     'benchmarks/max_batch.py': _check_max_batch,
     'benchmarks/gpu_check.sh': _check_gpu_check,
+    'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
 }
 
