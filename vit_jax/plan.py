@@ -45,8 +45,7 @@ os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_gpu_enable_triton_gemm=false').strip()
 
-import collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import dataclasses
+import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import math
 import re
@@ -55,7 +54,6 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import cli
@@ -286,7 +284,7 @@ def _accum_options(config, chips: int) -> list[int]:
           if a > int(config.grad_accum_steps) and batch % a == 0 and (batch // a) % chips == 0]
 
 
-def _fsdp_options(mesh: dict[str, int]) -> list[dict[str, int]]:
+def _fsdp_options(mesh: dict[str, int]) -> list[int]:
   total = mesh['data'] * mesh['fsdp']
   out, fsdp = [], mesh['fsdp'] * 2
   while fsdp <= total:
