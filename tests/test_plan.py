@@ -10,6 +10,7 @@ implies.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,24 +76,29 @@ def test_tpu_plan_of_a_tiny_model(tmp_path):
   assert 'fits' in stdout and 'collectives per step per chip' in stdout
 
 
-def test_gpu_plan_of_a_tiny_model(tmp_path):
-  plan, _ = run_plan(tmp_path, '--gpu=h100', '--gpus_per_node=8')
-  assert plan['fits'] is True and plan['num_chips'] == 8
-  assert plan['mesh'] == {'data': 8, 'fsdp': 1}
+# Four H100s at batch 2048: the activations dominate, as in a real pre-training step.
+GPU = ['--gpu=h100', '--gpus_per_node=4', '--config.batch_size=2048']
+
+
+@pytest.fixture(scope='module')
+def gpu_plan(tmp_path_factory):
+  return run_plan(tmp_path_factory.mktemp('gpu'), *GPU)[0]
+
+
+def test_gpu_plan_of_a_tiny_model(gpu_plan):
+  plan = gpu_plan
+  assert plan['fits'] is True and plan['num_chips'] == 4
+  assert plan['mesh'] == {'data': 4, 'fsdp': 1}
   chip = plan['per_chip_bytes']
-  batch = 64 // 8 * (16 * 16 * 3 + 10) * 4
+  batch = 2048 // 4 * (16 * 16 * 3 + 10) * 4
   assert chip['arguments'] == chip['params'] + chip['optimizer'] + 4 + batch
   assert plan['peak_flops_per_chip'] == 989e12
   assert set(plan['collectives']) == {'all-reduce'}  # replicated: gradients only
 
 
-def test_search_finds_overrides_that_fit_when_planned_again(tmp_path):
-  """A GPU memory share too small for the step: the suggested overrides fit.
-
-  At batch 2048 the activations dominate, as in a real pre-training step.
-  """
-  big = ['--gpu=h100', '--gpus_per_node=4', '--config.batch_size=2048']
-  base, _ = run_plan(tmp_path, *big, name='base.json')
+def test_search_finds_overrides_that_fit_when_planned_again(tmp_path, gpu_plan):
+  """A GPU memory share too small for the step: the suggested overrides fit."""
+  big, base = GPU, gpu_plan
   needed = base['per_chip_bytes']['total']
   fraction = 0.6 * needed / base['hbm_bytes']
   plan, stdout = run_plan(tmp_path, *big, f'--gpu_memory_fraction={fraction}',
@@ -124,19 +130,23 @@ def test_collectives_are_read_from_hlo_text():
   assert out['reduce-scatter']['count'] == 1
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--topology=v9:2x2'], "--topology='v9:2x2'"),
-    (['--topology=v5e:2x2x2'], 'v5e topologies have 2 dimensions'),
-    (['--topology=v5e:2x2', '--gpu=h100'], 'give one target'),
-    ([], 'give one target'),
+@pytest.mark.parametrize('topology, message', [
+    ('v9:2x2', "--topology='v9:2x2': expected a Cloud TPU topology"),
+    ('v5e:2x2x2', 'v5e topologies have 2 dimensions'),
+    ('v5p:4x4', 'v5p topologies have 3 dimensions'),
 ])
-def test_bad_targets_are_one_line_errors(args, message):
-  proc = subprocess.run([sys.executable, '-m', 'vit_jax.plan', *TINY, *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
+def test_bad_topologies_are_refused_by_name(topology, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    accelerators.tpu_target(topology)
+
+
+def test_a_missing_target_is_a_one_line_error():
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.plan', *TINY, '--topology=v5e:2x2',
+                         '--gpu=h100'], cwd=REPO, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, XLA_FLAGS=''))
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
-  assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+  assert len(errors) == 1 and 'give one target' in errors[0], proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr
 
 
