@@ -60,23 +60,6 @@ from vit_jax import cli
 
 FLAGS = flags.FLAGS
 
-config_flags.DEFINE_config_file(
-    'config', None, 'Training config file (configs/*.py[:argument]), as for vit_jax.main.',
-    lock_config=True)
-flags.DEFINE_string('topology', None, 'Cloud TPU topology: v4:2x2x2, v5e:4x4, v5p:4x4x4, '
-                    'v6e:16x16, ...')
-flags.DEFINE_integer('num_slices', 1, 'TPU slices joined over the data-centre network.')
-flags.DEFINE_enum('gpu', None, ['a100', 'h100', 'h200'], 'GPU model of the target nodes.')
-flags.DEFINE_integer('gpus_per_node', 8, 'GPUs per node (--gpu).')
-flags.DEFINE_integer('nodes', 1, 'Nodes (--gpu).')
-flags.DEFINE_float('mfu', 0.5, 'Model FLOPs utilisation assumed for the predicted step time.')
-flags.DEFINE_float('gpu_memory_fraction', 0.75,
-                   "Share of a GPU's memory the run may use: JAX's default preallocation "
-                   '(XLA_PYTHON_CLIENT_MEM_FRACTION) is 0.75.')
-flags.DEFINE_bool('search', True, 'When the step does not fit, search overrides that fit.')
-flags.DEFINE_string('json', None, 'Also write the plan as JSON to this file.')
-flags.DEFINE_bool('verbose', False, 'On an error, also print its traceback.')
-
 REMAT_ORDER = ('none', 'dots', 'block')  # least recomputation (and most memory) first
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                 'collective-permute')
@@ -260,6 +243,11 @@ def analyse(result: Compiled, target, *, mfu: float, gpu_memory_fraction: float)
   total = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
               - memory.alias_size_in_bytes + temp)
   xla = flops.xla_flops(result.compiled)
+  if xla and config.grad_accum_steps > 1:
+    # XLA counts a while loop's body once: the accumulation loop runs it once per
+    # micro-batch (the optimizer update outside the loop is then over-counted, by
+    # well under 1% of a ViT step).
+    xla *= int(config.grad_accum_steps)
   out['flops_per_step'] = xla
   out['per_chip_bytes'] = {'params': params, 'optimizer': optimizer, 'temp': temp,
                            'total': total, 'arguments': int(memory.argument_size_in_bytes)}
@@ -444,6 +432,27 @@ def _quoted(override: str) -> str:
   return f'--config.{key}="{value}"' if '(' in value else f'--config.{key}={value}'
 
 
+def _define_flags() -> None:
+  """The command line (defined when run as a program, so that importing this module
+  beside vit_jax.main, which defines --config too, is possible)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config file (configs/*.py[:argument]), as for vit_jax.main.',
+      lock_config=True)
+  flags.DEFINE_string('topology', None, 'Cloud TPU topology: v4:2x2x2, v5e:4x4, v5p:4x4x4, '
+                      'v6e:16x16, ...')
+  flags.DEFINE_integer('num_slices', 1, 'TPU slices joined over the data-centre network.')
+  flags.DEFINE_enum('gpu', None, ['a100', 'h100', 'h200'], 'GPU model of the target nodes.')
+  flags.DEFINE_integer('gpus_per_node', 8, 'GPUs per node (--gpu).')
+  flags.DEFINE_integer('nodes', 1, 'Nodes (--gpu).')
+  flags.DEFINE_float('mfu', 0.5, 'Model FLOPs utilisation assumed for the predicted step time.')
+  flags.DEFINE_float('gpu_memory_fraction', 0.75,
+                     "Share of a GPU's memory the run may use: JAX's default preallocation "
+                     '(XLA_PYTHON_CLIENT_MEM_FRACTION) is 0.75.')
+  flags.DEFINE_bool('search', True, 'When the step does not fit, search overrides that fit.')
+  flags.DEFINE_string('json', None, 'Also write the plan as JSON to this file.')
+  flags.DEFINE_bool('verbose', False, 'On an error, also print its traceback.')
+
+
 def _target_from_flags():
   from vit_jax import accelerators  # pylint: disable=g-import-not-at-top
   if bool(FLAGS.topology) == bool(FLAGS.gpu):
@@ -490,5 +499,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.quiet_console()
   app.run(main, flags_parser=cli.parse_absl_flags)
