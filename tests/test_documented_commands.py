@@ -78,6 +78,7 @@ no dataset, which must stop with the "not prepared" message naming that dir.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import glob
@@ -88,6 +89,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Optional
@@ -385,10 +387,19 @@ def cluster_main_argv(command: str) -> Optional[list[str]]:
 # Fixtures: data dir, tiny checkpoint, torch file, photo, stand-in checkout.
 # ---------------------------------------------------------------------------
 
+# Most documented commands run the same tiny model: one persistent compilation cache
+# for all their processes compiles each of its steps once.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix='vit_jax_doc_commands_jax_cache_')
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+
+
 def subprocess_env() -> dict:
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return env
 
 
