@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Optional
 
 GIB = 2**30
 
@@ -209,18 +208,3 @@ def gpu_devices(gpu: str, gpus_per_node: int = 8, nodes: int = 1) -> list:
                        'constraints.txt -e ".[plan]"') from None
     raise
   return list(description.devices)
-
-
-def devices_for(target: Target, *, topology: Optional[str] = None,
-                gpu: Optional[str] = None, gpus_per_node: int = 8, nodes: int = 1) -> list:
-  if target.chip.platform == 'tpu':
-    return tpu_devices(topology, target.num_slices)
-  return gpu_devices(gpu, gpus_per_node, nodes)
-
-
-def describe(devices: list) -> dict[str, Any]:
-  """What the compile-only devices say of themselves (for the plan's header)."""
-  first = devices[0]
-  return {'device_kind': first.device_kind, 'platform': first.platform,
-          'num_devices': len(devices),
-          'processes': len({d.process_index for d in devices})}

@@ -14,7 +14,7 @@ The whole parallelism story of vit_jax is in this file:
   global_batch / num_devices examples; each process feeds only its own slice
   (`shard_batch` builds the global array from per-process pieces).
 - Each large parameter (and its optimizer state) is split along its largest
-  axis divisible by the `fsdp` size (`state_shardings`); small arrays (biases,
+  axis divisible by the `fsdp` size (`fsdp_sharding`); small arrays (biases,
   norms) are replicated. XLA inserts the all-gathers before use and the
   reduce-scatters of the gradients: one `jax.jit` train step with these
   shardings is the whole parallel program.
@@ -275,9 +275,6 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: Optional[int] = None) -> Any:
     return replicated(mesh)
 
   return jax.tree.map(spec, tree)
-
-
-state_shardings = fsdp_sharding  # the train state's shardings on any mesh
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:

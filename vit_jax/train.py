@@ -266,7 +266,7 @@ def build_program(config: ml_collections.ConfigDict, num_classes: int, mesh: Mes
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  state_sharding = parallel.fsdp_sharding(abstract_state, mesh)
   batch_sharding = parallel.data_sharding(mesh)
   train_step = jax.jit(make_train_step(model, tx, config, schedule=schedule, mesh=mesh),
                        in_shardings=(state_sharding, batch_sharding),
