@@ -1170,8 +1170,14 @@ def iterate_numpy(ds) -> Iterator[dict[str, Any]]:
         stashed = _unstash(str(e))
         if stashed is None:
           raise
-        raise stashed from None
-      yield batch
+      else:
+        yield batch
+        continue
+      # The error's traceback keeps this frame, and so tf.data's iterator, alive until
+      # the garbage collector runs, perhaps during interpreter exit, when destroying
+      # the iterator hangs (see _LIVE_ITERATORS): let the iterator go first.
+      del iterator
+      raise stashed
 
   generator = batches()
   _LIVE_ITERATORS.add(generator)

@@ -93,7 +93,8 @@ def _quiet_after_failed_writes() -> None:
 
   After a failed (e.g. disk-full) write, TensorStore's callbacks find the event
   loop of that save closed and print `RuntimeError: Event loop is closed` through
-  sys.excepthook, and the unfinished write coroutines are reported at exit: dozens of
+  sys.excepthook or, from a callback with no frame to raise into, sys.unraisablehook;
+  and the unfinished write coroutines are reported at exit: dozens of
   tracebacks around the one line that matters.
   """
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
@@ -106,6 +107,10 @@ def _quiet_after_failed_writes() -> None:
   def filtered_unraisablehook(unraisable):
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
     if any('/orbax/' in frame.filename for frame in frames):
+      return
+    # A TensorStore completion posted to the closed loop: no orbax frame on its stack.
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
       return
     unraisablehook(unraisable)
 
