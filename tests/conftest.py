@@ -14,6 +14,18 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
+# Most tests compile the same tiny models' steps, many in subprocesses: one
+# persistent JAX compilation cache for the whole run (made by the controlling
+# process, inherited by pytest-xdist's workers and every subprocess). With a size
+# limit JAX takes a file lock around each read and write, so concurrent processes
+# never see a half-written entry.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ and 'PYTEST_XDIST_WORKER' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='vit_jax_tests_jax_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
 # TFDS prepares the embedded digits on first use into its data dir. A private one
 # per test process (pytest-xdist runs two) keeps concurrent preparations apart and
 # leaves ~/tensorflow_datasets alone; subprocesses inherit it. Before TFDS is imported.

@@ -168,17 +168,21 @@ class _DropOrbaxDiskFull(std_logging.Filter):
   one full disk); the `CheckpointDiskFullError` raised instead says it in one."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if '/orbax/' not in record.pathname:
-      return True
     if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
       return False
-    return 'No space left on device' not in record.getMessage()
+    # Orbax's own records, and asyncio's "Task exception was never retrieved" for
+    # a write coroutine of the failed save (its message holds the exception's text).
+    if '/orbax/' in record.pathname or record.name == 'asyncio':
+      return 'No space left on device' not in record.getMessage()
+    return True
 
 
 def _install_log_filter() -> None:
-  logger = std_logging.getLogger('absl')
-  if not any(isinstance(f, _DropOrbaxDiskFull) for f in logger.filters):
-    logger.addFilter(_DropOrbaxDiskFull())
+  # A logger's filters see only the records made on it: both that Orbax's writers use.
+  for name in ('absl', 'asyncio'):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _DropOrbaxDiskFull) for f in logger.filters):
+      logger.addFilter(_DropOrbaxDiskFull())
 
 
 def _all_finite(tree: Any) -> bool:
