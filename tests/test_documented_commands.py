@@ -21,7 +21,9 @@ What runs differs from the documented text in exactly these ways:
    sizes, one seed, and `--only ViT` (the ResNet side of the CLI is trained by
    tests/test_compare.py::test_cli_tiny_run). `benchmarks/benchmark.py`: one
    cell, ViT-Test_4@16, batch 2, fp32, one repeat of one step, inference only,
-   no timm contender and no scaling table (the training and timm paths run in
+   no timm contender and no scaling table, the smoke preset with no minimum
+   repeat time (so the documented presets, checked by argparse, then run one
+   cell alike and are run once; the training and timm paths run in
    tests/test_benchmark_smoke.py, which runs `--preset smoke` as documented).
    `benchmarks/attention_benchmark.py`: 1 x 17 tokens x 2 heads x 8, one round.
    `benchmarks/max_batch.py`: ViT-Test_4 at 16x16, ours only, a 4 GiB budget and
@@ -179,7 +181,8 @@ TINY = {
                          '--data_dir', '{tfds}'],
     'benchmarks/benchmark.py': [
         '--models', f'{TINY_MODEL}@16', '--batch-size', '2', '--dtypes', 'fp32',
-        '--repeats', '1', '--steps', '1', '--modes', 'infer', '--no-timm', '--no-scaling'],
+        '--repeats', '1', '--steps', '1', '--modes', 'infer', '--no-timm', '--no-scaling',
+        '--preset', 'smoke', '--min-repeat-seconds', '0'],
     'benchmarks/attention_benchmark.py': [
         '--batch', '1', '--tokens', '17', '--heads', '2', '--head-dim', '8', '--rounds', '1'],
     'benchmarks/max_batch.py': [

@@ -112,13 +112,14 @@ def test_dropout_only_in_train_mode():
   # A non-zero head so dropout shows up in the logits.
   variables = jax.tree.map(lambda x: x, variables)
   variables['params']['head']['kernel'] = jnp.ones_like(variables['params']['head']['kernel'])
-  eval_a, _ = model.apply(variables, images, train=False)
-  eval_b, _ = model.apply(variables, images, train=False)
+  apply = jax.jit(model.apply, static_argnames='train')
+  eval_a, _ = apply(variables, images, train=False)
+  eval_b, _ = apply(variables, images, train=False)
   np.testing.assert_array_equal(eval_a, eval_b)
   rngs = lambda seed: {'dropout': jax.random.PRNGKey(seed)}
-  train_a, _ = model.apply(variables, images, train=True, rngs=rngs(0))
-  train_b, _ = model.apply(variables, images, train=True, rngs=rngs(1))
-  train_a2, _ = model.apply(variables, images, train=True, rngs=rngs(0))
+  train_a, _ = apply(variables, images, train=True, rngs=rngs(0))
+  train_b, _ = apply(variables, images, train=True, rngs=rngs(1))
+  train_a2, _ = apply(variables, images, train=True, rngs=rngs(0))
   assert not np.allclose(train_a, eval_a)
   assert not np.allclose(train_a, train_b)
   np.testing.assert_array_equal(train_a, train_a2)
@@ -127,12 +128,12 @@ def test_dropout_only_in_train_mode():
 def test_bfloat16_compute_keeps_float32_params():
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   model = model_configs.build_model('ViT-Test_4', 5, dtype=jnp.bfloat16)
-  variables = model.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  logits, out = model.apply(variables, images)
+  logits, out = jax.jit(model.apply)(variables, images)
   assert out['encoded'].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-  reference, _ = model_configs.build_model('ViT-Test_4', 5).apply(variables, images)
+  reference, _ = jax.jit(model_configs.build_model('ViT-Test_4', 5).apply)(variables, images)
   np.testing.assert_allclose(logits, reference, atol=0.05)
 
 
@@ -161,7 +162,7 @@ def test_every_remat_policy_gives_the_gradients_of_no_remat(policy):
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   labels = jax.nn.one_hot(jnp.arange(4) % 5, 5)
   plain = model_configs.build_model(config, 5, remat_policy='none')
-  params = plain.init(jax.random.PRNGKey(0), images)['params']
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), images)['params']
 
   def grads(model):
     def loss(p):
