@@ -34,16 +34,3 @@ if 'TFDS_DATA_DIR' not in os.environ:
   os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix=f'vit_jax_tests_tfds_{_worker}_')
   atexit.register(shutil.rmtree, os.environ['TFDS_DATA_DIR'], ignore_errors=True)
 
-
-# pytest-xdist (`--dist loadfile`) hands out test files in collection order. The
-# longest files go first, so that no worker is left alone with one of them at the
-# end while the other has nothing to do (durations measured on 2 cores, seconds).
-_LONG_FILES = {
-    'test_documented_commands.py': 440, 'test_export.py': 340, 'test_models.py': 230,
-    'test_train_digits.py': 230, 'test_train_multiprocess.py': 125, 'test_cli_errors.py': 120,
-    'test_configs.py': 115, 'test_compare.py': 110, 'test_run_history.py': 100,
-}
-
-
-def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
-  items.sort(key=lambda item: -_LONG_FILES.get(item.path.name, 0))  # stable within a file
