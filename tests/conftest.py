@@ -33,4 +33,3 @@ if 'TFDS_DATA_DIR' not in os.environ:
   _worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
   os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix=f'vit_jax_tests_tfds_{_worker}_')
   atexit.register(shutil.rmtree, os.environ['TFDS_DATA_DIR'], ignore_errors=True)
-

@@ -99,8 +99,11 @@ def _quiet_after_failed_writes() -> None:
   """
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
+  def loop_closed(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
   def filtered_excepthook(kind, value, tb):
-    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+    if loop_closed(value):
       return
     excepthook(kind, value, tb)
 
@@ -109,8 +112,7 @@ def _quiet_after_failed_writes() -> None:
     if any('/orbax/' in frame.filename for frame in frames):
       return
     # A TensorStore completion posted to the closed loop: no orbax frame on its stack.
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    if loop_closed(unraisable.exc_value):
       return
     unraisablehook(unraisable)
 
