@@ -13,6 +13,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # hardware, and let libtpu load in several processes at once.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# `import tensorflow` eagerly imports Keras 3's optimizers (~1.5 s of CPU in each of
+# the suite's ~100 processes that read data); asked for the legacy tf_keras, which
+# is not installed, TensorFlow skips that import. Nothing here uses Keras.
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # Most tests compile the same tiny models' steps, many in subprocesses: one
 # persistent JAX compilation cache for the whole run (made by the controlling

@@ -174,7 +174,7 @@ def _initial_state(config, checkpointer, abstract_state, state_sharding, model_c
   if config.pretrained_path:
     return _pretrained_state(config, abstract_state, model_config, state_sharding,
                              init_state), 0
-  return jax.jit(init_state, out_shardings=state_sharding)(None), 0
+  return jax.jit(init_state, out_shardings=state_sharding)(None, np.int32(config.seed)), 0
 
 
 def _pretrained_state(config, abstract_state, model_config, state_sharding, init_state):
@@ -206,7 +206,7 @@ class Program:
   model: Any
   tx: optax.GradientTransformation
   schedule: Callable
-  init_state: Callable[..., TrainState]  # (params=None) -> TrainState; jit it
+  init_state: Callable[..., TrainState]  # (params=None, seed) -> TrainState; jit it
   abstract_state: TrainState  # ShapeDtypeStructs
   state_sharding: TrainState  # NamedShardings
   batch_sharding: NamedSharding
@@ -257,10 +257,12 @@ def build_program(config: ml_collections.ConfigDict, num_classes: int, mesh: Mes
   schedule = optimizers.make_schedule(config)
   tx = optimizers.make_optimizer(config, schedule)
   height, width = image_hw(config.image_size)
-  init_key = jax.random.fold_in(jax.random.key(int(config.seed)), 0)
 
-  def init_state(params=None) -> TrainState:
+  def init_state(params=None, seed=int(config.seed)) -> TrainState:
+    # Jitted with the seed passed in: as a constant, each seed would be another
+    # program to compile (vit_jax.compare trains several seeds in one process).
     if params is None:
+      init_key = jax.random.fold_in(jax.random.key(seed), 0)
       images = jnp.zeros((1, height, width, 3), jnp.float32)
       params = model.init({'params': init_key}, images, train=False)['params']
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
