@@ -110,7 +110,7 @@ EXEMPT = {
     'pip install -c constraints.txt -e .':
         ('installs the package into the environment', '.ci/run installs it the same way, '
          'with the [test] extra, into a fresh virtual environment'),
-    "pip install --no-compile -c constraints.txt -e '.[test]'":
+    "pip install -c constraints.txt -e '.[test]'":
         ('installs the package into the environment', '.ci/run runs exactly this'),
     'python benchmarks/plan_recipes.py --run all':
         ('compiles every recipe for every target: hours on a small CPU',
