@@ -14,7 +14,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # `import tensorflow` eagerly imports Keras 3's optimizers (~1.5 s of CPU in each of
-# the suite's ~100 processes that read data); asked for the legacy tf_keras, which
+# the suite's processes that read data); asked for the legacy tf_keras, which
 # is not installed, TensorFlow skips that import. Nothing here uses Keras.
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 

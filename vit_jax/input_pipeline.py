@@ -110,11 +110,17 @@ def _tf():
     pass  # TF already initialised its devices, or has no TPU support.
   return tf
 
+
+def _as_written(fn: Callable) -> Callable:
+  """`fn` for tf.data to trace as it is, without AutoGraph. Our functions branch
+  with tf.cond and tf.where, never Python control flow on tensors, so converting
+  them only cost time: ~1.7 s of CPU per process that builds a pipeline."""
+  return _tf().autograph.experimental.do_not_convert(fn)
+
+
 def _map(ds, fn: Callable, **kwargs):
-  """`ds.map(fn)` without AutoGraph. Our functions branch with tf.cond and
-  tf.where, never Python control flow on tensors, so converting them only cost
-  time: ~1.7 s of CPU per process that builds a pipeline."""
-  return ds.map(_tf().autograph.experimental.do_not_convert(fn), **kwargs)
+  """`ds.map(fn)` with `fn` as written (`_as_written`)."""
+  return ds.map(_as_written(fn), **kwargs)
 
 
 @functools.cache
@@ -312,9 +318,9 @@ class _TfdsSource(_Source):
     )
     image_key, label_key = self.image_key, self.label_key
     ds = _map(ds.enumerate(),
-        lambda index, ex: {'image': ex[image_key],
-                           'label': tf.cast(ex[label_key], tf.int64), 'id': index},
-        num_parallel_calls=tf.data.AUTOTUNE)
+              lambda index, ex: {'image': ex[image_key],
+                                 'label': tf.cast(ex[label_key], tf.int64), 'id': index},
+              num_parallel_calls=tf.data.AUTOTUNE)
     return ds, count
 
   def describe(self, split, process_index, process_count, key) -> str:
@@ -907,7 +913,7 @@ def _guarded_batches(batches, fn: Callable, report: Callable | None,
     inner = tf.data.Dataset.from_tensor_slices((tf.range(n), elements))
     if parallel:
       inner = _map(inner, lambda i, e: (i, fn(e)), num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True)
+                   deterministic=True)
     else:
       inner = _map(inner, lambda i, e: (i, fn(e)))
     inner = inner.ignore_errors()
@@ -1057,8 +1063,7 @@ def get_train_dataset(config,
 
   first_element = int(start_step) * batch
   first_epoch, skip = divmod(first_element, count)
-  ds = tf.data.Dataset.counter(start=first_epoch).flat_map(
-      tf.autograph.experimental.do_not_convert(one_epoch))
+  ds = tf.data.Dataset.counter(start=first_epoch).flat_map(_as_written(one_epoch))
   # Index of each element in this process's stream, for its random seed.
   ds = ds.enumerate(start=first_epoch * count)
   ds = ds.skip(skip)  # Before decoding: skipped elements cost only a read.
@@ -1084,10 +1089,9 @@ def get_train_dataset(config,
     ds = _map(ds, lambda b: {'image': b['image'], 'label': b['label']})
   if alpha > 0:
     ds = _map(ds.enumerate(start=int(start_step)),
-        lambda step, b: _mixup(
-            b, tf.random.experimental.stateless_fold_in(mixup_key, step),
-            alpha),
-        num_parallel_calls=tf.data.AUTOTUNE)
+              lambda step, b: _mixup(
+                  b, tf.random.experimental.stateless_fold_in(mixup_key, step), alpha),
+              num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return _options(ds)
 
@@ -1147,7 +1151,7 @@ def get_eval_dataset(config,
                     _BadImageReporter(source, split, pi, pc, _bad_image_policy(config)))
   # A left-out image ('skip') is masked like padding: it counts nowhere.
   ds = _map(ds, lambda e: {'image': e['image'], 'label': e['label'],
-                         'mask': tf.cast(e['ok'], tf.float32)})
+                           'mask': tf.cast(e['ok'], tf.float32)})
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros([*image_size, 3], tf.float32),
       'label': tf.zeros([num_classes], tf.float32),
