@@ -55,6 +55,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import release_names
 
 FORMATS = ('onnx', 'stablehlo')
 TOLERANCE = 1e-4
@@ -130,6 +131,8 @@ def load(checkpoint_path: str, model: Optional[str] = None, config: Optional[str
   if not os.path.isdir(path):
     if not os.path.exists(path):
       raise FileNotFoundError(f'no such checkpoint file or workdir: {path!r}')
+    if model or not config:  # a release file name says which preset it holds
+      model = release_names.preset_for(path, model)
     if not model and not config:
       raise ValueError(f'{path!r} is an .npz: name its model with --model PRESET or --config '
                        'FILE (a run\'s workdir records its own)')

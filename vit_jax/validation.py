@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax import optimizers
+from vit_jax import release_names
 from vit_jax import remat
 from vit_jax.configs import models
 from vit_jax.configs import schema
@@ -128,6 +129,10 @@ def validate_config(config, num_devices: Optional[int] = None,
   path = config.pretrained_path
   if path and not os.path.exists(os.path.expanduser(str(path))):
     raise ValueError(f'config.pretrained_path={path!r} does not exist')
+  if path:
+    # A release file's name and arrays say which preset it is for: refused here, not
+    # after the data pipeline and the model are built.
+    release_names.check_pretrained(path, config.model_name)
   # The model must accept the overrides, dtype and image size.
   model = build_model(config, 10 if dataset != SYNTHETIC else config.num_classes)
   try:

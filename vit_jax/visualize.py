@@ -58,6 +58,7 @@ from vit_jax import cli
 from vit_jax import images as images_lib
 
 from vit_jax import predict
+from vit_jax import release_names
 from vit_jax import train_checkpoints
 from vit_jax.configs import models as model_configs
 from vit_jax.configs import schema
@@ -569,10 +570,16 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
     if model_config is None and meta.get('model_name') and not args.model:
       model_config = model_configs.get_config(meta['model_name'])
     dataset = dataset or meta.get('dataset')
-  if args.model:
+  if args.checkpoint and (args.model or model_config is None):
+    # A release file name says which preset it holds; a --model that does not fit is refused.
+    model = release_names.preset_for(args.checkpoint, args.model)
+    if model:
+      model_config = model_configs.get_config(model)
+  elif args.model:
     model_config = model_configs.get_config(args.model)
   if model_config is None:
-    raise SystemExit('--model is required (or --config / --workdir naming one)')
+    raise SystemExit('--model is required (or --config / --workdir naming one, or a '
+                     'checkpoint named like a released file)')
   if args.checkpoint:
     params = load_params(args.checkpoint)
   if params is not None:
