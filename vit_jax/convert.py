@@ -1328,7 +1328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--no_verify', action='store_true',
                       help='write without reading the output back (e.g. without torch)')
   parser.add_argument('--verbose', action='store_true',
-                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
+                      help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
@@ -1341,7 +1341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           verify=not args.no_verify, tolerance=args.tolerance)
   except (ValueError, OSError, ImportError, MemoryError) as e:
     # Bad input, a failed check, a missing library, a full disk: one line, exit 2.
-    return checkpoint.report_user_error(e, args.verbose)
+    return cli.report_user_error(e, args.verbose)
   n = sum(int(np.prod(v.shape)) for v in checkpoint.flatten(result.params).values())
   checked = ('unchecked' if not result.checks else 'checked: max |logit difference| ' +
              ', '.join(f'{k} {v:.2g}' for k, v in result.checks.items()))
