@@ -18,10 +18,13 @@ from absl import logging
 import numpy as np
 
 from vit_jax.checkpoint_layouts import HEAD_KEYS, POSEMB_KEY, normalize_layout
-from vit_jax.model_fit import _MIXER_TOKEN_RE, _check_resnet_fit, _raise_if_problems, _resolve_config, model_family
+from vit_jax.model_fit import (
+    _MIXER_TOKEN_RE, _check_resnet_fit, _raise_if_problems, _resolve_config, model_family)
 from vit_jax.npz_reader import check_weights, load_flat, read_npz_specs
 from vit_jax.param_trees import Params, PathLike, _shape, _to_numpy, flatten, unflatten
-from vit_jax.patch_grid import MIXER_GRID_KEY, _check_posemb_method, _grid_pair, mixer_tokens, num_prefix_tokens, patch_stride, resize_posemb
+from vit_jax.patch_grid import (
+    MIXER_GRID_KEY, _check_posemb_method, _grid_pair, mixer_tokens, num_prefix_tokens,
+    patch_stride, resize_posemb)
 
 
 def _has_data(x: Any) -> bool:

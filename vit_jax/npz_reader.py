@@ -20,7 +20,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from vit_jax.checkpoint_layouts import BIG_VISION_PREFIX, OPT_TARGET_PREFIX, _normalize_names, _strip_prefixes
+from vit_jax.checkpoint_layouts import (
+    BIG_VISION_PREFIX, OPT_TARGET_PREFIX, _normalize_names, _strip_prefixes)
 from vit_jax.model_fit import check_params
 from vit_jax.param_trees import Params, PathLike, _as_flat, _to_numpy, unflatten
 
