@@ -55,6 +55,7 @@ import math
 import weakref
 from typing import Any, Iterator
 
+from vit_jax import randaugment as randaugment_lib
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
 from vit_jax.bad_image_guard import (
@@ -73,6 +74,7 @@ from vit_jax.bad_image_guard import (  # pylint: disable=unused-import
 
 TRAIN_PP = ('inception_crop', 'resize_crop', 'plain')
 EVAL_PP = ('resize', 'resize_crop')
+MIXUP_FORMS = ('reverse', 'augreg')
 
 # Tags separating the random streams derived from (seed, process).
 _SHUFFLE_TAG, _AUGMENT_TAG, _MIXUP_TAG = 1, 2, 3
@@ -92,7 +94,18 @@ def _pp_settings(config) -> dict[str, Any]:
   if not 0 < pp['min_area'] <= pp['max_area'] <= 1:
     raise ValueError('Need 0 < config.pp.min_area <= config.pp.max_area <= 1, '
                      f'got {pp["min_area"]}, {pp["max_area"]}.')
+  pp['randaug'] = randaugment_lib.check(pp['randaug'], pp['randaug_ops'])
   return pp
+
+
+def check_mixup(config) -> tuple[float, str]:
+  """(config.mixup_alpha, config.mixup_form), checked."""
+  alpha, form = config.mixup_alpha, config.mixup_form
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+    raise ValueError(f'config.mixup_alpha must be a number >= 0, got {alpha!r}.')
+  if form not in MIXUP_FORMS:
+    raise ValueError(f'Unknown config.mixup_form={form!r}; expected one of {MIXUP_FORMS}.')
+  return float(alpha), form
 
 
 def _local_batch(config, field: str, process_count: int) -> int:
@@ -153,9 +166,7 @@ def get_train_dataset(config,
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   image_size = image_hw(config.image_size)
   seed = int(config.seed)
-  alpha = float(config.mixup_alpha)
-  if not alpha >= 0:
-    raise ValueError(f'config.mixup_alpha must be >= 0, got {alpha}.')
+  alpha, mixup_form = check_mixup(config)
   buffer = int(config.shuffle_buffer)
   if buffer < 1:
     raise ValueError(f'config.shuffle_buffer must be >= 1, got {buffer}.')
@@ -214,7 +225,8 @@ def get_train_dataset(config,
   if alpha > 0:
     ds = _map(ds.enumerate(start=int(start_step)),
               lambda step, b: _mixup(
-                  b, tf.random.experimental.stateless_fold_in(mixup_key, step), alpha),
+                  b, tf.random.experimental.stateless_fold_in(mixup_key, step), alpha,
+                  mixup_form),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return _options(ds)

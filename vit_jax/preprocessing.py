@@ -1,4 +1,4 @@
-"""Image preprocessing in tf.data: decoding, the training crops, eval resizing, mixup.
+"""Image preprocessing in tf.data: decoding, the training crops and RandAugment, eval resizing, mixup.
 
 Every random choice is a stateless function of a per-element seed (see
 `vit_jax.input_pipeline`), so a resumed run preprocesses each image as the
@@ -9,7 +9,11 @@ decoded, so an image too large to decode is refused without decoding it.
 from __future__ import annotations
 
 from vit_jax import images as images_lib
+from vit_jax import randaugment as randaugment_lib
 from vit_jax.tf_imports import _tf
+
+# Tag of RandAugment's stream within an example's augmentation seed.
+_RANDAUG_TAG = 1
 
 
 # ----------------------------------------------------------------------------
@@ -142,6 +146,13 @@ def _train_preprocess(data, seed, pp, image_size):
     image = tf.image.resize(_decode(data), image_size, method=method)
   if pp['flip'] and pp['train'] != 'plain':
     image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
+  if pp['randaug']:  # on uint8, as AugReg
+    layers, magnitude, ops = pp['randaug']
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image.set_shape([*image_size, 3])
+    image = randaugment_lib.randaugment(
+        image, layers, magnitude,
+        tf.random.experimental.stateless_fold_in(seed, _RANDAUG_TAG), ops)
   return _to_float(image)
 
 
@@ -160,17 +171,22 @@ def _eval_preprocess(data, pp, image_size):
   return _to_float(image)
 
 
-def _mixup(batch, seed, alpha: float):
-  """Mixes each example with the batch reversed, weight lam ~ Beta(a, a)."""
+def _mixup(batch, seed, alpha: float, form: str = 'reverse'):
+  """One weight lam ~ Beta(alpha, alpha) per batch. 'reverse': example i mixed with
+  example B-1-i; 'augreg' (big_vision): lam = max(lam, 1 - lam), example i mixed with
+  example i-1 (the batch rolled by one)."""
   tf = _tf()
   s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   g1 = tf.random.stateless_gamma([], seed=s1, alpha=alpha)
   g2 = tf.random.stateless_gamma([], seed=s2, alpha=alpha)
   total = g1 + g2
   lam = tf.where(total > 0, g1 / tf.maximum(total, 1e-30), 1.0)
+  if form == 'augreg':
+    lam = tf.maximum(lam, 1.0 - lam)
 
   def mix(x):
-    return lam * x + (1.0 - lam) * tf.reverse(x, axis=[0])
+    other = tf.roll(x, 1, axis=0) if form == 'augreg' else tf.reverse(x, axis=[0])
+    return lam * x + (1.0 - lam) * other
 
   return {'image': mix(batch['image']), 'label': mix(batch['label'])}
 
