@@ -107,6 +107,22 @@ COMMAND_TIMEOUT_S = 600
 
 # Documented commands that do not run here: command -> (why, where it is covered).
 EXEMPT = {
+    # The AugReg release's folder is not made here: tests/test_augreg_docs.py runs these
+    # on a release folder (index.csv and .npz files) it writes.
+    'python -m vit_jax.augreg --index /data/augreg/index.csv --model R26_S_32 --ds i21k '
+    '--adapt_ds imagenet2012 --top 5':
+        ('reads a local copy of the AugReg index', 'tests/test_augreg_docs.py runs it on a '
+         'test-made index.csv'),
+    'python -m vit_jax.main --config=configs/augreg.py:R26_S_32 '
+    '--config.pretrained_dir=/data/augreg --config.data_dir=/data/tfds '
+    '--workdir=/tmp/r26_s32':
+        ('fine-tunes a checkpoint of a local copy of the AugReg release',
+         'tests/test_augreg_index.py::test_finetunes_on_digits runs it on the digits, 2 steps '
+         'at 64 px, from a test-made release folder'),
+    'python -m vit_jax.predict --checkpoint /data/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-'
+    'wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz --image /data/cat.jpg':
+        ('reads a release-named checkpoint', 'tests/test_augreg_docs.py runs it on a '
+         'test-made file of that name'),
     'pip install -c constraints.txt -e .':
         ('installs the package into the environment', '.ci/run installs it the same way, '
          'with the [test] extra, into a fresh virtual environment'),
