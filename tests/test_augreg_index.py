@@ -168,3 +168,31 @@ def test_finetunes_on_digits(release, tmp_path):
   log = result.stdout + result.stderr
   assert f'Fine-tuning from {os.path.join(release, BEST)}.npz' in log, log[-3000:]
   assert 'grid 7x7 -> 2x2' in log, log[-3000:]
+
+
+def test_notebook_runs_on_the_release_folder(release, tmp_path, monkeypatch):
+  """notebooks/augreg.ipynb: index, choice, prediction and a 2-step fine-tune on the digits."""
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  import test_notebooks  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, 'notebooks', 'augreg.ipynb')
+  nb = nbformat.read(path, as_version=4)
+  tagged = [c for c in nb.cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
+  assert len(tagged) == 1 and 'VIT_JAX_NOTEBOOK_SMOKE' in tagged[0].source
+  assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code')
+  env = dict(test_notebooks._kernel_env(tmp_path), VIT_JAX_AUGREG_DIR=release,  # pylint: disable=protected-access
+             VIT_JAX_AUGREG_LAYERS='1')
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, allow_errors=False,
+                                   resources={'metadata': {'path': os.path.dirname(path)}})
+  client.kernel_manager_class = test_notebooks._manager_class()  # pylint: disable=protected-access
+  client.execute()
+  text = '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code'
+                   for o in c.get('outputs', []))
+  assert BEST in text and 'preset R26+ViT-S_32' in text, text[-2000:]
+  assert 'test accuracy after 2 steps' in text, text[-2000:]
+  figures = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
+             if 'image/png' in o.get('data', {})]
+  assert len(figures) == 3
