@@ -152,14 +152,16 @@ def test_malformed_index_is_one_error(release, tmp_path, capsys):
 
 def test_finetunes_on_digits(release, tmp_path):
   """configs/augreg.py:R26_S_32, 2 steps at 64 px on the digits: 7x7+1 position embeddings
-  resampled to 2x2+1, a fresh 10-class head (one transformer block, as the file)."""
+  resampled to 2x2+1, a fresh 10-class head (one transformer block, as the file). The
+  notebook test below fine-tunes with the same settings: its steps come from the
+  tests' shared compilation cache."""
   workdir = str(tmp_path / 'run')
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.main', '--config=configs/augreg.py:R26_S_32',
        f'--config.pretrained_dir={release}', '--config.dataset=digits',
        '--config.eval_split=test', '--config.image_size=64', '--config.batch_size=8',
        '--config.eval_batch_size=8', '--config.total_steps=2', '--config.warmup_steps=1',
-       '--config.eval_every=0', '--config.checkpoint_every=0', '--config.log_every=1',
+       '--config.eval_every=1', '--config.checkpoint_every=0', '--config.log_every=1',
        '--config.pp.crop_pad=8', '--config.model.transformer.num_layers=1',
        f'--workdir={workdir}'],
       cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -2,14 +2,12 @@
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint
 from vit_jax import release_names
-from vit_jax.configs import models as model_configs
+
+from test_predict import random_checkpoint  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = 'R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1'
@@ -56,23 +54,14 @@ def test_other_names_say_nothing():
     assert release_names.parse(file) is None, file
 
 
-def _random_file(path, preset, num_classes=10, size=32, seed=0):
-  model = model_configs.build_model(preset, num_classes)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))['params']
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  checkpoint.save(params, path)
-  return str(path)
-
-
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('release')
   image = str(root / 'digit.png')
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
-  ti = _random_file(root / TI_FINETUNED, 'ViT-Ti_16')
+  ti = str(root / TI_FINETUNED)
+  random_checkpoint(ti, 'ViT-Ti_16', num_classes=10, size=32)
   # A file named as an S/16 that holds a Ti/16: the arrays win.
   misnamed = str(root / 'S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz')
   os.link(ti, misnamed)
