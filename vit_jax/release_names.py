@@ -31,15 +31,18 @@ import sys
 from typing import Any, Mapping, Optional
 
 _NUMBER = r'[0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?'
+# The released ViT sizes; this project's own tiny presets (ViT-Test_4) are no release names.
+_SIZE = '(?:Ti|S|B|L|H|g)'
 _AUGREG = re.compile(
-    r'(?P<short>[A-Za-z0-9_]+?(?:-gap-norep)?)-(?P<ds>i1k|i21k|i21k_30)-(?P<epochs>[0-9]+)ep'
+    rf'(?P<short>(?:R[0-9]*_)?{_SIZE}_[0-9]+(?:-gap-norep)?)-(?P<ds>i1k|i21k|i21k_30)'
+    r'-(?P<epochs>[0-9]+)ep'
     rf'-lr_(?P<lr>{_NUMBER})-aug_(?P<aug>[a-z]+[0-9]*)-wd_(?P<wd>{_NUMBER})'
     rf'-do_(?P<do>{_NUMBER})-sd_(?P<sd>{_NUMBER})'
     rf'(?:--(?P<adapt_ds>[a-z0-9_.]+)-steps_(?P<steps>[0-9]+)k-lr_(?P<adapt_lr>{_NUMBER})'
     r'-res_(?P<res>[0-9]+))?')
 _PAPER = re.compile(
     r'(?:(?P<upstream>[a-z0-9]+)\+(?P<adapt_ds>[a-z0-9_]+)_)?'
-    r'(?P<preset>(?:R[0-9]*\+)?ViT-[A-Za-z]+_[0-9]+)(?:-(?P<res>[0-9]+))?')
+    rf'(?P<preset>(?:R[0-9]*\+)?ViT-{_SIZE}_[0-9]+)(?:-(?P<res>[0-9]+))?')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Identified:
   preset: str
   name: ReleaseName
   note: Optional[str]  # set when the arrays overrule the name
+  fits: tuple[str, ...]  # the presets the arrays' shapes fit (none: a file of no preset)
 
 
 def identify(path: str | os.PathLike, specs: Optional[Mapping[str, Any]] = None
@@ -98,12 +102,19 @@ def identify(path: str | os.PathLike, specs: Optional[Mapping[str, Any]] = None
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if specs is None:
     specs = checkpoint.read_npz_specs(os.fspath(path))
-  fits = checkpoint.guess_presets(specs)
+  fits = tuple(checkpoint.guess_presets(specs))
   if not fits or name.preset in fits:
-    return Identified(name.preset, name, None)
+    return Identified(name.preset, name, None, fits)
   note = (f'{os.fspath(path)!r} is named as a {name.preset} checkpoint but its arrays are '
           f'{fits[0]}\'s; the arrays win: using {fits[0]}')
-  return Identified(fits[0], name, note)
+  return Identified(fits[0], name, note, fits)
+
+
+def _refuses(found: Optional[Identified], model: str) -> bool:
+  """Whether `model` is not what the file holds. Arrays that fit no preset refuse
+  nothing here: loading names their mismatched shapes."""
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  return found is not None and bool(found.fits) and models.canonical_name(model) not in found.fits
 
 
 def preset_for(path: str | os.PathLike, model: Optional[str],
@@ -115,7 +126,6 @@ def preset_for(path: str | os.PathLike, model: Optional[str],
   or with `required` a ValueError asking for `flag`. A `model` that does not fit
   a release-named file is refused in one line naming the preset that does.
   """
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   found = None
   if str(path).endswith('.npz') and os.path.isfile(path):
     found = identify(path, specs)
@@ -128,11 +138,11 @@ def preset_for(path: str | os.PathLike, model: Optional[str],
     if found.note:
       print(f'note: {found.note}', file=sys.stderr)
     return found.preset
-  if models.canonical_name(model) != found.preset:
+  if _refuses(found, model):
     why = found.note or f'{os.path.basename(os.fspath(path))!r} is a {found.preset} checkpoint'
     raise ValueError(f'{flag} {model} does not fit {os.fspath(path)!r}: {why}; use '
                      f'{flag} {found.preset} (or leave {flag} out)')
-  return found.preset
+  return model
 
 
 def image_size(path: str | os.PathLike, specs: Mapping[str, Any], preset: str
@@ -154,12 +164,11 @@ def image_size(path: str | os.PathLike, specs: Mapping[str, Any], preset: str
 
 def check_pretrained(path: str, model_name: str) -> None:
   """Refuses, before training, a release-named `config.pretrained_path` of another model."""
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(str(path))
   if not path.endswith('.npz') or not os.path.isfile(path):
     return
   found = identify(path)
-  if found is None or models.canonical_name(model_name) == found.preset:
+  if not _refuses(found, model_name):
     return
   why = found.note or f'it is a {found.preset} checkpoint'
   raise ValueError(f'config.pretrained_path={path!r} does not fit config.model_name='
