@@ -186,7 +186,7 @@ def pipeline_config(root, **overrides):
   fields = dict(dataset=f'image_folder:{root}', train_split='train', eval_split='test',
                 image_size=8, pp=dict(train='plain', eval='resize'), batch_size=4,
                 eval_batch_size=4, cache=False, shuffle_buffer=64)
-  return ml_collections.ConfigDict({**fields, **overrides})
+  return schema.resolve({**fields, **overrides})
 
 
 def test_case1_corrupt_eval_image_keeps_final_checkpoint_and_names_it(tmp_path):
@@ -365,7 +365,7 @@ def test_case1_tfds_bad_record_named_by_split_and_index(tmp_path):
                               decoders={'image': tfds.decode.SkipDecoding()})
   bad = [i for i, ex in enumerate(tfds.as_numpy(stored)) if ex['image'] == garbage.read_bytes()]
   assert len(bad) == 1
-  config = ml_collections.ConfigDict(dict(
+  config = schema.resolve(dict(
       dataset='tiny', data_dir=str(tmp_path / 'tfds'), eval_split='test', image_size=8,
       pp=dict(eval='resize'), eval_batch_size=2))
   # Alone, and as the process of two whose part ([0, 3) or [3, 5)) holds it.

@@ -38,14 +38,14 @@ def tiny_config(**overrides):
 
 
 def synthetic_batches(config, num):
-  data = data_sources.SyntheticData(config)
+  data = data_sources.SyntheticData(schema.resolve(config))
   it = data.train_batches(0)
   return [next(it) for _ in range(num)]
 
 
 def host_init(config):
   """Initial params as numpy (the same for every mesh: a function of the config only)."""
-  model = train.build_model(config, config.num_classes)
+  model = train.build_model(schema.resolve(config), config.num_classes)
   height, width = image_hw(config.image_size)
   init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, height, width, 3)),
                                       train=False)['params'])
@@ -247,4 +247,4 @@ def test_model_overrides_apply():
   assert schema.model_config(schema.resolve(config)).transformer.num_layers == 1
   assert models.get_config('ViT-Test_4').transformer.num_layers == 2
   with pytest.raises(ValueError, match='config.model'):
-    train.validate_config(tiny_config(model=dict(no_such_field=1)))
+    train.validate_config(schema.resolve(tiny_config(model=dict(no_such_field=1))))
