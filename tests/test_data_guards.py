@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vit_jax.configs import schema
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
