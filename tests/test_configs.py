@@ -203,6 +203,7 @@ RUNLOCAL = [('bit_baseline.py', 'runlocal'), ('pretrain_imagenet21k.py', 'runloc
             ('finetune_cifar10.py', 'Mixer-B_16,runlocal')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,arg', RUNLOCAL)
 def test_runlocal_variant_trains(name, arg, tmp_path, digits_data_dir):
   config = load(os.path.join(REPO, 'configs', name), arg,

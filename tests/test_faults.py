@@ -39,6 +39,7 @@ from vit_jax import train
 from vit_jax import train_checkpoints
 from vit_jax import workdir_lock
 from vit_jax.configs import models as model_configs
+from vit_jax.configs import schema
 
 try:
   # timm loads torch's triton, which crashes (SIGSEGV) once TensorFlow is loaded, and
@@ -189,6 +190,7 @@ def pipeline_config(root, **overrides):
   return schema.resolve({**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_case1_corrupt_eval_image_keeps_final_checkpoint_and_names_it(tmp_path):
   """The issue's run: garbage test/cat/bad.jpg. The 4 steps are saved before the final
   evaluation fails, and the one-line error names the file."""
@@ -236,6 +238,7 @@ def test_case1_each_kind_of_bad_image_raises_naming_it(tmp_path, name):
       next(batches)
 
 
+@pytest.mark.slow
 def test_case1_skip_drops_counts_logs_and_lists_them(tmp_path, caplog):
   """bad_images='skip' through a whole run: every kind is left out, logged once, and
   listed in workdir/bad_images.txt; evaluation counts the good images only."""
@@ -333,6 +336,7 @@ def test_case1_folders_checked_at_start(tmp_path, caplog):
                                                   'not a file'}
 
 
+@pytest.mark.slow
 def test_case1_tfds_bad_record_named_by_split_and_index(tmp_path):
   """A prepared TFDS dataset whose test example 3 holds garbage bytes."""
   tfds = pytest.importorskip('tensorflow_datasets')
@@ -409,6 +413,7 @@ def start_main(config_path, workdir):
 TIMING_KEYS = ('train_seconds', 'steps_per_sec', 'images_per_sec')
 
 
+@pytest.mark.slow
 def test_case2_second_run_on_a_workdir_exits_at_once_naming_the_first(tmp_path, trained_run):
   config_path = write_run_config(tmp_path / 'config.py')  # trained_run's, run alone
   workdir = tmp_path / 'run'

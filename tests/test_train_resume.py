@@ -20,6 +20,9 @@ import pytest
 from vit_jax import train
 from vit_jax import train_checkpoints
 
+# Whole training runs (a minute or more on 2 CPU cores): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A checkpoint every other step makes the run wait for its saves, so it lasts
