@@ -26,6 +26,7 @@ import warnings
 import zipfile
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -619,7 +620,7 @@ def test_case4_bit_flip_in_latest_checkpoint_falls_back_with_warning(trained_run
   assert result['step'] == 8
   assert [d.split('-')[0] for d in os.listdir(workdir / 'checkpoints_corrupt')] == ['8']
   _, again = train_checkpoints.load_latest(str(workdir))  # resumed from 4, retrained 5..8
-  jax.tree.map(np.testing.assert_array_equal, again['params'], first['params'])
+  chex.assert_trees_all_equal(again['params'], first['params'])
 
 
 def test_case4_value_changed_on_disk_fails_its_checksum(tmp_path, monkeypatch):

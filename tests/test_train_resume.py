@@ -12,9 +12,8 @@ import sys
 import textwrap
 import time
 
-import jax
+import chex
 import ml_collections
-import numpy as np
 import pytest
 
 from vit_jax import train
@@ -82,7 +81,7 @@ def reference(tmp_path_factory):
 def _assert_same_params(workdir, reference):
   step, state = train_checkpoints.load_latest(str(workdir))
   assert step == CONFIG['total_steps']
-  jax.tree.map(np.testing.assert_array_equal, state['params'], reference)
+  chex.assert_trees_all_equal(state['params'], reference)
 
 
 def test_sigkill_then_restart_matches_uninterrupted(tmp_path, reference):
