@@ -150,6 +150,7 @@ def test_malformed_index_is_one_error(release, tmp_path, capsys):
     schema.resolve(config)
 
 
+@pytest.mark.slow  # a whole (2-step) training run
 def test_finetunes_on_digits(release, tmp_path):
   """configs/augreg.py:R26_S_32, 2 steps at 64 px on the digits: 7x7+1 position embeddings
   resampled to 2x2+1, a fresh 10-class head (one transformer block, as the file). The
@@ -172,6 +173,7 @@ def test_finetunes_on_digits(release, tmp_path):
   assert 'grid 7x7 -> 2x2' in log, log[-3000:]
 
 
+@pytest.mark.slow  # a notebook with a whole (2-step) training run
 def test_notebook_runs_on_the_release_folder(release, tmp_path, monkeypatch):
   """notebooks/augreg.ipynb: index, choice, prediction and a 2-step fine-tune on the digits."""
   nbformat = pytest.importorskip('nbformat')
