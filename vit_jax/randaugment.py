@@ -125,11 +125,13 @@ def auto_contrast(image, arg=None, key=None):
   del arg, key
   tf = _tf()
   out = []
-  for channel in _channels(image, tf.float64):  # double, as Pillow's table
+  for channel in _channels(image, tf.float64):  # Pillow's table, in double precision
     low, high = tf.reduce_min(channel), tf.reduce_max(channel)
     scale = 255.0 / tf.maximum(high - low, 1.0)
+    # 0 everywhere when high == low; clipped as Pillow's table (rounding may leave 0..255)
     stretched = tf.clip_by_value(tf.floor(channel * scale - low * scale), 0.0, 255.0)
-    out.append(tf.cond(high > low, lambda s=stretched: s, lambda c=channel: c))
+    flat = tf.cast(high <= low, tf.float64)  # then Pillow leaves the channel as it is
+    out.append(stretched + flat * channel)
   return tf.cast(tf.stack(out, -1), tf.uint8)
 
 
@@ -282,15 +284,31 @@ def shear_y(image, level: float, key=None):
   return _affine(image, 1.0, 0.0, 0.0, level, 1.0, 0.0)
 
 
+def _shift(image, pixels, axis: int):
+  """`_affine`'s translation along `axis` (out[i] = image[i + round(pixels)]), by slicing
+  and padding."""
+  tf = _tf()
+  size = tf.shape(image)[axis]
+  shift = tf.clip_by_value(tf.cast(tf.floor(pixels + 0.5), tf.int32), -size, size)
+  start, stop = tf.maximum(shift, 0), size + tf.minimum(shift, 0)
+  kept = image[start:stop] if axis == 0 else image[:, start:stop]
+  none = tf.zeros([2], tf.int32)
+  padding = [none, none, none]
+  padding[axis] = tf.stack([tf.maximum(-shift, 0), tf.maximum(shift, 0)])
+  out = tf.pad(kept, tf.stack(padding), constant_values=FILL)
+  out.set_shape(image.shape)
+  return out
+
+
 def translate_x(image, pixels: float, key=None):
   """The image moved left by `pixels` (right when negative)."""
   del key
-  return _affine(image, 1.0, 0.0, pixels, 0.0, 1.0, 0.0)
+  return _shift(image, pixels, 1)
 
 
 def translate_y(image, pixels: float, key=None):
   del key
-  return _affine(image, 1.0, 0.0, 0.0, 0.0, 1.0, pixels)
+  return _shift(image, pixels, 0)
 
 
 _FUNCTIONS: dict[str, Callable] = {
