@@ -193,6 +193,9 @@ TINY = {
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
+    'benchmarks/input_pipeline_benchmark.py': [
+        '--num_images', '16', '--jpeg_size', '64', '48', '--image_size', '32',
+        '--batch_size', '8', '--num_batches', '1', '--warmup', '1', '--repeats', '1'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -663,6 +666,11 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_input_pipeline(run: Run) -> list[str]:
+  found = re.search(r'with the augmentation, ([\d.]+)x the images per CPU-second', run.stdout)
+  return [] if found and float(found.group(1)) > 0 else ['no augmentation ratio printed']
+
+
 def _check_plan_table(run: Run) -> list[str]:
   return [] if re.search(r'^\| B16-i21k \|.*fits', run.stdout, re.M) else ['no plans table']
 
@@ -820,6 +828,7 @@ CHECKS = {
     'benchmarks/gpu_check.sh': _check_gpu_check,
     'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
+    'benchmarks/input_pipeline_benchmark.py': _check_input_pipeline,
 }
 
 
