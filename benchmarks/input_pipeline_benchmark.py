@@ -13,8 +13,9 @@ For each, it times the training pipeline with the pre-training recipe
 `--randaug`, (2, 15) by default, and big_vision's mixup with alpha 0.2: AugReg's
 `medium1`) and, unless --quick, the fine-tuning recipe (`pp.train='resize_crop'`:
 resize to image_size + crop_pad, random crop, flip) and the eval pipeline
-(`resize_crop`), at --image_size (224 by default). With --repeats N the training
-pipelines are timed N times, interleaved, and the median is reported.
+(`resize_crop`), at --image_size (224 by default); with --split also RandAugment
+alone and mixup alone. With --repeats N the training pipelines are timed N times,
+interleaved, and the median is reported.
 
 Usage:
   python benchmarks/input_pipeline_benchmark.py [--json] [--image_size 224]
@@ -142,8 +143,13 @@ def run(args, parser, tmp, results):
   pipelines = {'train/inception_crop': dict(pp_train='inception_crop')}
   if args.randaug:
     layers, magnitude = args.randaug
-    pipelines[f'train/+randaug({layers},{magnitude:g})+mixup'] = dict(
+    randaug = f'+randaug({layers},{magnitude:g})'
+    pipelines[f'train/{randaug}+mixup'] = dict(
         pp_train='inception_crop', randaug=(layers, magnitude), mixup_alpha=0.2)
+    if args.split:  # what each costs on its own
+      pipelines[f'train/{randaug}'] = dict(pp_train='inception_crop',
+                                           randaug=(layers, magnitude))
+      pipelines['train/+mixup'] = dict(pp_train='inception_crop', mixup_alpha=0.2)
   if not args.quick:
     pipelines['train/resize_crop'] = dict(pp_train='resize_crop')
   for label, dataset in datasets.items():
@@ -185,6 +191,8 @@ def main(argv=None):
   parser.add_argument('--randaug', type=float, nargs=2, default=(2, 15),
                       metavar=('LAYERS', 'MAGNITUDE'),
                       help='RandAugment of the augmented pipeline; 0 0: leave it out')
+  parser.add_argument('--split', action='store_true',
+                      help='also time RandAugment alone and mixup alone')
   parser.add_argument('--repeats', type=int, default=1,
                       help='interleaved timings of each training pipeline (median)')
   parser.add_argument('--json', action='store_true',
@@ -230,7 +238,8 @@ def augmentation_ratios(results) -> dict[str, float]:
   """Per source: images/CPU-s of the augmented pre-training pipeline over the plain one."""
   rates = {(r['source'], r['pipeline']): r['images_per_cpu_s'] for r in results}
   return {source: round(rate / rates[(source, 'train/inception_crop')], 3)
-          for (source, name), rate in rates.items() if '+randaug' in name}
+          for (source, name), rate in rates.items() if name.endswith('+mixup') and
+          '+randaug' in name}
 
 if __name__ == '__main__':
   main()
