@@ -184,7 +184,8 @@ def test_train_resume(data_dir, pp, alpha, randaug):
                        mixup_form='augreg' if randaug else 'reverse')
   full = batches(ip.get_train_dataset(config, process_index=0,
                                       process_count=1), 8)
-  for start in (4, 5):
+  # With RandAugment one start (inside the second epoch): each pipeline traces its ops.
+  for start in (5,) if randaug else (4, 5):
     resumed = batches(ip.get_train_dataset(config, start_step=start,
                                            process_index=0, process_count=1),
                       8 - start)
