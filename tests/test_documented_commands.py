@@ -30,8 +30,8 @@ What runs differs from the documented text in exactly these ways:
    batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
    --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
    `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
-   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the
-   arms medium2 and sd0.1.
+   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the arm
+   medium2.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
    `vit_jax.export`: `--image_size 16`. `vit_jax.onnx_classify`: nothing appended.
@@ -214,10 +214,13 @@ TINY = {
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
-    # RandAugment + mixup and stochastic depth, one seed of 2 steps each.
+    'benchmarks/input_pipeline_benchmark.py': [
+        '--num_images', '16', '--jpeg_size', '64', '48', '--image_size', '32',
+        '--batch_size', '8', '--num_batches', '1', '--warmup', '1', '--repeats', '1'],
+    # RandAugment + mixup, one seed of 2 steps (stochastic depth: the AugReg command).
     'benchmarks/small_data_study.py': [
         '--model', TINY_MODEL, '--steps', str(TOTAL_STEPS), '--batch-size', '16', '--seeds', '1',
-        '--arms', 'medium2,sd0.1', '--data-dir', '{tfds}'],
+        '--arms', 'medium2', '--data-dir', '{tfds}'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -688,6 +691,11 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_input_pipeline(run: Run) -> list[str]:
+  found = re.search(r'with the augmentation, ([\d.]+)x the images per CPU-second', run.stdout)
+  return [] if found and float(found.group(1)) > 0 else ['no augmentation ratio printed']
+
+
 def _check_plan_table(run: Run) -> list[str]:
   return [] if re.search(r'^\| B16-i21k \|.*fits', run.stdout, re.M) else ['no plans table']
 
@@ -856,6 +864,7 @@ CHECKS = {
     'benchmarks/gpu_check.sh': _check_gpu_check,
     'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
+    'benchmarks/input_pipeline_benchmark.py': _check_input_pipeline,
     'benchmarks/small_data_study.py': _check_small_data_study,
 }
 
