@@ -123,8 +123,9 @@ def _decode_random_crop(data, seed, min_area, max_area):
 def _to_float(image):
   """[0, 255] -> float32 [-1, 1]."""
   tf = _tf()
+  exact = image.dtype == tf.uint8  # 0 and 255 map to -1 and 1 exactly: no clip needed
   image = tf.cast(image, tf.float32) / 127.5 - 1.0
-  return tf.clip_by_value(image, -1.0, 1.0)
+  return image if exact else tf.clip_by_value(image, -1.0, 1.0)
 
 
 def _train_preprocess(data, seed, pp, image_size):

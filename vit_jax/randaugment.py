@@ -122,35 +122,60 @@ def _grey(image):
   return tf.round(red * 0.299 + green * 0.587 + blue * 0.114)
 
 
+def _channel_indices(image):
+  """int32 [H, W, 3]: each pixel value plus 256 x its channel, an index into a [3, 256]
+  table flattened (one bincount or gather serves all three channels). The offsets are
+  tiled to the image's shape: adding a broadcast [3] costs ~1 ms per 224x224 image on
+  the CPU, a same-shape add almost nothing."""
+  tf = _tf()
+  shape = tf.shape(image)
+  offsets = tf.tile(tf.constant([[[0, 256, 512]]]), [shape[0], shape[1], 1])
+  return tf.cast(image, tf.int32) + offsets
+
+
+def _histograms(indices):
+  """int32 [3, 256]: each channel's histogram, from `_channel_indices`."""
+  tf = _tf()
+  flat = tf.reshape(indices, [-1])
+  return tf.reshape(tf.math.bincount(flat, minlength=768, maxlength=768), [3, 256])
+
+
+def _lookup(indices, table):
+  """Each channel through its row of `table` ([3, 256], 0..255) -> uint8 [H, W, 3]."""
+  tf = _tf()
+  return tf.gather(tf.reshape(tf.cast(table, tf.uint8), [-1]), indices)
+
+
 def auto_contrast(image, arg=None, key=None):
-  """ImageOps.autocontrast: each channel's [min, max] stretched to [0, 255]."""
+  """ImageOps.autocontrast: each channel's [min, max] stretched to [0, 255], by a table
+  computed as Pillow's (double precision, floor, clipped)."""
   del arg, key
   tf = _tf()
-  out = []
-  for channel in _channels(image, tf.float64):  # Pillow's table, in double precision
-    low, high = tf.reduce_min(channel), tf.reduce_max(channel)
-    scale = 255.0 / tf.maximum(high - low, 1.0)
-    # 0 everywhere when high == low; clipped as Pillow's table (rounding may leave 0..255)
-    stretched = tf.clip_by_value(tf.floor(channel * scale - low * scale), 0.0, 255.0)
-    flat = tf.cast(high <= low, tf.float64)  # then Pillow leaves the channel as it is
-    out.append(tf.cast(stretched + flat * channel, tf.float32))
-  return _merge(out)
+  indices = _channel_indices(image)
+  present = _histograms(indices) > 0
+  values = tf.range(256)
+  low = tf.reduce_min(tf.where(present, values, 256), axis=1, keepdims=True)
+  high = tf.reduce_max(tf.where(present, values, -1), axis=1, keepdims=True)
+  low, high = tf.cast(low, tf.float64), tf.cast(high, tf.float64)
+  levels = tf.cast(values, tf.float64)
+  scale = 255.0 / tf.maximum(high - low, 1.0)
+  stretched = tf.clip_by_value(tf.floor(levels * scale - low * scale), 0.0, 255.0)
+  # A flat channel (high == low) Pillow leaves as it is.
+  return _lookup(indices, tf.where(high <= low, levels, stretched))
 
 
 def equalize(image, arg=None, key=None):
   """ImageOps.equalize: per channel, the table Pillow builds from the histogram."""
   del arg, key
   tf = _tf()
+  indices = _channel_indices(image)
+  histogram = _histograms(indices)
   levels = tf.range(256)
-  out = []
-  for channel in tf.unstack(tf.cast(image, tf.int32), axis=-1):
-    histogram = tf.math.bincount(channel, minlength=256, maxlength=256)
-    last = tf.reduce_max(tf.where(histogram > 0, levels, -1))
-    step = (tf.reduce_sum(histogram) - histogram[last]) // 255
-    table = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
-    table = tf.cast(tf.where(step > 0, tf.minimum(table, 255), levels), tf.float32)
-    out.append(tf.gather(table, channel))
-  return _merge(out)
+  last = tf.reduce_max(tf.where(histogram > 0, levels, -1), axis=1, keepdims=True)
+  step = (tf.reduce_sum(histogram, axis=1, keepdims=True)
+          - tf.gather(histogram, last, batch_dims=1)) // 255
+  table = (step // 2 + tf.cumsum(histogram, axis=1, exclusive=True)) // tf.maximum(step, 1)
+  return _lookup(indices, tf.where(step > 0, tf.minimum(table, 255), levels))
 
 
 def invert(image, arg=None, key=None):
