@@ -125,9 +125,8 @@ def _decode_random_crop(data, seed, min_area, max_area):
 def _to_float(image):
   """[0, 255] -> float32 [-1, 1]."""
   tf = _tf()
-  exact = image.dtype == tf.uint8  # 0 and 255 map to -1 and 1 exactly: no clip needed
   image = tf.cast(image, tf.float32) / 127.5 - 1.0
-  return image if exact else tf.clip_by_value(image, -1.0, 1.0)
+  return tf.clip_by_value(image, -1.0, 1.0)
 
 
 def _train_preprocess(data, seed, pp, image_size):
@@ -151,12 +150,27 @@ def _train_preprocess(data, seed, pp, image_size):
     image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
   if pp['randaug']:  # on uint8, as AugReg
     layers, magnitude, ops = pp['randaug']
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = _xla(_to_uint8)(image)
     image.set_shape([*image_size, 3])
     image = randaugment_lib.randaugment(
         image, layers, magnitude,
         tf.random.experimental.stateless_fold_in(seed, _RANDAUG_TAG), ops)
+    return _xla(_to_float)(image)
   return _to_float(image)
+
+
+def _to_uint8(image):
+  """float [0, 255] -> uint8, rounded and clipped."""
+  tf = _tf()
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+@functools.cache
+def _xla(fn):
+  """`fn` compiled by XLA: its elementwise ops fused into one pass over the image,
+  where TensorFlow makes a pass per op (on the CPU, ~0.2 ms per 224x224 float image
+  each; benchmarks/input_pipeline_benchmark.py)."""
+  return _tf().function(fn, jit_compile=True)
 
 
 def _eval_preprocess(data, pp, image_size):
@@ -186,22 +200,18 @@ def _mixup(batch, seed, alpha: float, form: str = 'reverse'):
   lam = tf.where(total > 0, g1 / tf.maximum(total, 1e-30), 1.0)
   if form == 'augreg':
     lam = tf.maximum(lam, 1.0 - lam)
-  mix = _mixer(form)
+  mix = _xla(_augreg_mix if form == 'augreg' else _reverse_mix)
   return {'image': mix(batch['image'], lam), 'label': mix(batch['label'], lam)}
 
 
-@functools.cache
-def _mixer(form: str):
-  """(batch, lam) -> the batch mixed with its partner examples, compiled by XLA: one
-  fused pass over the float batch where TensorFlow's ops make four (half the host CPU
-  mixup costs; benchmarks/input_pipeline_benchmark.py)."""
-  tf = _tf()
+def _augreg_mix(x, lam):
+  """Example i mixed with example i - 1 (the batch rolled by one)."""
+  return lam * x + (1.0 - lam) * _tf().roll(x, 1, axis=0)
 
-  def mix(x, lam):
-    other = tf.roll(x, 1, axis=0) if form == 'augreg' else tf.reverse(x, axis=[0])
-    return lam * x + (1.0 - lam) * other
 
-  return tf.function(mix, jit_compile=True)
+def _reverse_mix(x, lam):
+  """Example i mixed with example B - 1 - i."""
+  return lam * x + (1.0 - lam) * _tf().reverse(x, axis=[0])
 
 
 def _base_key(seed: int, process_index: int, tag: int):
