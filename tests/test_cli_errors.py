@@ -169,6 +169,7 @@ def test_main_names_the_model_field(case, tmp_path):
   assert 'image_size' not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('state', ['new', 'partial', 'finished'])
 def test_main_read_only_workdir(state, finished_run):
   disk, workdir, digest, _ = finished_run
@@ -199,6 +200,7 @@ def test_visualize_bad_image(case, files, tmp_path):
                     *fragments)
 
 
+@pytest.mark.slow
 def test_visualize_read_only_out(finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.visualize', '--model', 'ViT-Test_4', '--random-init',
@@ -220,6 +222,7 @@ def test_compare_bad_arguments(case, tmp_path):
   assert len(result.stderr.splitlines()) <= 3  # not TFDS's catalogue
 
 
+@pytest.mark.slow
 def test_compare_read_only_out(finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.compare', '--steps', '2', '--out', f'{disk.path}/cmp'),
@@ -228,6 +231,7 @@ def test_compare_read_only_out(finished_run):
 
 # --- convert, predict, evaluate -------------------------------------------------------
 
+@pytest.mark.slow
 def test_convert_read_only_output(files, finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.convert', '--from', 'npz', '--to', 'timm', '--model',
@@ -312,6 +316,7 @@ def test_one_line_summary_of_a_model_mismatch():
   assert 'missing keys (1):\n  a: model (2,)' in str(error)  # the full listing stays
 
 
+@pytest.mark.slow
 def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   """A run's console: its own progress lines, one line naming WORKDIR/config.json, no
   config dump, no library banners (TPU probing, TensorFlow's CPU and oneDNN notes)."""

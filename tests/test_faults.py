@@ -607,6 +607,7 @@ def _flip_bits_in_array_files(step_dir, every=61):
     open(path, 'wb').write(bytes(data))
 
 
+@pytest.mark.slow
 def test_case4_bit_flip_in_latest_checkpoint_falls_back_with_warning(trained_run, tmp_path):
   workdir = copy_run(trained_run, tmp_path)
   step, first = train_checkpoints.load_latest(str(workdir))
