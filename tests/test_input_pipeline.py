@@ -168,7 +168,7 @@ def test_train_deterministic_given_seed(data_dir):
                                    process_count=1), 1)
   assert not np.array_equal(a[0]['image'], c[0]['image'])
   # Without explicit process arguments, JAX's process index/count are used.
-  (d,) = batches(ip.get_train_dataset(make_config(**{**config, 'seed': 0})), 1)
+  (d,) = batches(ip.get_train_dataset(schema.replace(config, seed=0)), 1)
   np.testing.assert_array_equal(d['image'], a[0]['image'])
 
 
