@@ -52,6 +52,8 @@ from typing import Any, Mapping, Optional, Union
 from absl import logging
 import numpy as np
 
+from vit_jax import storage
+
 PathLike = Union[str, os.PathLike]
 Params = dict
 
@@ -211,7 +213,7 @@ def max_npz_bytes(value: Optional[int] = None) -> int:
 
 def _not_a_zip_reason(path: str) -> str:
   """Why `path` is not a readable zip, from its first bytes."""
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     head = f.read(16)
   if not head:
     return 'the file is empty'
@@ -227,11 +229,13 @@ def _not_a_zip_reason(path: str) -> str:
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'Checkpoint file {path!r} does not exist')
-  if os.path.isdir(path):
+  if storage.isdir(path):
     raise ValueError(f'Cannot read checkpoint {path!r}: it is a directory, not an .npz file')
   try:
+    if storage.is_remote(path):  # seekable: the directory and each array are ranged reads
+      return zipfile.ZipFile(storage.open(path, 'rb'))
     return zipfile.ZipFile(path)
   except (zipfile.BadZipFile, EOFError):
     raise ValueError(f'Cannot read checkpoint {path!r}: {_not_a_zip_reason(path)}') from None
@@ -849,6 +853,11 @@ def save(params: Mapping, path: PathLike, layout: str = 'published') -> None:
     flat = params_to_bit(flat)
   if not flat:
     raise ValueError('Refusing to save an empty parameter tree')
+  if storage.is_remote(path):  # an object appears whole, once its upload is complete
+    with storage.open(path, 'wb') as f:
+      np.savez(f, **flat)
+    logging.info('Saved %d arrays to %s', len(flat), path)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(

@@ -80,6 +80,7 @@ def is_user_error(error: BaseException) -> bool:
     return True
   # Errors of modules that may not be imported (then not raised either).
   for module, name in (('vit_jax.workdir_lock', 'WorkdirLockedError'),
+                       ('vit_jax.storage', 'StorageError'),
                        ('vit_jax.periodic', 'NonFiniteLossError')):
     kind = getattr(sys.modules.get(module), name, None)
     if kind is not None and isinstance(error, kind):

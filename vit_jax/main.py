@@ -119,6 +119,15 @@ def _quiet_after_failed_writes() -> None:
   sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
 
 
+def _check_workdir(workdir: str) -> None:
+  """A local workdir must be a writable directory; a bucket one takes a probe object."""
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(workdir):
+    storage.probe_writable(workdir, '--workdir')
+  else:
+    cli.check_writable_dir(workdir, '--workdir')
+
+
 @contextlib.contextmanager
 def _workdir_locked_early(workdir: str) -> Iterator[None]:
   """The workdir's lock, if the workdir exists, before JAX and TensorFlow load.
@@ -128,7 +137,9 @@ def _workdir_locked_early(workdir: str) -> Iterator[None]:
   Multi-process runs leave it to process 0 there.
   """
   from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-  early = os.path.isdir(os.path.expanduser(workdir)) and not _wants_distributed()
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  early = ((storage.is_remote(workdir) or os.path.isdir(os.path.expanduser(workdir)))
+           and not _wants_distributed())
   with workdir_lock.hold(workdir, enabled=early):
     yield
 
@@ -148,8 +159,10 @@ def main(argv):
       sys.exit(cli.report_user_error(e, FLAGS.verbose))
     return
   try:  # Before the slow imports: a file or a read-only directory cannot hold a run.
-    cli.check_writable_dir(FLAGS.workdir, '--workdir')
-  except cli.UserError as e:
+    _check_workdir(FLAGS.workdir)
+  except (cli.UserError, OSError) as e:
+    if not _is_user_error(e) and not isinstance(e, cli.UserError):
+      raise
     sys.exit(cli.report_user_error(e, FLAGS.verbose))
   _quiet_after_failed_writes()
 
@@ -243,18 +256,11 @@ def _write_config(config, workdir: str) -> None:
   """The resolved config (every field, defaults included) as WORKDIR/config.json."""
   import json  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
   resolved = schema.resolve(config)
-  path = os.path.join(os.path.expanduser(workdir), 'config.json')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f'{path}.partial-{os.getpid()}'
-  try:
-    with open(partial, 'w', encoding='utf-8') as f:
-      json.dump(resolved.to_dict(), f, indent=1, sort_keys=True, default=str)
-      f.write('\n')
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+  path = storage.join(storage.resolve(workdir), 'config.json')
+  storage.write_text(path, json.dumps(resolved.to_dict(), indent=1, sort_keys=True,
+                                      default=str) + '\n')
   logging.info('Config: %s (model %s, dataset %s, %d steps of batch %d)', path,
                resolved.model_name, resolved.dataset, resolved.total_steps, resolved.batch_size)
 

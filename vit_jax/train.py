@@ -42,6 +42,7 @@ from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import periodic
 from vit_jax import run_history
+from vit_jax import storage
 from vit_jax import train_checkpoints
 from vit_jax import validation
 from vit_jax import workdir_lock
@@ -404,9 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = validate_config(config, num_devices=mesh.devices.size,
                            num_processes=jax.process_count())
   is_main = jax.process_index() == 0
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_count() > 1:  # checkpoints are written and read by all processes
+  workdir = storage.resolve(workdir)
+  storage.makedirs(workdir)
+  # Checkpoints are written and read by all processes: a local workdir must be one
+  # that every host mounts (a bucket is seen by all of them).
+  if jax.process_count() > 1 and not storage.is_remote(workdir):
     parallel.check_shared_workdir(workdir)
   with workdir_lock.hold(workdir, enabled=is_main):  # one run per workdir
     run = _set_up(config, workdir, mesh)
@@ -432,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.export_params and not preempted:
       params = parallel.gather(run.state.params, mesh)
       if is_main:
-        checkpoint.save(params, os.path.join(workdir, 'params.npz'))
+        checkpoint.save(params, storage.join(workdir, 'params.npz'))
     final.update({
         'step': int(step), 'preempted': preempted,
         # Over the run's whole history: a rerun that only evaluates or exports keeps them.
@@ -441,6 +444,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'num_processes': int(jax.process_count()),
     })
     if is_main and not preempted:
-      metric_writers.write_json(os.path.join(workdir, 'final_metrics.json'), final)
+      metric_writers.write_json(storage.join(workdir, 'final_metrics.json'), final)
     logging.info('Final metrics: %s', final)
     return final

@@ -54,6 +54,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vit_jax import storage
+
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
 _ITEMS = ('state', 'meta')
@@ -208,14 +210,15 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.workdir = storage.resolve(workdir)  # a local path or a gs:// URL
+    self.directory = storage.join(self.workdir, CHECKPOINT_DIR)
     self._max_to_keep = max_to_keep
     self._async = async_save
     self._failed = False  # A save failed and its error was raised.
     self._pending: Optional[int] = None  # The step of a save that may still be writing.
     self.restored_meta: Optional[dict] = None  # The meta of the checkpoint resumed from.
     _install_log_filter()
+    storage.configure()  # TensorStore's retries on gs://
     self._manager = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
@@ -271,8 +274,8 @@ class RunCheckpointer:
 
     Raises CheckpointDiskFullError before writing when the arrays alone cannot fit
     (a save takes more: Orbax's metadata, the checksums)."""
-    if jax.process_count() > 1:  # Each process writes only its part.
-      return False
+    if jax.process_count() > 1 or storage.is_remote(self.directory):
+      return False  # Each process writes only its part; a bucket has no free space.
     need = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
     try:
       free = shutil.disk_usage(self.directory).free
@@ -318,11 +321,18 @@ class RunCheckpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      path = self.directory if step is None else storage.join(self.directory, str(step))
+      if storage.is_remote(self.directory) and storage.is_storage_failure(e):
+        self._failed = True
+        # Orbax commits a save only once complete: the earlier ones are intact.
+        raise storage.StorageError(
+            errno.EIO, f'Cloud Storage failed while saving the checkpoint {path} '
+            f'({storage.describe(e, path)}); the checkpoints saved before it are intact: '
+            'rerun the same command to resume once the bucket answers', path) from None
       if not is_disk_full(e):
         raise
       self._failed = True
       # Orbax renames a save into place only once complete: the earlier ones are intact.
-      path = self.directory if step is None else os.path.join(self.directory, str(step))
       raise CheckpointDiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
 
   # -- restoring -------------------------------------------------------------
@@ -397,12 +407,15 @@ class RunCheckpointer:
     """Moves a bad step directory aside, so that the run can save that step again."""
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
-      src = os.path.join(self.directory, str(step))
-      if os.path.isdir(src):
-        dst_root = os.path.join(self.workdir, CORRUPT_DIR)
-        os.makedirs(dst_root, exist_ok=True)
-        dst = os.path.join(dst_root, f'{step}-{int(time.time() * 1000)}')
-        shutil.move(src, dst)
+      src = storage.join(self.directory, str(step))
+      if storage.isdir(src):
+        dst_root = storage.join(self.workdir, CORRUPT_DIR)
+        storage.makedirs(dst_root)
+        dst = storage.join(dst_root, f'{step}-{int(time.time() * 1000)}')
+        if storage.is_remote(src):
+          storage.rename(src, dst)
+        else:
+          shutil.move(src, dst)
         logging.warning('Moved the unusable checkpoint to %s', dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
