@@ -125,10 +125,11 @@ def load(checkpoint_path: str, model: Optional[str] = None, config: Optional[str
   """
   from vit_jax import evaluate  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(checkpoint_path))
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.resolve(checkpoint_path)  # a local path or a gs:// URL
   cfg = evaluate.load_config(config) if config else schema.resolve({})
-  if not os.path.isdir(path):
-    if not os.path.exists(path):
+  if not storage.isdir(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f'no such checkpoint file or workdir: {path!r}')
     if not model and not config:
       raise ValueError(f'{path!r} is an .npz: name its model with --model PRESET or --config '

@@ -8,7 +8,6 @@ need the model (does `image_size` fit the patch size?) build it abstractly with
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from absl import logging
@@ -126,7 +125,8 @@ def validate_config(config, num_devices: Optional[int] = None,
     if not _is_int(classes) or classes < 1:
       raise ValueError(f'config.num_classes must be a positive integer, got {classes!r}')
   path = config.pretrained_path
-  if path and not os.path.exists(os.path.expanduser(str(path))):
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if path and not storage.exists(str(path)):
     raise ValueError(f'config.pretrained_path={path!r} does not exist')
   # The model must accept the overrides, dtype and image size.
   model = build_model(config, 10 if dataset != SYNTHETIC else config.num_classes)

@@ -530,10 +530,11 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
   newest run checkpoint; the metadata (model_name, dataset, step) comes from
   that checkpoint when there is one.
   """
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
   meta: dict = {}
   params = None
-  exported = os.path.join(workdir, 'params.npz')
-  if os.path.isdir(os.path.join(workdir, train_checkpoints.CHECKPOINT_DIR)):
+  exported = storage.join(workdir, 'params.npz')
+  if storage.isdir(storage.join(workdir, train_checkpoints.CHECKPOINT_DIR)):
     checkpointer = train_checkpoints.RunCheckpointer(workdir, max_to_keep=None,
                                                      async_save=False)
     try:
@@ -541,9 +542,9 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
     finally:
       checkpointer.close()
     meta = dict(meta or {})
-    if state is not None and not os.path.exists(exported):
+    if state is not None and not storage.exists(exported):
       params = state['params'] if isinstance(state, dict) else state.params
-  if os.path.exists(exported):
+  if storage.exists(exported):
     params = load_params(exported)
   if params is None:
     raise SystemExit(f'{workdir} holds neither params.npz nor a run checkpoint')
