@@ -55,6 +55,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
 
 FORMATS = ('onnx', 'stablehlo')
 TOLERANCE = 1e-4
@@ -644,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--tolerance', type=float, default=TOLERANCE,
                       help='largest max |logit difference| from the JAX model accepted')
   parser.add_argument('--verbose', action='store_true',
-                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
+                      help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   try:
     result = export(args.checkpoint, args.format, args.out, model=args.model, config=args.config,
@@ -652,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     tolerance=args.tolerance, opset=args.opset)
   except (ValueError, OSError, ImportError, MemoryError) as e:
     # Bad input, a refused model, a failed check, a missing library: one line, exit 2.
-    return checkpoint.report_user_error(e, args.verbose)
+    return cli.report_user_error(e, args.verbose)
   diffs = ', '.join(f'batch {b} {d:.2g}' for b, d in result.checks.items())
   print(f'Wrote {result.path} ({result.format}; checked against JAX: max |logit difference| '
         f'{diffs})')

@@ -176,8 +176,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
-    from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    sys.exit(checkpoint.report_user_error(e, FLAGS.verbose))
+    sys.exit(cli.report_user_error(e, FLAGS.verbose))
   if metrics.get('preempted'):
     stopped_by = metrics.get('stopped_by', 'SIGTERM')
     print(f'error: Stopped by {stopped_by} at step {metrics["step"]} after saving a checkpoint '
