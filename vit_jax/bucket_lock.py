@@ -148,6 +148,10 @@ class BucketLock:
     self._stop.set()
     if self._beat is not None:
       self._beat.join(timeout=5)
+    if storage.is_down(self.path):
+      logging.warning('Leaving the lock %s: its bucket stopped answering (the next run '
+                      'takes it over).', self.path)
+      return
     try:
       _filesystem().rm_file(self._key())
     except Exception as e:  # pylint: disable=broad-except

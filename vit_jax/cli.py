@@ -73,6 +73,9 @@ def wants_traceback(verbose: bool = False) -> bool:
 
 def is_user_error(error: BaseException) -> bool:
   """Whether `error`'s message tells the user what to change (shown without a traceback)."""
+  storage_error = getattr(sys.modules.get('vit_jax.storage'), 'StorageError', None)
+  if storage_error is not None and isinstance(error, storage_error):
+    return True  # an OSError (EIO) whose message names the bucket and what failed
   if isinstance(error, OSError):
     return error.errno in _USER_ERRNOS or isinstance(
         error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
@@ -80,7 +83,6 @@ def is_user_error(error: BaseException) -> bool:
     return True
   # Errors of modules that may not be imported (then not raised either).
   for module, name in (('vit_jax.workdir_lock', 'WorkdirLockedError'),
-                       ('vit_jax.storage', 'StorageError'),
                        ('vit_jax.periodic', 'NonFiniteLossError')):
     kind = getattr(sys.modules.get(module), name, None)
     if kind is not None and isinstance(error, kind):

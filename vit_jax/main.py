@@ -119,6 +119,19 @@ def _quiet_after_failed_writes() -> None:
   sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
 
 
+def _exit_if_storage_down(status: int) -> None:
+  """Exits now when the workdir's bucket stopped answering during a save.
+
+  The failed save's writer threads wait minutes for a directory that will never
+  be created (Orbax's own timeout); the run has stopped and said why.
+  """
+  storage = sys.modules.get('vit_jax.storage')
+  if storage is not None and storage.is_down(FLAGS.workdir):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+
+
 def _check_workdir(workdir: str) -> None:
   """A local workdir must be a writable directory; a bucket one takes a probe object."""
   from vit_jax import storage  # pylint: disable=g-import-not-at-top
@@ -176,7 +189,9 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
-    sys.exit(cli.report_user_error(e, FLAGS.verbose))
+    status = cli.report_user_error(e, FLAGS.verbose)
+    _exit_if_storage_down(status)
+    sys.exit(status)
   if metrics.get('preempted'):
     stopped_by = metrics.get('stopped_by', 'SIGTERM')
     print(f'error: Stopped by {stopped_by} at step {metrics["step"]} after saving a checkpoint '

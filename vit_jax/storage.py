@@ -38,11 +38,20 @@ import posixpath
 import socket
 from typing import IO, Any, Iterator, Optional, Union
 
+from absl import logging
+
 PathLike = Union[str, os.PathLike]
 
 # TensorStore's retries of a failed GCS request (its defaults are 32 tries up to
-# 32 s apart: a quarter of an hour before a save can fail).
+# 32 s apart: a quarter of an hour before a save can fail); $VIT_JAX_GCS_RETRIES
+# sets the number of tries.
+GCS_RETRIES_ENV = 'VIT_JAX_GCS_RETRIES'
 TENSORSTORE_RETRIES = {'max_retries': 8, 'initial_delay': '1s', 'max_delay': '16s'}
+
+# The bucket a request failed on for good (after the retries), if any: the files
+# still to be written there at exit (metrics, the lock) are then left alone
+# instead of each waiting out its own retries.
+_down: Optional[str] = None
 
 
 class StorageError(OSError):
@@ -50,6 +59,21 @@ class StorageError(OSError):
 
   def one_line(self) -> str:
     return str(self.strerror)
+
+
+def mark_down(url: str) -> None:
+  """Records that `url`'s bucket stopped answering (see `is_down`)."""
+  global _down
+  _down = bucket_of(url)
+
+
+def is_down(url: str) -> bool:
+  """Whether a request to `url`'s bucket has failed for good in this process."""
+  return is_remote(url) and _down == bucket_of(url)
+
+
+def bucket_of(url: str) -> str:
+  return os.fspath(url).split('://', 1)[-1].split('/', 1)[0]
 
 
 def is_remote(path: PathLike) -> bool:
@@ -187,6 +211,9 @@ class BufferedObject:
   def sync(self) -> None:
     if self._data.tell() == self._synced:
       return
+    if is_down(self.path):
+      logging.warning('Not writing %s: its bucket stopped answering.', self.path)
+      return
     with _errors_named(self.path):
       epath_of(self.path).write_bytes(self._data.getvalue())
     self._synced = self._data.tell()
@@ -219,7 +246,7 @@ def probe_writable(url: str, flag: str) -> None:
 def describe(error: BaseException, url: str) -> str:
   """What went wrong with `url`, in a few words, from a client's exception."""
   text = f'{type(error).__name__}: {error}'
-  bucket = url.split('://', 1)[-1].split('/', 1)[0]
+  bucket = bucket_of(url)
   if isinstance(error, FileNotFoundError) or 'Not Found' in text or '404' in text:
     return f'bucket {bucket!r} does not exist (or this account cannot see it)'
   if isinstance(error, PermissionError) or '403' in text or '401' in text:
@@ -265,6 +292,7 @@ class _errors_named:  # pylint: disable=invalid-name
     if isinstance(error, FileNotFoundError) and not is_storage_failure(error):
       raise FileNotFoundError(errno.ENOENT, f'No such object: {self.path}', self.path) from None
     if is_storage_failure(error) or isinstance(error, OSError):
+      mark_down(self.path)
       raise StorageError(errno.EIO, f'Cloud Storage failed on {self.path}: '
                          f'{describe(error, self.path)}', self.path) from None
     return False
@@ -275,12 +303,17 @@ class _errors_named:  # pylint: disable=invalid-name
 _configured = False
 
 
-class _DropBucketTypeWarning(std_logging.Filter):
-  """gcsfs asks each bucket whether it is hierarchical and warns when it cannot tell
-  (no storage-control permission, an emulator), then works as for any bucket."""
+class _QuietGcsfs(std_logging.Filter):
+  """Drops two kinds of gcsfs records: the warning that it cannot tell whether a
+  bucket is hierarchical (no storage-control permission, an emulator; it then works
+  as for any bucket), and the traceback it logs for each request out of retries,
+  which reaches the user as one StorageError line instead."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return 'Could not determine bucket type' not in record.getMessage()
+    if 'Could not determine bucket type' in record.getMessage():
+      return False
+    return not (record.exc_info and record.exc_info[1] is not None
+                and is_storage_failure(record.exc_info[1]))
 
 
 def configure() -> None:
@@ -289,8 +322,7 @@ def configure() -> None:
   if _configured:
     return
   _configured = True
-  for name in ('gcsfs', 'gcsfs.extended_gcsfs'):
-    std_logging.getLogger(name).addFilter(_DropBucketTypeWarning())
+  std_logging.getLogger('gcsfs').addFilter(_QuietGcsfs())
   configure_retries()
 
 
@@ -305,6 +337,12 @@ def configure_retries(retries: Optional[dict] = None) -> None:
   except ImportError:
     return
   setting = dict(retries or TENSORSTORE_RETRIES)
+  tries = os.environ.get(GCS_RETRIES_ENV, '').strip()
+  if tries:
+    try:
+      setting['max_retries'] = max(0, int(tries))
+    except ValueError:
+      raise ValueError(f'{GCS_RETRIES_ENV}={tries!r} is not a whole number') from None
   for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
     context = getattr(tensorstore_utils, name, None)
     if isinstance(context, dict):

@@ -170,8 +170,9 @@ class _DropOrbaxDiskFull(std_logging.Filter):
   one full disk); the `CheckpointDiskFullError` raised instead says it in one."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
-      return False
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and (is_disk_full(error) or storage.is_storage_failure(error)):
+      return False  # the same for a bucket that stopped answering (StorageError)
     # Orbax's own records, and asyncio's "Task exception was never retrieved" for
     # a write coroutine of the failed save (its message holds the exception's text).
     if '/orbax/' in record.pathname or record.name == 'asyncio':
@@ -324,6 +325,7 @@ class RunCheckpointer:
       path = self.directory if step is None else storage.join(self.directory, str(step))
       if storage.is_remote(self.directory) and storage.is_storage_failure(e):
         self._failed = True
+        storage.mark_down(self.directory)
         # Orbax commits a save only once complete: the earlier ones are intact.
         raise storage.StorageError(
             errno.EIO, f'Cloud Storage failed while saving the checkpoint {path} '
