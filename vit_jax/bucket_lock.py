@@ -37,9 +37,7 @@ STALE_S = 120.0
 
 
 def _filesystem():
-  import fsspec  # pylint: disable=g-import-not-at-top
-  storage.configure()
-  return fsspec.filesystem('gs')
+  return storage.filesystem('gs://')
 
 
 def _pid_alive(pid: int) -> bool:

@@ -134,7 +134,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     raise ValueError(f'Cannot read checkpoint {path!r}: it is a directory, not an .npz file')
   try:
     if storage.is_remote(path):  # seekable: the directory and each array are ranged reads
-      return zipfile.ZipFile(storage.open(path, 'rb'))
+      return storage.ObjectZipFile(path)
     return zipfile.ZipFile(path)
   except (zipfile.BadZipFile, EOFError):
     raise ValueError(f'Cannot read checkpoint {path!r}: {_not_a_zip_reason(path)}') from None

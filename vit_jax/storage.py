@@ -36,6 +36,7 @@ import logging as std_logging
 import os
 import posixpath
 import socket
+import zipfile
 from typing import IO, Any, Iterator, Optional, Union
 
 from absl import logging
@@ -47,6 +48,8 @@ PathLike = Union[str, os.PathLike]
 # sets the number of tries.
 GCS_RETRIES_ENV = 'VIT_JAX_GCS_RETRIES'
 TENSORSTORE_RETRIES = {'max_retries': 8, 'initial_delay': '1s', 'max_delay': '16s'}
+
+READ_BLOCK_BYTES = 1 << 20
 
 # The bucket a request failed on for good (after the retries), if any: the files
 # still to be written there at exit (metrics, the lock) are then left alone
@@ -132,7 +135,19 @@ def open(path: PathLike, mode: str = 'r', **kwargs) -> IO[Any]:  # pylint: disab
   if not is_remote(path):
     return builtins.open(resolve(path), mode, **kwargs)
   with _errors_named(path):
+    if mode == 'rb':
+      # Ranged reads: a read of n bytes fetches those (small reads, e.g. zip and .npy
+      # headers, share 1 MiB blocks), so a load holds little beyond its arrays.
+      return filesystem(path).open(resolve(path), 'rb', cache_type='bytes',
+                                   block_size=READ_BLOCK_BYTES)
     return epath_of(path).open(mode, **kwargs)
+
+
+def filesystem(path: PathLike):
+  """The fsspec filesystem of a URL's scheme (gcsfs for gs://), as epath uses it."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  configure()
+  return fsspec.filesystem(os.fspath(path).split('://', 1)[0])
 
 
 def read_text(path: PathLike) -> str:
@@ -222,6 +237,26 @@ class BufferedObject:
     if not self.closed:
       self.sync()
       self.closed = True
+
+
+class ObjectZipFile(zipfile.ZipFile):
+  """A zip archive read from a bucket object through a seekable file whose reads fetch
+  byte ranges (the directory at the end, then only the members asked for); closing
+  the archive closes that file."""
+
+  def __init__(self, path: PathLike):
+    self._object_file = open(path, 'rb')
+    try:
+      super().__init__(self._object_file)
+    except BaseException:
+      self._object_file.close()
+      raise
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      self._object_file.close()
 
 
 # -- checks and errors -------------------------------------------------------------
