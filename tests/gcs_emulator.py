@@ -89,6 +89,14 @@ class Emulator:
         self.proc.wait()
     self.proc = None
 
+  def point_clients_here(self, monkeypatch) -> None:
+    """This process's clients pointed at the emulator (for the rest of a test)."""
+    import gcsfs  # pylint: disable=g-import-not-at-top
+    for name, value in self.env.items():
+      monkeypatch.setenv(name, value)
+    # gcsfs caches its clients; one made for another emulator would be reused.
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
   # -- the JSON API, by hand ---------------------------------------------------------
 
   def objects(self, prefix: str = '') -> list[str]:

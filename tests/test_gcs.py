@@ -48,13 +48,9 @@ def gcs():
 
 @pytest.fixture
 def in_process(gcs, monkeypatch):
-  """This process's clients pointed at `gcs` (and no cached client of another emulator)."""
-  import gcsfs  # pylint: disable=g-import-not-at-top
-  for name, value in gcs.env.items():
-    monkeypatch.setenv(name, value)
-  gcsfs.GCSFileSystem.clear_instance_cache()
-  yield gcs
-  gcsfs.GCSFileSystem.clear_instance_cache()
+  """This process's clients pointed at `gcs`."""
+  gcs.point_clients_here(monkeypatch)
+  return gcs
 
 
 def start_main(emulator, workdir, *args, cwd, extra_env=None):
