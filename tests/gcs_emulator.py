@@ -12,8 +12,9 @@ what TensorStore's OCDBT commits and the workdir lock rely on: the object's
 generation in the `x-goog-generation` header of a media download, and the
 preconditions `ifGenerationMatch` (412 when the object's generation differs; 0:
 the object must not exist) and `ifGenerationNotMatch` (304 when it equals) on
-downloads and uploads. (The emulator serves one request at a time, so its
-check-then-write is atomic, as the real service's is.)
+downloads and uploads. It serves each connection on a thread of its own (one
+client that stalls mid-request cannot hold up the others) and handles one request at
+a time, so a precondition's check and the write are atomic, as in the real service.
 
 The tests list and fetch objects with plain HTTP requests of the JSON API
 (`objects`, `read`, `upload`), not through the clients under test.
@@ -174,6 +175,21 @@ def _main() -> int:
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.__main__ import main  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  import http.server  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  class ThreadingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+  server.server.HTTPServer = ThreadingServer  # the `http.server` the emulator names
+  one_at_a_time = threading.Lock()
+  handle = server.Router.handle
+
+  def handle_locked(self, method):
+    with one_at_a_time:
+      return handle(self, method)
+
+  server.Router.handle = handle_locked
   replace = _with_generations(objects)
   for _, handlers in server.HANDLERS:
     for method, handler in list(handlers.items()):

@@ -53,13 +53,29 @@ def in_process(gcs, monkeypatch):
   return gcs
 
 
+_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left():
+  """Kills what a failed test left running (a run would hold the emulator's bucket)."""
+  yield
+  while _STARTED:
+    proc = _STARTED.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 def start_main(emulator, workdir, *args, cwd, extra_env=None):
   env = dict(os.environ, **emulator.env, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
              PYTHONUNBUFFERED='1', XLA_FLAGS='--xla_force_host_platform_device_count=8',
              **(extra_env or {}))
-  return subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args],
+  proc = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args],
                           cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
+  _STARTED.append(proc)
+  return proc
 
 
 def committed_steps(emulator, prefix):
