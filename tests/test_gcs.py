@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from gcs_emulator import BUCKET, Emulator
+from test_train_resume import CONFIG as RESUME_CONFIG
 from vit_jax import checkpoint
 from vit_jax import storage
 from vit_jax import train
@@ -30,13 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/default.py (the digits job), short.
 DIGITS_OVERRIDES = dict(total_steps=12, warmup_steps=2, checkpoint_every=2, eval_every=0,
                         log_every=4, export_params=True)
-# A run that lasts long enough to be stopped part-way (tests/test_train_resume.py's).
-TINY = dict(
-    model_name='ViT-Test_4', model=dict(transformer=dict(num_layers=1)), dataset='synthetic',
-    num_classes=4, image_size=8, synthetic_noise=0.3, num_eval_examples=32, batch_size=16,
-    eval_batch_size=16, seed=3, optimizer='adamw', learning_rate=3e-3, weight_decay=0.01,
-    schedule='cosine', warmup_steps=3, total_steps=200, grad_clip_norm=1.0,
-    loss='softmax_xent', log_every=10, eval_every=0, checkpoint_every=4, keep_checkpoints=2)
+# A run that lasts long enough to be stopped part-way (tests/test_train_resume.py's, longer).
+TINY = dict(RESUME_CONFIG, total_steps=200, checkpoint_every=4)
 
 
 @pytest.fixture(scope='module')

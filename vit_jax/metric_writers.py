@@ -14,7 +14,11 @@ Every write reaches the operating system before `write_scalars` returns
 with SIGKILL keeps every line written so far. `flush(fsync=True)` also forces
 the files to the disk, so they survive a machine crash too: the trainer calls
 it whenever it saves a checkpoint, so the metrics on disk always reach at
-least the latest checkpoint.
+least the latest checkpoint. In a `gs://` workdir, where objects cannot be
+appended to, metrics.jsonl and the event file are kept in memory and each is
+uploaded whole at every such `flush(fsync=True)` and at `close()`
+(`vit_jax.storage.BufferedObject`): the bucket's copy reaches the latest
+checkpoint in the same way.
 
 Why not clu's `metric_writers` (what the flax examples use): its summary
 writer is TensorFlow's `tf.summary`, and the trainer must run where TensorFlow

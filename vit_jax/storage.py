@@ -291,7 +291,7 @@ def describe(error: BaseException, url: str) -> str:
 
 def is_storage_failure(error: BaseException) -> bool:
   """True when `error` (or what it wraps) is a bucket request that failed for good."""
-  for e in _chain(error):
+  for e in exception_chain(error):
     if isinstance(e, StorageError):
       return True
     text = str(e)
@@ -301,7 +301,8 @@ def is_storage_failure(error: BaseException) -> bool:
   return False
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+  """`error`, its causes and contexts, and the members of exception groups."""
   todo, seen = [error], set()
   while todo:
     e = todo.pop()

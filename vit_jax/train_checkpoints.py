@@ -11,7 +11,10 @@ A run's checkpoints live in `workdir/checkpoints/<step>/` with two items:
 Saves are asynchronous: `save` returns once the arrays are copied off the
 devices, and the files are written while training continues. An interrupted
 save leaves only a temporary directory that Orbax ignores and cleans up, so the
-latest complete checkpoint is always a good one.
+latest complete checkpoint is always a good one. The workdir may be a `gs://`
+bucket (vit_jax.storage): there Orbax marks a complete checkpoint with a commit
+file instead of a rename, and a save the bucket stops answering during raises
+`storage.StorageError` naming its step, the earlier checkpoints intact.
 
 Every save records a SHA-256 digest of each array's bytes in `meta`
 (`checksums`), computed on the host from the state being saved, and a restore
@@ -147,16 +150,7 @@ def _verify_checksums(state: Any, meta: dict) -> None:
 # -- disk full -------------------------------------------------------------------
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-  """`error`, its causes and contexts, and the members of exception groups."""
-  todo, seen = [error], set()
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    yield e
-    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+_chain = storage.exception_chain  # `error`, its causes, contexts and group members
 
 
 def is_disk_full(error: BaseException) -> bool:
