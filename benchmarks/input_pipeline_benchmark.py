@@ -29,22 +29,21 @@ import sys
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from vit_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def make_config(dataset, data_dir, image_size, batch_size, pp_train, pp_eval):
-  return ml_collections.ConfigDict(dict(
+  return schema.resolve(dict(
       dataset=dataset,
       data_dir=data_dir,
       train_split='train',
       eval_split='test' if dataset == 'digits' else 'train',
       image_size=image_size,
-      pp=ml_collections.ConfigDict(
-          dict(train=pp_train, eval=pp_eval, crop_pad=None)),
+      pp=dict(train=pp_train, eval=pp_eval, crop_pad=None),
       mixup_alpha=0.0,
       shuffle_buffer=10_000,
       cache=True,

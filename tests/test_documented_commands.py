@@ -126,6 +126,9 @@ EXEMPT = {
          "'.[test]' (what .ci/run installs) holds every package of '.[export]'"),
     'python -m pytest -q':
         ('the whole test suite, this module included', '.ci/run runs exactly this'),
+    "python -m pytest -q -m 'not slow'":
+        ('the fast tier of the suite, this module included',
+         '.ci/run runs the whole suite, which holds every test of the fast tier'),
     'python -m vit_jax.main --config=... --workdir=/shared/run --coordinator_address=host0:1234 '
     '--num_processes=2 --process_id=0':
         ('needs a second host (host0:1234) and names no config',
@@ -975,6 +978,7 @@ def test_no_unfenced_commands():
   assert not found, f'fence these as ```sh blocks: {found}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('block_id', [b.id for b in RUN_BLOCKS])
 def test_documented_block(runner, block_id):
   block = BLOCKS_BY_ID[block_id]
@@ -987,6 +991,7 @@ def test_documented_block(runner, block_id):
   assert not failures, '\n\n'.join(failures)
 
 
+@pytest.mark.slow
 def test_dropout(runner):
   """`--config.model.transformer.dropout_rate=0.1` reaches the model (tiny run)."""
   run = runner.get('extra:dropout', _dropout_run)
@@ -996,6 +1001,7 @@ def test_dropout(runner):
     assert json.load(f)['model']['transformer']['dropout_rate'] == 0.1, run.tail()
 
 
+@pytest.mark.slow
 def test_missing_dataset(runner):
   """A fine-tuning run on an empty data dir stops before training, naming the dir."""
   empty, run = runner.get('extra:missing-dataset', _missing_dataset_run)

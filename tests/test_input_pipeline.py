@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import input_pipeline as ip
+from vit_jax.configs import schema
 
 NUM_DIGITS = 1797
 
@@ -36,7 +37,7 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
   config.update(overrides)
   if pp:
     config.pp.update(pp)
-  return config
+  return schema.resolve(config)
 
 
 @pytest.fixture(scope='module')

@@ -5,6 +5,7 @@ import pytest
 
 from vit_jax import randaugment as ra
 from vit_jax import validation
+from vit_jax.configs import schema
 
 
 @pytest.mark.parametrize('pp,message', [
@@ -16,7 +17,7 @@ from vit_jax import validation
 ])
 def test_bad_settings_are_refused_by_name(pp, message):
   with pytest.raises(ValueError, match=message):
-    validation.validate_config(dict(model_name='ViT-Ti_16', image_size=32, pp=pp))
+    validation.validate_config(schema.resolve(dict(model_name='ViT-Ti_16', image_size=32, pp=pp)))
 
 
 def test_settings():
@@ -24,8 +25,9 @@ def test_settings():
   assert ra.check((2, 15), None) == (2, 15.0, ra.OPS)
   assert ra.check((1, 5), ('Cutout', 'Rotate', 'Cutout')) == (1, 5.0, ('Cutout', 'Rotate'))
   with pytest.raises(ValueError, match='mixup_form'):
-    validation.validate_config(dict(model_name='ViT-Ti_16', image_size=32, mixup_form='roll'))
-  config = validation.validate_config(dict(model_name='ViT-Ti_16', image_size=32,
-                                           pp=dict(randaug=(2, 15)), mixup_form='augreg'))
+    validation.validate_config(
+        schema.resolve(dict(model_name='ViT-Ti_16', image_size=32, mixup_form='roll')))
+  config = validation.validate_config(schema.resolve(dict(
+      model_name='ViT-Ti_16', image_size=32, pp=dict(randaug=(2, 15)), mixup_form='augreg')))
   assert (config.pp.randaug, config.pp.randaug_ops, config.mixup_form) == ((2, 15), None,
                                                                            'augreg')

@@ -24,6 +24,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from gcs_emulator import BUCKET, Emulator
 from vit_jax import checkpoint
@@ -56,6 +57,7 @@ def train_losses(workdir):
     return losses_of(f)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
   """The two processes share a workdir in a Cloud Storage bucket (a local emulator,
   tests/gcs_emulator.py): each writes its shards there, and they restore."""
@@ -203,6 +205,7 @@ def test_workdir_not_shared_is_refused(tmp_path):
   assert not [f for f in os.listdir(workdirs[0]) if f.startswith('.shared-check-')]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_once_and_every_process_exits(tmp_path):
   """SIGTERM to every process (as a scheduler sends it), then to one only: each time
   both processes agree on one step, save it once and exit with 143; a rerun resumes."""

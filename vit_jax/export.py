@@ -136,7 +136,7 @@ def load(checkpoint_path: str, model: Optional[str] = None, config: Optional[str
       raise ValueError(f'{path!r} is an .npz: name its model with --model PRESET or --config '
                        'FILE (a run\'s workdir records its own)')
     if image_size is None:
-      probe = evaluate._replace(cfg, model_name=model) if model else cfg  # pylint: disable=protected-access
+      probe = schema.replace(cfg, model_name=model) if model else cfg
       image_size = _npz_image_size(path, probe)
   loaded = evaluate.load_checkpoint(path, cfg, model_name=model,
                                     image_size=tuple(image_size) if image_size else None)

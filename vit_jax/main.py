@@ -165,7 +165,7 @@ def main(argv):
     raise app.UsageError('--config and --workdir are required.')
   if FLAGS.dry_run:
     try:
-      print(_dry_run())
+      print(_dry_run(_resolved_config()))
     except Exception as e:  # pylint: disable=broad-except
       if not _is_user_error(e):
         raise
@@ -204,7 +204,13 @@ def main(argv):
 _SIGNAL_STATUS = {'SIGINT': 130, 'SIGTERM': 143, 'preemption': 143}
 
 
-def _dry_run() -> str:
+def _resolved_config():
+  """`--config`, resolved: the one `schema.resolve` of this command."""
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  return schema.resolve(FLAGS.config)
+
+
+def _dry_run(config) -> str:
   """The resolved run in two lines, for `--dry_run`.
 
   The number of devices is not known without starting the accelerators (and
@@ -212,8 +218,6 @@ def _dry_run() -> str:
   the devices; the other sizes and the axis names are checked.
   """
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  config = schema.resolve(FLAGS.config)
   spec = parallel.FSDP_MESH if config.fsdp else tuple(config.mesh or parallel.DEFAULT_MESH)
   fixed = 1
   for axis in spec:  # malformed axes are refused by resolve_mesh below
@@ -261,17 +265,16 @@ def _run() -> dict:
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+  config = _resolved_config()
   if jax.process_index() == 0:
-    _write_config(FLAGS.config, FLAGS.workdir)
-  return train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    _write_config(config, FLAGS.workdir)
+  return train.train_and_evaluate(config, FLAGS.workdir)
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_config(resolved, workdir: str) -> None:
   """The resolved config (every field, defaults included) as WORKDIR/config.json."""
   import json  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
   from vit_jax import storage  # pylint: disable=g-import-not-at-top
-  resolved = schema.resolve(config)
   path = storage.join(storage.resolve(workdir), 'config.json')
   storage.write_text(path, json.dumps(resolved.to_dict(), indent=1, sort_keys=True,
                                       default=str) + '\n')

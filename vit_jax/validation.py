@@ -32,9 +32,8 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def build_model(config, num_classes: int):
+def build_model(config: schema.Config, num_classes: int):
   """The Flax module of `config.model_name` with `config.model` overrides, in `config.dtype`."""
-  config = schema.resolve(config)
   try:
     return models.build_model(schema.model_config(config), num_classes,
                               dtype=DTYPES[config.dtype])
@@ -42,7 +41,7 @@ def build_model(config, num_classes: int):
     raise ValueError(f'config.model has a field the model does not take: {e}') from None
 
 
-def _model_overrides(config) -> str:
+def _model_overrides(config: schema.Config) -> str:
   """'transformer.num_heads=3, ...' of the config.model fields that are set."""
   def leaves(tree, prefix=''):
     for key, value in sorted(tree.items()):
@@ -54,15 +53,14 @@ def _model_overrides(config) -> str:
   return ', '.join(rows) if rows else '(no overrides)'
 
 
-def validate_config(config, num_devices: Optional[int] = None,
+def validate_config(config: schema.Config, num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None,
-                    platform: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The resolved config (`schema.resolve`), checked: a bad value raises ValueError naming it.
+                    platform: Optional[str] = None) -> schema.Config:
+  """`config` (resolved: `schema.resolve`), checked: a bad value raises ValueError naming it.
 
   With `num_devices` / `num_processes`, batch sizes are checked against them;
   `platform` is the devices' (default: JAX's default backend).
   """
-  config = schema.resolve(config)
   optimizers.validate(config)
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):

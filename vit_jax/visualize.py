@@ -561,7 +561,7 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
   model_config, dataset, params = None, None, None
   image_size = args.image_size
   if args.config:
-    config = schema.load_file(args.config)
+    config = schema.resolve(schema.load_file(args.config))
     model_config = schema.model_config(config)
     image_size = image_size or tuple(config.image_size)
     dataset = config.dataset

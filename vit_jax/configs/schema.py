@@ -10,7 +10,7 @@ not, can be overridden on the command line on every config
 (`vit_jax.configs.models`); the ones that are set override the preset named by
 `config.model_name`, the rest keep the preset's value.
 
-`resolve(config)` is what the code calls at its edge: it lays a (possibly
+`resolve(config)` is what each command calls once, at its edge: it lays a (possibly
 partial, possibly plain-dict) config over `base_config()`, refusing unknown
 fields and wrong types by name, and returns a complete, locked ConfigDict that
 the trainer and the input pipeline read with plain attribute access.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import weakref
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -219,21 +218,19 @@ def _as_tuple(value: Any) -> Any:
   return value
 
 
-# The configs `resolve` returned (locked: no field can be added, every value keeps
-# its type), so that resolving one again costs nothing.
-_RESOLVED: 'weakref.WeakValueDictionary[int, ml_collections.ConfigDict]' = (
-    weakref.WeakValueDictionary())
+# A config `resolve` returned: complete (every field of `base_config`), type-checked,
+# locked (no field can be added, every value keeps its type). Each command resolves
+# its config once, at its edge; the helpers it calls take this and read it as it is.
+Config = ml_collections.ConfigDict
 
 
-def resolve(config: Any) -> ml_collections.ConfigDict:
+def resolve(config: Any) -> Config:
   """`config` laid over `base_config()`: complete, type-checked, locked.
 
   Accepts a ConfigDict (e.g. from `--config`) or a plain dict with any subset
   of the fields. An unknown field or a value of the wrong type raises
   ValueError naming the field.
   """
-  if _RESOLVED.get(id(config)) is config:
-    return config  # resolved once at the edge; the helpers it is passed to read it as is
   if isinstance(config, ml_collections.ConfigDict):
     given = config.to_dict()
   elif isinstance(config, Mapping):
@@ -245,8 +242,20 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
   if isinstance(out.image_size, tuple) and len(out.image_size) == 1:
     out.image_size = out.image_size * 2  # `--config.image_size=384` arrives as (384,)
   out.lock()
-  _RESOLVED[id(out)] = out
   return out
+
+
+def replace(config: Config, **fields: Any) -> Config:
+  """`config` with `fields` replaced, resolved (configs are locked); a dotted name
+  ('model.transformer.num_layers') replaces a nested field."""
+  values = config.to_dict()
+  for name, value in fields.items():
+    node = values
+    *parents, leaf = name.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return resolve(values)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -354,7 +363,8 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file given as `path` or `path:arg`, resolved.
+  """`get_config(arg)` of a config file given as `path` or `path:arg`, as the file gives it
+  (the command that reads it resolves it, at its edge).
 
   The same `path:arg` form as `--config=` on the command line (absl's
   config_flags), for tools that take a config file as a plain argument.
@@ -368,5 +378,4 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
       f'_vit_jax_config_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  return resolve(config)
+  return module.get_config(arg) if arg else module.get_config()
