@@ -97,6 +97,10 @@ class Emulator:
       monkeypatch.setenv(name, value)
     # gcsfs caches its clients; one made for another emulator would be reused.
     gcsfs.GCSFileSystem.clear_instance_cache()
+    # epath reads EPATH_USE_TF once per process (a cached check): a path used before
+    # (a local run's) would keep gs:// on TensorFlow's client, which ignores the emulator.
+    from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+    getattr(gpath._is_tf_installed, 'cache_clear', lambda: None)()  # pylint: disable=protected-access
 
   # -- the JSON API, by hand ---------------------------------------------------------
 
