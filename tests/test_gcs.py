@@ -227,7 +227,8 @@ NPZ_CONFIG = dict(TINY, total_steps=1, warmup_steps=0, checkpoint_every=0, num_c
 def _published_npz(path):
   """A ViT-Test_4 checkpoint in the published layout (1000-class head), written here."""
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(NPZ_CONFIG, num_classes=1000))
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  config = schema.resolve(ml_collections.ConfigDict(dict(NPZ_CONFIG, num_classes=1000)))
   model = validation.build_model(config, 1000)
   params = model.init(jax.random.key(7), np.zeros((1, 8, 8, 3), np.float32), train=False)
   checkpoint.save(params['params'], path)

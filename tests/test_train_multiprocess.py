@@ -116,12 +116,16 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
     for i in range(2):
       assert any(name.startswith(f'two_processes/checkpoints/12/state/ocdbt.process_{i}/')
                  for name in shards), shards
-    # ... and they restore (here, in one process with 8 devices).
+    # ... and they restore (here, in one process, onto one device).
+    _, like = train_checkpoints.load_latest(str(reference_dir))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          like)
     bucket.point_clients_here(monkeypatch)
-    step, state = train_checkpoints.load_latest(workdir)
-    assert step == 12
+    restored, meta = train_checkpoints.RunCheckpointer(workdir).restore(12, target)
+    assert meta['step'] == 12
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 state['params'], params_one)
+                 jax.tree.map(np.asarray, restored['params']), params_one)
   finally:
     bucket.stop()
 
