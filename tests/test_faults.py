@@ -1172,3 +1172,44 @@ def test_case8_user_errors_main_disk_full_one_line(tmp_path, capsys, monkeypatch
   monkeypatch.undo()
   assert train_checkpoints.load_latest(str(workdir))[0] == 4
   assert (workdir / '.lock').read_text() == ''
+
+
+def _one_error_line(status, err, fragment):
+  errors = [line for line in err.splitlines() if line.startswith('error:')]
+  assert status == 2 and len(errors) == 1 and fragment in errors[0], err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+
+
+REFUSED_RESUMES = {
+    'invalid value': (['--config.dtype=float8'], "Unknown config.dtype='float8'"),
+    'history change': (['--config.batch_size=32'], 'batch_size 16 -> 32'),
+    'another model': (['--config.model_name=ViT-Digits_4'], 'belongs to a different run'),
+    'unknown resume policy': (['--config.resume_changes=bogus'],
+                              "Unknown config.resume_changes='bogus'"),
+}
+
+
+def test_refused_run_keeps_the_record_and_leaves_no_fresh_workdir(trained_run, tmp_path, capsys,
+                                                                  monkeypatch):
+  """Issue 31 (7): a refused rerun of a finished run (bad value, changed history, another
+  model, unknown resume policy) leaves its config.json and checkpoints byte for byte; a
+  refused fresh run (unknown resume policy, missing images) leaves no workdir behind."""
+  from test_cli_errors import tree_digest  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('VIT_JAX_TRACEBACK', '0')
+  config = f'--config={write_run_config(tmp_path / "config.py")}'
+  from vit_jax import main as vit_main  # pylint: disable=g-import-not-at-top
+  workdir = copy_run(trained_run, tmp_path)  # the finished run main would have recorded
+  vit_main._write_config(tiny_run_config(), str(workdir))  # pylint: disable=protected-access
+  before = tree_digest(workdir)
+  assert 'config.json' in before and any(k.startswith('checkpoints/') for k in before)
+  for extra, fragment in REFUSED_RESUMES.values():
+    status, err = run_main([config, f'--workdir={workdir}', *extra], capsys, monkeypatch)
+    _one_error_line(status, err, fragment)
+    assert tree_digest(workdir) == before, extra
+  fresh = tmp_path / 'fresh'
+  for extra, fragment in [(['--config.resume_changes=bogus'], 'resume_changes'),
+                          ([f'--config.dataset=image_folder:{tmp_path / "none"}'],
+                           'Image folder')]:
+    status, err = run_main([config, f'--workdir={fresh}', *extra], capsys, monkeypatch)
+    _one_error_line(status, err, fragment)
+    assert not fresh.exists(), os.listdir(fresh)

@@ -38,6 +38,7 @@ import difflib
 import errno
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
@@ -181,6 +182,8 @@ def check_writable_dir(path: str, flag: str) -> str:
   not exist yet, its nearest existing parent) cannot be written: a read-only
   file system, a directory without write permission.
   """
+  if not path:
+    raise UserError(f'{flag} is empty: name a directory')
   path = os.path.expanduser(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'{flag} {path!r} is a file, not a directory')
@@ -255,6 +258,12 @@ def _unknown_override(argv: Sequence[str], error: BaseException) -> str:
   return f'{culprit}: the config has no field {path!r}{hint}'
 
 
+def refuse_positional(args: Sequence[str]) -> NoReturn:
+  """An absl command takes flags only: a stray word is one `error:` line, exit status 2."""
+  _fail(f'unexpected argument(s) {" ".join(args)!r}: this command takes flags only '
+        '(--name=value; see --help)')
+
+
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parsing with one-line errors: pass as `app.run(main, flags_parser=...)`.
 
@@ -267,6 +276,10 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
     text = str(e)
+    missing = re.findall(r'Flag --(\w+) must have a value other than None', text)
+    if missing:
+      _fail(f'{" and ".join("--" + name for name in missing)} '
+            f'{"is" if len(missing) == 1 else "are"} required (see --help)')
     first = text.splitlines()[0] if text else type(e).__name__
     if 'Traceback' in text or len(text.splitlines()) > 1:
       flag = first.split(': ', 1)[0].replace('flag ', '', 1)
@@ -276,6 +289,8 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     _fail(_unknown_override(argv, e))
   except (ValueError, TypeError, OSError) as e:
     _fail(user_error_message(e))
+  if len(remaining) > 1:
+    refuse_positional(remaining[1:])
   for name in list(flags.FLAGS):
     value = flags.FLAGS[name].value
     if type(value).__name__ == '_ErrorConfig':  # ml_collections' deferred load failure

@@ -469,9 +469,9 @@ def _target_from_flags():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.refuse_positional(argv[1:])
   if FLAGS.config is None:
-    raise app.UsageError('--config is required.')
+    sys.exit(cli.report_user_error(cli.UserError('--config is required (see --help)')))
   try:
     if not 0 < FLAGS.mfu <= 1:
       raise cli.UserError(f'--mfu must be in (0, 1], got {FLAGS.mfu}')
@@ -500,5 +500,6 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
+  flags.mark_flags_as_required(['config'])
   cli.quiet_console()
   app.run(main, flags_parser=cli.parse_absl_flags)

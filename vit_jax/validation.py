@@ -20,6 +20,7 @@ import numpy as np
 from vit_jax import input_pipeline
 from vit_jax import optimizers
 from vit_jax import remat
+from vit_jax import run_history
 from vit_jax.configs import models
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
@@ -67,6 +68,9 @@ def validate_config(config, num_devices: Optional[int] = None,
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got {dataset!r}')
+  if config.get('resume_changes', 'refuse') not in run_history.RESUME_CHANGES:
+    raise ValueError(f'Unknown config.resume_changes={config.resume_changes!r}; expected one '
+                     f'of {run_history.RESUME_CHANGES}')
   if config.bad_images not in input_pipeline.BAD_IMAGE_POLICIES:  # importing it needs no TF
     raise ValueError(f'Unknown config.bad_images={config.bad_images!r}; expected one of '
                      f'{input_pipeline.BAD_IMAGE_POLICIES}')
