@@ -64,6 +64,7 @@ import weakref
 from absl import logging
 
 from vit_jax import images as images_lib
+from vit_jax import randaugment as randaugment_lib
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
 
@@ -74,10 +75,13 @@ TRAIN_PP = ('inception_crop', 'resize_crop', 'plain')
 EVAL_PP = ('resize', 'resize_crop')
 
 BAD_IMAGE_POLICIES = ('raise', 'skip')
+MIXUP_FORMS = ('reverse', 'augreg')
 BAD_IMAGES_FILE = 'bad_images.txt'
 
 # Tags separating the random streams derived from (seed, process).
 _SHUFFLE_TAG, _AUGMENT_TAG, _MIXUP_TAG = 1, 2, 3
+# Tag of RandAugment's stream within an example's augmentation seed.
+_RANDAUG_TAG = 1
 
 # Elements decoded together in one guarded group (see `_guarded_map`): large
 # enough that the group's bookkeeping costs little per image.
@@ -146,7 +150,18 @@ def _pp_settings(config) -> dict[str, Any]:
   if not 0 < pp['min_area'] <= pp['max_area'] <= 1:
     raise ValueError('Need 0 < config.pp.min_area <= config.pp.max_area <= 1, '
                      f'got {pp["min_area"]}, {pp["max_area"]}.')
+  pp['randaug'] = randaugment_lib.check(pp['randaug'], pp['randaug_ops'])
   return pp
+
+
+def check_mixup(config) -> tuple[float, str]:
+  """(config.mixup_alpha, config.mixup_form), checked."""
+  alpha, form = config.mixup_alpha, config.mixup_form
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+    raise ValueError(f'config.mixup_alpha must be a number >= 0, got {alpha!r}.')
+  if form not in MIXUP_FORMS:
+    raise ValueError(f'Unknown config.mixup_form={form!r}; expected one of {MIXUP_FORMS}.')
+  return float(alpha), form
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -728,6 +743,13 @@ def _train_preprocess(data, seed, pp, image_size):
     image = tf.image.resize(_decode(data), image_size, method=method)
   if pp['flip'] and pp['train'] != 'plain':
     image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
+  if pp['randaug']:  # on uint8, as AugReg
+    layers, magnitude, ops = pp['randaug']
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image.set_shape([*image_size, 3])
+    image = randaugment_lib.randaugment(
+        image, layers, magnitude,
+        tf.random.experimental.stateless_fold_in(seed, _RANDAUG_TAG), ops)
   return _to_float(image)
 
 
@@ -746,17 +768,22 @@ def _eval_preprocess(data, pp, image_size):
   return _to_float(image)
 
 
-def _mixup(batch, seed, alpha: float):
-  """Mixes each example with the batch reversed, weight lam ~ Beta(a, a)."""
+def _mixup(batch, seed, alpha: float, form: str = 'reverse'):
+  """One weight lam ~ Beta(alpha, alpha) per batch. 'reverse': example i mixed with
+  example B-1-i; 'augreg' (big_vision): lam = max(lam, 1 - lam), example i mixed with
+  example i-1 (the batch rolled by one)."""
   tf = _tf()
   s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   g1 = tf.random.stateless_gamma([], seed=s1, alpha=alpha)
   g2 = tf.random.stateless_gamma([], seed=s2, alpha=alpha)
   total = g1 + g2
   lam = tf.where(total > 0, g1 / tf.maximum(total, 1e-30), 1.0)
+  if form == 'augreg':
+    lam = tf.maximum(lam, 1.0 - lam)
 
   def mix(x):
-    return lam * x + (1.0 - lam) * tf.reverse(x, axis=[0])
+    other = tf.roll(x, 1, axis=0) if form == 'augreg' else tf.reverse(x, axis=[0])
+    return lam * x + (1.0 - lam) * other
 
   return {'image': mix(batch['image']), 'label': mix(batch['label'])}
 
@@ -1029,9 +1056,7 @@ def get_train_dataset(config,
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   image_size = image_hw(config.image_size)
   seed = int(config.seed)
-  alpha = float(config.mixup_alpha)
-  if not alpha >= 0:
-    raise ValueError(f'config.mixup_alpha must be >= 0, got {alpha}.')
+  alpha, mixup_form = check_mixup(config)
   buffer = int(config.shuffle_buffer)
   if buffer < 1:
     raise ValueError(f'config.shuffle_buffer must be >= 1, got {buffer}.')
@@ -1090,7 +1115,8 @@ def get_train_dataset(config,
   if alpha > 0:
     ds = _map(ds.enumerate(start=int(start_step)),
               lambda step, b: _mixup(
-                  b, tf.random.experimental.stateless_fold_in(mixup_key, step), alpha),
+                  b, tf.random.experimental.stateless_fold_in(mixup_key, step), alpha,
+                  mixup_form),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return _options(ds)

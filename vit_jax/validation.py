@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax import optimizers
+from vit_jax import randaugment
 from vit_jax import remat
 from vit_jax import run_history
 from vit_jax.configs import models
@@ -74,6 +75,8 @@ def validate_config(config, num_devices: Optional[int] = None,
   if config.bad_images not in input_pipeline.BAD_IMAGE_POLICIES:  # importing it needs no TF
     raise ValueError(f'Unknown config.bad_images={config.bad_images!r}; expected one of '
                      f'{input_pipeline.BAD_IMAGE_POLICIES}')
+  input_pipeline.check_mixup(config)
+  randaugment.check(config.pp.randaug, config.pp.randaug_ops)
   height, width = image_hw(config.image_size)
   if config.posemb_resize not in schema.POSEMB_METHODS:
     raise ValueError(f'Unknown config.posemb_resize={config.posemb_resize!r}; expected one '

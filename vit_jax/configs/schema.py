@@ -124,8 +124,15 @@ def base_config() -> ml_collections.ConfigDict:
       min_area=0.05,
       max_area=1.0,
       resize_method='bilinear',  # tf.image.resize method
+      # RandAugment after the crop and flip (vit_jax.randaugment): (num_layers, magnitude),
+      # e.g. (2, 15); None or (0, 0): off. randaug_ops: op names to draw from (None: all 16).
+      randaug=_placeholder(tuple),
+      randaug_ops=_placeholder(tuple),
   ))
-  c.mixup_alpha = 0.0
+  c.mixup_alpha = 0.0  # > 0: mixup, the weight ~ Beta(alpha, alpha) once per batch
+  # 'reverse': each example mixed with the batch reversed, weight as drawn; 'augreg':
+  # big_vision's (AugReg's): with its neighbour (the batch rolled by one), max(a, 1 - a).
+  c.mixup_form = 'reverse'
   c.shuffle_buffer = 50_000
   c.cache = False
   c.bad_images = 'raise'  # or 'skip'
