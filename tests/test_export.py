@@ -283,3 +283,85 @@ def test_onnx_classify_example_prints_top_k(tmp_dir, exports, capsys):
   logits = export.jax_logits(source)((pixels / 127.5 - 1.0)[None])[0]
   best = int(np.argmax(logits))
   assert f'[{best:4d}]' in lines[1]
+
+
+# --- Issue 31: what export keeps, the values it takes, the sidecars onnx_classify reads -----
+
+_REAL_WRITE_ONNX = export.write_onnx
+
+
+def _digest(folder) -> dict:
+  from test_cli_errors import tree_digest  # pylint: disable=g-import-not-at-top
+  return tree_digest(str(folder))
+
+
+def _one_error(capsys, status, *fragments) -> str:
+  out = capsys.readouterr()
+  errors = [l for l in (out.out + out.err).splitlines() if l.startswith('error:')]
+  assert status == 2 and len(errors) == 1, out.out + out.err
+  assert 'Traceback' not in out.out + out.err
+  for fragment in fragments:
+    assert fragment in errors[0], (fragment, errors[0])
+  return errors[0]
+
+
+def test_failed_reexport_keeps_the_earlier_export_and_formats_keep_their_sidecars(
+    tmp_dir, exports, monkeypatch, capsys):
+  """A StableHLO export beside NAME.onnx has sidecars of its own; a re-export that fails
+  its check (a tampered writer) or its values leaves every earlier file byte for byte."""
+  npz, source, done = exports('vit_gap', 'onnx')
+  folder = os.path.join(tmp_dir, 'keep')
+  os.makedirs(folder)
+  onnx_path, hlo_path = os.path.join(folder, 'm.onnx'), os.path.join(folder, 'm.stablehlo')
+  for src, dst in zip((done.path, done.labels_path, done.metadata_path),
+                      (onnx_path, *export.sidecar_paths(onnx_path))):
+    with open(src, 'rb') as f_in, open(dst, 'wb') as f_out:
+      f_out.write(f_in.read())
+  export.export(npz, 'stablehlo', hlo_path, source=source)
+  assert sorted(os.listdir(folder)) == ['m.onnx', 'm.onnx.json', 'm.onnx.labels.txt',
+                                        'm.stablehlo', 'm.stablehlo.json',
+                                        'm.stablehlo.labels.txt']
+  with open(export.sidecar_paths(hlo_path)[1], encoding='utf-8') as f:
+    assert json.load(f)['file'] == 'm.stablehlo'
+  before = _digest(folder)
+
+  def tampered(source, path, *args, **kwargs):  # the real writer's file, then tampered
+    del source, args, kwargs
+    with open(done.path, 'rb') as src, open(path, 'wb') as dst:
+      dst.write(src.read())
+    _tamper_onnx(path)
+  monkeypatch.setattr(export, 'write_onnx', tampered)
+  monkeypatch.setattr(export, 'load', lambda *args, **kwargs: source)
+  args = ['--checkpoint', npz, '--model', 'ViT-Test_4', '--format', 'onnx', '--out', onnx_path]
+  _one_error(capsys, export.main(args), 'does not compute the JAX model')
+  monkeypatch.setattr(export, 'write_onnx', _REAL_WRITE_ONNX)
+  assert _digest(folder) == before
+  for extra, fragment in [(['--tolerance', 'nan'], '--tolerance must be a positive finite'),
+                          (['--tolerance', '-1'], '--tolerance must be a positive finite'),
+                          (['--opset', '1'], 'torch.onnx wrote opset 18 instead'),
+                          (['--opset', '1000'], '--opset must be an ONNX opset from 1')]:
+    _one_error(capsys, export.main(args + extra), fragment)
+    assert _digest(folder) == before, extra
+
+
+def test_mixer_npz_exports_at_its_own_size(tmp_dir, capsys):
+  npz = _npz(tmp_dir, 'Mixer-Test_4', 16)
+  out = os.path.join(tmp_dir, 'mixer', 'm.stablehlo')
+  result = export.export(npz, 'stablehlo', out, model='Mixer-Test_4')
+  with open(result.metadata_path, encoding='utf-8') as f:
+    assert json.load(f)['image_size'] == [16, 16]
+  line = _one_error(capsys, export.main(['--checkpoint', npz, '--model', 'Mixer-Test_4',
+                                         '--image_size', '32', '--format', 'stablehlo',
+                                         '--out', out + '2']),
+                    'MLP-Mixer trained at 16x16', '--image_size 32x32')
+  assert '--config.' not in line
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--format', 'onnx'], 'the following arguments are required: --checkpoint, --out'),
+    (['--checkpoint', 'x.npz', '--out', 'x.onnx', '--format', 'tflite'], "invalid choice"),
+])
+def test_cli_usage_errors_in_one_line(args, fragment, capsys):
+  with pytest.raises(SystemExit) as e:
+    export.main(args)
+  _one_error(capsys, e.value.code, fragment)
