@@ -781,7 +781,7 @@ def _check_predict(run: Run) -> list[str]:
 
 def _check_export(run: Run) -> list[str]:
   out = last_value(run.argv, '--out')
-  meta_path = os.path.splitext(out)[0] + '.json'
+  meta_path = out + '.json'  # NAME.onnx.json: named after the whole file name
   if not os.path.isfile(out) or not os.path.isfile(meta_path):
     return [f'{out} or {meta_path} was not written']
   with open(meta_path, encoding='utf-8') as f:

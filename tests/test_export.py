@@ -365,3 +365,110 @@ def test_cli_usage_errors_in_one_line(args, fragment, capsys):
   with pytest.raises(SystemExit) as e:
     export.main(args)
   _one_error(capsys, e.value.code, fragment)
+
+
+# Run in one fresh process: each case's status and console, and the process's peak RSS.
+_CLASSIFY_CASES_SCRIPT = r'''
+import contextlib, io, json, sys, traceback
+from vit_jax import onnx_classify
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = onnx_classify.main(argv)
+    except SystemExit as e:
+      status = e.code
+    except BaseException:  # pylint: disable=broad-except
+      status, err = 'raised', io.StringIO(err.getvalue() + traceback.format_exc())
+  results[name] = (status, out.getvalue() + err.getvalue())
+# VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into ru_maxrss.
+with open('/proc/self/status') as f:
+  peak = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) * 1024
+print(json.dumps({'results': results, 'peak_rss_bytes': peak}))
+'''
+
+
+def _hostile_models(root: str, good: export.Exported) -> dict:
+  """name -> (onnx_classify argv, fragment of its error line): each a copy of a good export
+  with one thing made hostile."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from test_faults import _png_header_only  # pylint: disable=g-import-not-at-top
+  os.makedirs(root)
+  photo = os.path.join(root, 'photo.png')
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+  bomb = os.path.join(root, 'bomb.png')
+  with open(bomb, 'wb') as f:
+    f.write(_png_header_only(20000, 20000))
+  with open(good.metadata_path, encoding='utf-8') as f:
+    meta = json.load(f)
+  cases = {}
+
+  def case(name, fragment, meta_change=None, model_bytes=None, image=photo, extra=None):
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    path = os.path.join(folder, 'm.onnx')
+    with open(good.path, 'rb') as f:
+      data = f.read()
+    with open(path, 'wb') as f:
+      f.write(model_bytes(data) if model_bytes else data)
+    changed = dict(meta, file='m.onnx', labels='m.onnx.labels.txt')
+    changed.update(meta_change or {})
+    with open(f'{path}.json', 'w', encoding='utf-8') as f:
+      json.dump(changed, f)
+    with open(good.labels_path, 'rb') as src, open(f'{path}.labels.txt', 'wb') as dst:
+      dst.write(src.read())
+    if extra:
+      extra(folder)
+    cases[name] = (['--onnx', path, '--image', image], fragment)
+
+  def external_zero(data: bytes) -> bytes:
+    model = onnx.load_from_string(data)
+    biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    biggest.ClearField('raw_data')
+    biggest.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (('location', '../../../../dev/zero'), ('offset', '0'),
+                       ('length', str(7 << 30))):
+      entry = biggest.external_data.add()
+      entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+  case('good', None)
+  case('truncated_onnx', 'ONNX Runtime cannot load', model_bytes=lambda d: d[: len(d) // 3])
+  case('external_dev_zero', 'ONNX Runtime cannot load', model_bytes=external_zero)
+  case('bomb_png', 'MAX_IMAGE_PIXELS', image=bomb)
+  case('huge_image_size', 'image_size', {'image_size': [100000, 100000]})
+  case('labels_dev_zero', 'labels must be a file name beside the model', {'labels': '/dev/zero'})
+  case('labels_up', 'labels must be a file name beside the model', {'labels': '../x.txt'})
+  case('labels_link_out', 'links out of the model', {'labels': 'l.txt'},
+       extra=lambda folder: os.symlink('/dev/zero', os.path.join(folder, 'l.txt')))
+  case('num_classes', 'num_classes', {'num_classes': 10**9})
+  case('input_dtype', 'input dtype', {'input': dict(meta['input'], dtype='uint8')})
+  case('metadata_2mib', 'larger than', {'padding': 'x' * (2 << 20)})
+  return cases
+
+
+def test_onnx_classify_refuses_hostile_files_in_one_line_with_bounded_memory(tmp_dir, exports):
+  """Issue 31 (5): a truncated model, external data at /dev/zero, a decompression-bomb PNG
+  and sidecars asking for 100000x100000 pixels, /dev/zero or links out as labels, other
+  classes or dtypes, or 2 MiB of JSON: each one `error:` line, status 2, no traceback; the
+  process running them all peaks under 400 MB (onnxruntime, numpy, Pillow: ~70 MB)."""
+  _, _, good = exports('vit_gap', 'onnx')
+  root = os.path.join(tmp_dir, 'hostile')
+  cases = _hostile_models(root, good)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, '-c', _CLASSIFY_CASES_SCRIPT,
+                         json.dumps({k: v[0] for k, v in cases.items()})],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, (status, console) in report['results'].items():
+    fragment = cases[name][1]
+    if fragment is None:
+      assert status == 0 and 'top-5' in console, console
+      continue
+    errors = [l for l in console.splitlines() if l.startswith('error:')]
+    assert status == 2 and len(errors) == 1 and fragment in errors[0], (name, console)
+    assert 'Traceback' not in console, (name, console)
+  assert report['peak_rss_bytes'] < 400 << 20, report['peak_rss_bytes']
