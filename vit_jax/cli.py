@@ -361,6 +361,9 @@ def quiet_console() -> None:
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
   if 'JAX_PLATFORMS' not in os.environ and _cpu_only_machine():
     os.environ['JAX_PLATFORMS'] = 'cpu'  # the only backend there is: no TPU/GPU probes
+    jax = sys.modules.get('jax')
+    if jax is not None:  # imported by the command's module: its flag read the environment
+      jax.config.update('jax_platforms', 'cpu')  # backends start on first use, not yet
   for name in ('jax._src.xla_bridge', 'tensorflow_datasets', 'orbax'):
     logging.getLogger(name).setLevel(logging.WARNING)
   try:
