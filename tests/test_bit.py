@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax import npz_reader
 from vit_jax.configs import models as model_configs
 
 torch = pytest.importorskip('torch')
@@ -213,7 +214,7 @@ def test_wrong_width_file_is_refused_naming_the_shapes(tmp_path, monkeypatch):
   _write_zero_bit_file(path, bit_shapes((3, 4, 6, 3), 192, 10))
   init = checkpoint.abstract_params('BiT-R50x1', 10, (128, 128))
   # Refused from the headers: no array data is read.
-  monkeypatch.setattr(checkpoint, '_read_member', lambda *a: pytest.fail('data was read'))
+  monkeypatch.setattr(npz_reader, '_read_member', lambda *a: pytest.fail('data was read'))
   with pytest.raises(ValueError) as error:
     checkpoint.load_pretrained(path, init, 'BiT-R50x1')
   message = str(error.value)

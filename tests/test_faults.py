@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import predict
 from vit_jax import train
 from vit_jax import train_checkpoints
@@ -894,10 +895,10 @@ def test_case8_disk_full_names_path_and_free_space(tmp_path, params, monkeypatch
     checkpoint.save(params, target)
   assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
   assert os.listdir(tmp_path) == []  # no temporary file left behind
-  message = checkpoint.user_error_message(e.value)
+  message = cli.user_error_message(e.value)
   assert message.startswith(f"No space left on device writing '{target}' (")
   assert message.endswith(' free there)')
-  assert checkpoint.report_user_error(e.value) == 2
+  assert cli.report_user_error(e.value) == 2
   assert capsys.readouterr().err == f'error: {message}\n'
 
 
@@ -955,7 +956,7 @@ def test_case8_disk_full_in_a_checkpoint_save(tmp_path, monkeypatch):
     checkpointer.save(5, state)  # finds step 4's failure
   checkpointer.close()
   assert e.value.filename == str(tmp_path / 'async/checkpoints/4')
-  message = checkpoint.user_error_message(e.value)
+  message = cli.user_error_message(e.value)
   assert message.startswith(f"No space left on device writing '{tmp_path}/async/checkpoints/4' (")
   assert message.endswith(' free there)')
 

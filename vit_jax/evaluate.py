@@ -448,7 +448,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--out', default=None, help='directory for metrics.json and confusion.png')
   parser.add_argument('--quiet', action='store_true', help='no progress on stderr')
   parser.add_argument('--verbose', action='store_true',
-                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
+                      help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   return parser.parse_args(argv)
 
 
@@ -467,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       fewshot_seed=args.fewshot_seed, out_dir=args.out,
                       progress=None if args.quiet else Progress())
   except (ValueError, OSError, MemoryError) as e:
-    return checkpoint.report_user_error(e, args.verbose)
+    return cli.report_user_error(e, args.verbose)
   for line in summary(result):
     print(line)
   if args.out:

@@ -703,7 +703,7 @@ def _main(argv: Sequence[str]) -> int:
   parser.add_argument('--tolerance', type=float, default=TOLERANCE,
                       help='largest max |logit difference| from the JAX model accepted')
   parser.add_argument('--verbose', action='store_true',
-                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
+                      help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   check_values(args.format, args.tolerance, args.opset)
   cli.check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(args.out))),

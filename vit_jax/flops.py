@@ -29,6 +29,17 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
   return getattr(config, name, default)
 
 
+def _patch_grid(config: Any, image_size: int | Sequence[int]) -> tuple[int, int, int]:
+  """(patch height, patch width, patch count) of `config` at `image_size`."""
+  height, width = ((image_size, image_size) if isinstance(image_size, int)
+                   else tuple(image_size))
+  patches = _field(config, 'patches')
+  ph, pw = tuple(_field(patches, 'size', patches))
+  if height % ph or width % pw:
+    raise ValueError(f'image {height}x{width} is not divisible by patch {ph}x{pw}')
+  return ph, pw, (height // ph) * (width // pw)
+
+
 def vit_macs(config: Any, image_size: int | Sequence[int], num_classes: int) -> int:
   """Forward multiply-accumulates per image for a ViT preset config.
 
@@ -37,17 +48,11 @@ def vit_macs(config: Any, image_size: int | Sequence[int], num_classes: int) -> 
   """
   if _field(config, 'model_type', 'vit') != 'vit' or _field(config, 'resnet'):
     raise ValueError('the analytic count covers plain ViT models only')
-  height, width = ((image_size, image_size) if isinstance(image_size, int)
-                   else tuple(image_size))
-  patches = _field(config, 'patches')
-  ph, pw = tuple(_field(patches, 'size', patches))
-  if height % ph or width % pw:
-    raise ValueError(f'image {height}x{width} is not divisible by patch {ph}x{pw}')
+  ph, pw, num_patches = _patch_grid(config, image_size)
   transformer = _field(config, 'transformer')
   layers = _field(transformer, 'num_layers')
   mlp = _field(transformer, 'mlp_dim')
   d = _field(config, 'hidden_size')
-  num_patches = (height // ph) * (width // pw)
   tokens = num_patches + (1 if _field(config, 'classifier', 'token') == 'token' else 0)
 
   per_layer = tokens * (4 * d * d + 2 * d * mlp) + 2 * tokens * tokens * d
@@ -67,13 +72,7 @@ def mixer_macs(config: Any, image_size: int | Sequence[int], num_classes: int) -
   block costs C * 2 * S * D_S (token mixing, per channel) + S * 2 * C * D_C
   (channel mixing, per patch); plus the stem S * P^2 * 3 * C and the head.
   """
-  height, width = ((image_size, image_size) if isinstance(image_size, int)
-                   else tuple(image_size))
-  patches = _field(config, 'patches')
-  ph, pw = tuple(_field(patches, 'size', patches))
-  if height % ph or width % pw:
-    raise ValueError(f'image {height}x{width} is not divisible by patch {ph}x{pw}')
-  s = (height // ph) * (width // pw)
+  ph, pw, s = _patch_grid(config, image_size)
   c = _field(config, 'hidden_dim')
   block = c * 2 * s * _field(config, 'tokens_mlp_dim') + s * 2 * c * _field(
       config, 'channels_mlp_dim')

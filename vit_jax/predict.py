@@ -289,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       'refused (check_input_size)')
 
   parser.add_argument('--verbose', action='store_true',
-                      help=f'print the traceback of an error too (or set {checkpoint.TRACEBACK_ENV}=1)')
+                      help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   try:
     model, params, image_size = load_model(args.model, args.checkpoint, args.image_size)
@@ -298,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images = np.stack([load_image(path, image_size) for path in args.image])
   except (ValueError, OSError, MemoryError) as e:
     # A bad file, image or argument: one line, exit status 2.
-    return checkpoint.report_user_error(e, args.verbose)
+    return cli.report_user_error(e, args.verbose)
   probs = predict(model, params, images)
   for path, p in zip(args.image, probs):
     rows = top_k(p, args.top_k, names)
