@@ -55,6 +55,7 @@ from PIL import Image
 from vit_jax import attention_maps
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import evaluate
 from vit_jax import images as images_lib
 
 from vit_jax import predict
@@ -566,7 +567,13 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
     dataset = config.dataset
   if args.workdir:
     params, meta = params_from_workdir(args.workdir)
-    if model_config is None and meta.get('model_name') and not args.model:
+    run = evaluate.run_model_fields(args.workdir)
+    if model_config is None and not args.model and run is not None:
+      # The run's preset with its overrides (e.g. a Mixer's token MLP widened for its grid).
+      config = schema.resolve(run)
+      model_config = schema.model_config(config)
+      image_size = image_size or tuple(config.image_size)
+    elif model_config is None and meta.get('model_name') and not args.model:
       model_config = model_configs.get_config(meta['model_name'])
     dataset = dataset or meta.get('dataset')
   if args.model:
