@@ -1214,3 +1214,52 @@ def test_refused_run_keeps_the_record_and_leaves_no_fresh_workdir(trained_run, t
     status, err = run_main([config, f'--workdir={fresh}', *extra], capsys, monkeypatch)
     _one_error_line(status, err, fragment)
     assert not fresh.exists(), os.listdir(fresh)
+
+
+_BAD_TRAINING_IMAGES_SCRIPT = r'''
+import os, sys
+from vit_jax import cli
+cli.quiet_console()  # as every command does, before TensorFlow loads
+import ml_collections
+from vit_jax import input_pipeline as ip
+for root in sys.argv[1:]:
+  config = ml_collections.ConfigDict(dict(
+      dataset=f'image_folder:{root}', train_split='train', eval_split='test', image_size=8,
+      pp=dict(train='plain', eval='resize'), batch_size=4, eval_batch_size=4, cache=False,
+      shuffle_buffer=64))
+  batches = ip.iterate_numpy(ip.get_train_dataset(config, process_index=0, process_count=1))
+  try:
+    for _ in range(4):
+      next(batches)
+    print('no error for', root)
+  except ip.BadImageError as e:
+    print('error:', str(e).splitlines()[0])
+'''
+
+
+def test_bad_training_images_leave_no_tensorflow_tracebacks(tmp_path):
+  """Issue 31 (8): a text file named .jpg, garbage, a truncated and a 0-byte JPEG, and a PNG
+  declaring 30000x30000 pixels in the training split: each is one line naming the file, in
+  a console free of TensorFlow's failed-op warnings (EagerPyFunc tracebacks), with the
+  environment a user has (no TF_CPP_MIN_LOG_LEVEL, no JAX_PLATFORMS)."""
+  bad = dict(BAD_FILES, **{'huge.png': (_png_header_only(30000, 30000), 'pixels')})
+  roots = []
+  for name, (content, _) in sorted(bad.items()):
+    root = tmp_path / name.replace('.', '_')
+    write_images(root, 'train', per_class=3)
+    (root / 'train' / 'dog' / name).write_bytes(content)
+    roots.append(str(root))
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS', 'VIT_JAX_TRACEBACK')}
+  result = subprocess.run([sys.executable, '-c', _BAD_TRAINING_IMAGES_SCRIPT, *roots],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(env, PYTHONPATH=REPO))
+  console = result.stdout + result.stderr
+  assert result.returncode == 0, console[-3000:]
+  errors = [line for line in console.splitlines() if line.startswith('error:')]
+  assert len(errors) == len(bad), console[-3000:]
+  for line, (name, (_, reason)) in zip(errors, sorted(bad.items())):
+    assert f"/train/dog/{name}' (split 'train'" in line and reason in line, (name, line)
+  for noise in ('Traceback', 'EagerPyFunc', 'op_kernel', 'local_rendezvous', 'W0000'):
+    assert noise not in console, (noise, console[-3000:])
+  assert len(console.splitlines()) == len(bad), console[-3000:]

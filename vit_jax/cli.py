@@ -351,13 +351,16 @@ def _cpu_only_machine() -> bool:
 def quiet_console() -> None:
   """Keeps library banners off the console; call before TensorFlow and JAX load.
 
-  TensorFlow's and XLA's C++ INFO lines (the oneDNN banner, the CPU-instructions
-  note) are below TF_CPP_MIN_LOG_LEVEL=1; on a machine without TPUs or GPUs but with
+  TensorFlow's C++ log is off the console (TF_CPP_MIN_LOG_LEVEL=3): its INFO lines
+  (the oneDNN banner, the CPU-instructions note), and the warnings and errors of ops
+  that failed (a bad training image: libjpeg's complaint, each EagerPyFunc's Python
+  traceback), which reach Python as exceptions that the commands report in one line.
+  On a machine without TPUs or GPUs but with
   libtpu or a CUDA plugin installed, JAX_PLATFORMS=cpu skips their probes and failure
   lines; TFDS's, Orbax's and JAX's INFO records are filtered out of absl's
   console handler. Settings the user made in the environment win.
   """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
   if 'JAX_PLATFORMS' not in os.environ and _cpu_only_machine():
     os.environ['JAX_PLATFORMS'] = 'cpu'  # the only backend there is: no TPU/GPU probes
