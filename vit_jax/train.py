@@ -181,8 +181,8 @@ def _pretrained_state(config, abstract_state, model_config, state_sharding, init
   """Fine-tuning start: pre-trained weights adapted to this model, fresh optimizer."""
   path = os.path.expanduser(str(config.pretrained_path))
   source: Any = path
-  if config.reset_head:
-    flat = checkpoint.load_flat(path)
+  if config.reset_head:  # the head is never read: it would only be discarded
+    flat = checkpoint.load_flat(path, without_head=True)
     source = checkpoint.unflatten({k: v for k, v in flat.items() if not k.startswith('head/')})
   params = checkpoint.load_pretrained(source, abstract_state.params, model_config,
                                       image_size=image_hw(config.image_size),
