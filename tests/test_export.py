@@ -205,15 +205,19 @@ def test_tampered_onnx_is_caught_and_deleted(tmp_dir, exports):
   assert not os.path.exists(bad)
 
 
-def test_failed_check_leaves_nothing_behind(tmp_dir, exports, monkeypatch):
-  npz, source, good = exports('vit_gap', 'onnx')
-
-  def broken(source, path, *args, **kwargs):  # the real writer's file, then tampered
+def _tampering_writer(good_path: str):
+  """A stand-in for export.write_onnx: the real writer's file (copied), then tampered."""
+  def write(source, path, *args, **kwargs):
     del source, args, kwargs
-    with open(good.path, 'rb') as src, open(path, 'wb') as dst:
+    with open(good_path, 'rb') as src, open(path, 'wb') as dst:
       dst.write(src.read())
     _tamper_onnx(path)
-  monkeypatch.setattr(export, 'write_onnx', broken)
+  return write
+
+
+def test_failed_check_leaves_nothing_behind(tmp_dir, exports, monkeypatch):
+  npz, source, good = exports('vit_gap', 'onnx')
+  monkeypatch.setattr(export, 'write_onnx', _tampering_writer(good.path))
   out = os.path.join(tmp_dir, 'broken', 'model.onnx')
   with pytest.raises(export.ExportCheckError, match='does not compute the JAX model'):
     export.export(npz, 'onnx', out, source=source)
@@ -324,13 +328,7 @@ def test_failed_reexport_keeps_the_earlier_export_and_formats_keep_their_sidecar
   with open(export.sidecar_paths(hlo_path)[1], encoding='utf-8') as f:
     assert json.load(f)['file'] == 'm.stablehlo'
   before = _digest(folder)
-
-  def tampered(source, path, *args, **kwargs):  # the real writer's file, then tampered
-    del source, args, kwargs
-    with open(done.path, 'rb') as src, open(path, 'wb') as dst:
-      dst.write(src.read())
-    _tamper_onnx(path)
-  monkeypatch.setattr(export, 'write_onnx', tampered)
+  monkeypatch.setattr(export, 'write_onnx', _tampering_writer(done.path))
   monkeypatch.setattr(export, 'load', lambda *args, **kwargs: source)
   args = ['--checkpoint', npz, '--model', 'ViT-Test_4', '--format', 'onnx', '--out', onnx_path]
   _one_error(capsys, export.main(args), 'does not compute the JAX model')

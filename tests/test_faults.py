@@ -1220,18 +1220,15 @@ _BAD_TRAINING_IMAGES_SCRIPT = r'''
 import os, sys
 from vit_jax import cli
 cli.quiet_console()  # as every command does, before TensorFlow loads
-import ml_collections
+import json, ml_collections
 from vit_jax import input_pipeline as ip
-for root in sys.argv[1:]:
-  config = ml_collections.ConfigDict(dict(
-      dataset=f'image_folder:{root}', train_split='train', eval_split='test', image_size=8,
-      pp=dict(train='plain', eval='resize'), batch_size=4, eval_batch_size=4, cache=False,
-      shuffle_buffer=64))
-  batches = ip.iterate_numpy(ip.get_train_dataset(config, process_index=0, process_count=1))
+for config in json.loads(sys.argv[1]):  # pipeline_config()s
+  batches = ip.iterate_numpy(ip.get_train_dataset(ml_collections.ConfigDict(config),
+                                                  process_index=0, process_count=1))
   try:
     for _ in range(4):
       next(batches)
-    print('no error for', root)
+    print('no error for', config['dataset'])
   except ip.BadImageError as e:
     print('error:', str(e).splitlines()[0])
 '''
@@ -1243,15 +1240,16 @@ def test_bad_training_images_leave_no_tensorflow_tracebacks(tmp_path):
   a console free of TensorFlow's failed-op warnings (EagerPyFunc tracebacks), with the
   environment a user has (no TF_CPP_MIN_LOG_LEVEL, no JAX_PLATFORMS)."""
   bad = dict(BAD_FILES, **{'huge.png': (_png_header_only(30000, 30000), 'pixels')})
-  roots = []
+  configs = []
   for name, (content, _) in sorted(bad.items()):
     root = tmp_path / name.replace('.', '_')
     write_images(root, 'train', per_class=3)
     (root / 'train' / 'dog' / name).write_bytes(content)
-    roots.append(str(root))
+    configs.append(pipeline_config(root).to_dict())
   env = {k: v for k, v in os.environ.items()
          if k not in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS', 'VIT_JAX_TRACEBACK')}
-  result = subprocess.run([sys.executable, '-c', _BAD_TRAINING_IMAGES_SCRIPT, *roots],
+  result = subprocess.run([sys.executable, '-c', _BAD_TRAINING_IMAGES_SCRIPT,
+                           json.dumps(configs)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(env, PYTHONPATH=REPO))
   console = result.stdout + result.stderr
