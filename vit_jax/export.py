@@ -342,7 +342,8 @@ def torch_module(source: Source, preprocess: bool = False):
   model, sd, left = build(source)
   if left:
     raise ValueError(f'{source.name}: parameters the timm model has no place for: {sorted(left)}')
-  result = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+  # Copies: some arrays are read-only views, which torch warns about on the console.
+  result = model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True))
                                   for k, v in sd.items()}, strict=False)
   if result.missing_keys or result.unexpected_keys:
     raise ValueError(f'{source.name} does not fit the timm model: missing '
