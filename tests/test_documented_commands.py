@@ -30,6 +30,8 @@ What runs differs from the documented text in exactly these ways:
    batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
    --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
    `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
+   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the
+   arms medium2 and sd0.1.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
    `vit_jax.export`: `--image_size 16`. `vit_jax.onnx_classify`: nothing appended.
@@ -196,6 +198,10 @@ TINY = {
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
+    # RandAugment + mixup and stochastic depth, one seed of 2 steps each.
+    'benchmarks/small_data_study.py': [
+        '--model', TINY_MODEL, '--steps', str(TOTAL_STEPS), '--batch-size', '16', '--seeds', '1',
+        '--arms', 'medium2,sd0.1', '--data-dir', '{tfds}'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -814,6 +820,17 @@ def _check_evaluate(run: Run) -> list[str]:
   return [f'{path} lacks {missing}'] if missing else []
 
 
+def _check_small_data_study(run: Run) -> list[str]:
+  path = last_value(run.argv, '--json')
+  if not path or not os.path.isfile(path):
+    return [f'{path} was not written']
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  arms = last_value(run.argv, '--arms').split(',')
+  ok = [r['arm'] for r in rows] == arms and all(0 <= r['mean'] <= 100 for r in rows)
+  return [] if ok and '| arm |' in run.output else [f'rows {rows}']
+
+
 CHECKS = {
     'vit_jax.main': _check_main,
     'vit_jax.visualize': _check_visualize,
@@ -830,6 +847,7 @@ CHECKS = {
     'benchmarks/gpu_check.sh': _check_gpu_check,
     'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
+    'benchmarks/small_data_study.py': _check_small_data_study,
 }
 
 

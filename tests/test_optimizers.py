@@ -1,5 +1,7 @@
 """Schedules, optimizers and losses of vit_jax.optimizers."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,14 +20,38 @@ def _config(**kw):
   return ml_collections.ConfigDict(base)
 
 
-def test_warmup_then_cosine():
+def reference_warmup_cosine(step, base, warmup, total):
+  """The reference code's / big_vision's rate at optax's 0-based `step`, written out."""
+  if step < warmup:
+    return base * step / warmup  # step 0: rate 0
+  progress = (step - warmup) / (total - warmup)
+  return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def test_warmup_then_cosine_as_the_reference_counts():
   sched = optimizers.make_schedule(_config())
   lrs = np.array([float(sched(s)) for s in range(101)])
-  np.testing.assert_allclose(lrs[:10], 0.1 * np.arange(1, 11) / 10, rtol=1e-6)
+  expected = [reference_warmup_cosine(s, 0.1, 10, 100) for s in range(101)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-8)
+  assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.01)
   assert lrs[10] == pytest.approx(0.1)
   assert lrs[55] == pytest.approx(0.05, rel=1e-5)  # half-way through the decay
   assert lrs[100] == pytest.approx(0.0, abs=1e-8)
-  assert np.all(np.diff(lrs[10:]) <= 1e-9)
+
+
+def test_first_update_has_learning_rate_zero():
+  # The optimizer reads the schedule at optax's count, 0 for the first update.
+  config = _config(optimizer='adamw', warmup_steps=4, grad_clip_norm=0.0, weight_decay=0.1)
+  tx = optimizers.make_optimizer(config)
+  params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+  updates, state = tx.update(grads, state, params)
+  # Second update: lr = 0.1 * 1/4; Adam's bias-corrected step is 1 for a constant grad.
+  np.testing.assert_allclose(updates['kernel'], -0.025 * (1.0 + 0.1), rtol=1e-4)
+  np.testing.assert_allclose(updates["bias"], -0.025, rtol=1e-4)
 
 
 def test_linear_and_constant_decay():
@@ -74,14 +100,21 @@ def test_clipping_bounds_the_update():
 
 
 def test_adamw_decays_kernels_only():
+  # big_vision's `.*/kernel$`: decay per step = wd x lr x w on kernels; position
+  # embeddings, class token, biases and norm scales untouched.
   config = _config(optimizer='adamw', schedule='constant', warmup_steps=0,
                    weight_decay=0.1, learning_rate=0.01, grad_clip_norm=0.0)
   tx = optimizers.make_optimizer(config)
-  params = _quadratic_params()
+  params = {'embedding': {'kernel': jnp.ones((2, 2, 3, 4)), 'bias': jnp.ones((4,))},
+            'cls': jnp.ones((1, 1, 4)),
+            'posembed_input': {'pos_embedding': jnp.ones((1, 5, 4))},
+            'LayerNorm_0': {'scale': jnp.ones((4,))}}
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
-  np.testing.assert_allclose(updates['w'], -0.01 * 0.1 * 1.0, rtol=1e-6)
-  np.testing.assert_allclose(updates['b'], 0.0)
+  np.testing.assert_allclose(updates['embedding']['kernel'], -0.01 * 0.1 * 1.0, rtol=1e-6)
+  for leaf in (updates['embedding']['bias'], updates['cls'],
+               updates['posembed_input']['pos_embedding'], updates['LayerNorm_0']['scale']):
+    np.testing.assert_allclose(leaf, 0.0)
 
 
 def test_softmax_xent_and_label_smoothing():

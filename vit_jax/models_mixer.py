@@ -55,22 +55,28 @@ class MlpBlock(nn.Module):
 
 
 class MixerBlock(nn.Module):
-  """One Mixer layer: token mixing across patches, then channel mixing per patch."""
+  """One Mixer layer: token mixing across patches, then channel mixing per patch.
+
+  `drop_path_rate`: stochastic depth on both residual branches (`models_vit.DropPath`).
+  """
   tokens_mlp_dim: int
   channels_mlp_dim: int
   dtype: Dtype = jnp.float32
   approximate_gelu: bool = True
+  drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    drop_path = functools.partial(models_vit.DropPath(self.drop_path_rate),
+                                  deterministic=deterministic)
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name=name)
     mlp = lambda dim, name: MlpBlock(dim, dtype=self.dtype,
                                      approximate_gelu=self.approximate_gelu, name=name)
     # (batch, tokens, channels) -> (batch, channels, tokens): the MLP mixes tokens.
     y = jnp.swapaxes(norm('LayerNorm_0')(x), 1, 2)
     y = jnp.swapaxes(mlp(self.tokens_mlp_dim, 'token_mixing')(y), 1, 2)
-    x = x + y
-    return x + mlp(self.channels_mlp_dim, 'channel_mixing')(norm('LayerNorm_1')(x))
+    x = x + drop_path(y)
+    return x + drop_path(mlp(self.channels_mlp_dim, 'channel_mixing')(norm('LayerNorm_1')(x)))
 
 
 class MlpMixer(nn.Module):
@@ -89,6 +95,8 @@ class MlpMixer(nn.Module):
   dtype: Dtype = jnp.float32
   head_bias_init: float = 0.0
   approximate_gelu: bool = True
+  # Rate at the last block, 0 at the first, linear between (as ViT's); 0: off.
+  stochastic_depth: float = 0.0
 
   @property
   def patch_stride(self) -> tuple[int, int]:
@@ -105,7 +113,6 @@ class MlpMixer(nn.Module):
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False,
                return_attention: bool = False) -> tuple[Array, dict]:
-    del train  # no dropout or batch statistics: train and eval are the same function
     if return_attention:
       raise ValueError('MlpMixer has no attention weights to return')
     self.check_input(images)
@@ -114,9 +121,11 @@ class MlpMixer(nn.Module):
                 dtype=self.dtype, name='stem')(images.astype(self.dtype))
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height * width, channels)
-    for i in range(self.num_blocks):
+    rates = models_vit.drop_path_rates(self.stochastic_depth, self.num_blocks)
+    for i, rate in enumerate(rates):
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, dtype=self.dtype,
-                     approximate_gelu=self.approximate_gelu, name=f'MixerBlock_{i}')(x)
+                     approximate_gelu=self.approximate_gelu, drop_path_rate=rate,
+                     name=f'MixerBlock_{i}')(x, deterministic=not train)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                      name='pre_head_layer_norm')(x)
     out = {'encoded': x}

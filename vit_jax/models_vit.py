@@ -3,6 +3,7 @@
 The forward pass is the paper's equations, one module each:
 
   (1)  z_0  = [x_class; x_p^1 E; ... ; x_p^N E] + E_pos     `VisionTransformer` + `AddPositionEmbs`
+                  (E_pos learned, or fixed 2-D sin-cos: `posemb`)
   (2)  z'_l = MSA(LN(z_{l-1})) + z_{l-1}                     `Encoder1DBlock`, first residual
   (3)  z_l  = MLP(LN(z'_l)) + z'_l                           `Encoder1DBlock`, second residual
   (4)  y    = LN(z_L^0)                                      `Encoder.encoder_norm`, then the head
@@ -35,17 +36,50 @@ Array = jax.Array
 # The published checkpoints were trained with these; changing them changes outputs.
 LAYER_NORM_EPSILON = 1e-6
 POSEMB_INIT_STDDEV = 0.02
+# E_pos: 'learn' (the paper's, a parameter) or 'sincos2d' (fixed; "Better plain ViT baselines").
+POSEMB_TYPES = ('learn', 'sincos2d')
+SINCOS_TEMPERATURE = 10_000.0
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=name)
 
 
+def posemb_sincos_2d(rows: int, cols: int, width: int,
+                     temperature: float = SINCOS_TEMPERATURE) -> Array:
+  """Fixed 2-D sin-cos position embeddings, (1, rows * cols, width), row-major patches.
+
+  A quarter of the channels each: sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)
+  for column x and row y, with w_k = temperature ** -(k / (width / 4 - 1)).
+  """
+  if width % 4 or width < 8:
+    raise ValueError(f"posemb='sincos2d' needs a hidden size divisible by 4 and >= 8, "
+                     f'got {width}')
+  y, x = jnp.mgrid[:rows, :cols]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1))
+  x = x.reshape(-1, 1) * omega
+  y = y.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
+
+
 class AddPositionEmbs(nn.Module):
-  """Adds learned 1-D position embeddings E_pos (eq. 1), one per token."""
+  """Adds position embeddings E_pos (eq. 1), one per token.
+
+  'learn': the paper's learned table, `pos_embedding` in the published
+  checkpoints. 'sincos2d': `posemb_sincos_2d` over the patch `grid`, no
+  parameter; the class token gets none (big_vision adds it before prepending
+  the class token).
+  """
+  posemb: str = 'learn'
+  grid: Optional[tuple[int, int]] = None  # (rows, cols) of patches; 'sincos2d' needs it
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    if self.posemb == 'sincos2d':
+      rows, cols = self.grid
+      table = posemb_sincos_2d(rows, cols, x.shape[2])
+      table = jnp.pad(table, ((0, 0), (x.shape[1] - rows * cols, 0), (0, 0)))
+      return x + table.astype(x.dtype)
     shape = (1, x.shape[1], x.shape[2])
     pos_embedding = self.param(
         'pos_embedding', nn.initializers.normal(stddev=POSEMB_INIT_STDDEV), shape)
@@ -134,8 +168,17 @@ class MultiHeadDotProductAttention(nn.Module):
     return out, (weights if return_weights else None)
 
 
+def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
+  """Stochastic depth per block as DeiT / timm: 0 at the first, `rate` at the last, linear."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'stochastic_depth must be in [0, 1), got {rate!r}')
+  return tuple(rate * i / max(depth - 1, 1) for i in range(depth))
+
+
 class DropPath(nn.Module):
-  """Stochastic depth: drops a whole residual branch per example."""
+  """Stochastic depth: in training, drops each example's residual branch with
+  probability `rate` and scales the kept ones by 1 / (1 - rate); draws from the
+  `dropout` rng stream; the identity at eval."""
   rate: float
 
   @nn.compact
@@ -192,18 +235,17 @@ class Encoder(nn.Module):
   remat_policy: str = remat_lib.DEFAULT
   attention_implementation: Optional[str] = None
   approximate_gelu: bool = True
+  posemb: str = 'learn'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, return_attention: bool = False
-               ) -> tuple[Array, tuple[Array, ...]]:
-    x = AddPositionEmbs(name='posembed_input')(x)
+  def __call__(self, x: Array, *, train: bool, return_attention: bool = False,
+               grid: Optional[tuple[int, int]] = None) -> tuple[Array, tuple[Array, ...]]:
+    x = AddPositionEmbs(self.posemb, grid, name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     # Recomputing activations only saves memory under a gradient.
     policy = self.remat_policy if train else 'none'
     attentions = []
-    for i in range(self.num_layers):
-      # Stochastic depth grows linearly with depth, 0 at the first block.
-      rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
+    for i, rate in enumerate(drop_path_rates(self.stochastic_depth, self.num_layers)):
       block = dict(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads,
           dropout_rate=self.dropout_rate,
@@ -239,6 +281,7 @@ class VisionTransformer(nn.Module):
   # The tanh GELU the published checkpoints were trained with; False for the
   # exact erf form of timm / Hugging Face weights (see `MlpBlock`).
   approximate_gelu: bool = True
+  posemb: str = 'learn'  # POSEMB_TYPES
 
   @property
   def patch_stride(self) -> tuple[int, int]:
@@ -259,6 +302,8 @@ class VisionTransformer(nn.Module):
           f'size {ph}x{pw}')
     if self.classifier not in ('token', 'gap'):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+    if self.posemb not in POSEMB_TYPES:
+      raise ValueError(f'posemb must be one of {POSEMB_TYPES}, got {self.posemb!r}')
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False,
@@ -285,9 +330,9 @@ class VisionTransformer(nn.Module):
     x, attentions = Encoder(
         dtype=self.dtype, remat_policy=self.remat_policy,
         attention_implementation=self.attention_implementation,
-        approximate_gelu=self.approximate_gelu,
+        approximate_gelu=self.approximate_gelu, posemb=self.posemb,
         **self.transformer, name='Transformer')(
-            x, train=train, return_attention=return_attention)
+            x, train=train, return_attention=return_attention, grid=(height, width))
     out['encoded'] = x
     if return_attention:
       out['attention_weights'] = attentions

@@ -4,14 +4,18 @@ Everything here is a pure function of the training config, so the same config
 gives the same optimizer on one device or a thousand:
 
 - `make_schedule(config)`: linear warm-up from 0 to `config.learning_rate`
-  over `config.warmup_steps`, then `'cosine'`, `'linear'`, `'step'` (BiT: / 10
+  over `config.warmup_steps`, counted as the reference code and big_vision count
+  it (rate = base * step / warmup_steps on optax's 0-based step, so the first
+  update has rate 0), then `'cosine'`, `'linear'`, `'step'` (BiT: / 10
   at each of `config.decay_boundaries`) or `'constant'` decay (`config.schedule`) until
   `config.total_steps`, ending at `config.end_learning_rate` (0 by default).
 - `make_optimizer(config, schedule)`: global-norm clipping
   (`config.grad_clip_norm`, 0 turns it off) followed by SGD with momentum
   (`'sgd'`, the paper's fine-tuning recipe) or Adam with decoupled weight decay
   (`'adamw'`, the pre-training recipe; `weight_decay=0` is plain Adam). Weight
-  decay applies to arrays of rank >= 2 only (kernels, embeddings), not to biases and norm scales.
+  decay applies to the arrays named `kernel` only (big_vision's `.*/kernel$`), not to
+  biases, norm scales, position embeddings or the class token; AdamW's decay per
+  step is `weight_decay * lr * w`, as the AugReg file names count it (`wd_0.1`).
   `config.accumulator_dtype='bfloat16'` stores the first moment (momentum)
   in bf16, halving that part of the optimizer state.
 - `make_loss(config)`: per-example softmax or sigmoid cross-entropy
@@ -110,8 +114,10 @@ def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
                           boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)):
   """The learning rate at `step` (0-based: the rate used by the step-th update).
 
-  Warm-up goes linearly from base/warmup_steps (first step) to base; the decay
-  phase then runs from base at step `warmup_steps` to `end` at `total_steps`.
+  Warm-up is base * step / warmup_steps, the reference code's and big_vision's
+  count: the first update (step 0) has rate 0, step `warmup_steps` has base.
+  The decay phase then runs from base at step `warmup_steps` to `end` at
+  `total_steps`.
   """
   if decay not in SCHEDULES:
     raise ValueError(f'Unknown schedule {decay!r}; expected one of {SCHEDULES}')
@@ -120,7 +126,7 @@ def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     if warmup_steps > 0:
-      warm = jnp.minimum((step + 1.0) / warmup_steps, 1.0)
+      warm = jnp.minimum(step / warmup_steps, 1.0)
     else:
       warm = 1.0
     progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
@@ -145,8 +151,12 @@ def warmup_decay_schedule(base: float, total_steps: int, warmup_steps: int = 0,
 
 
 def decay_mask(params: Any) -> Any:
-  """True for arrays that get weight decay: kernels and embeddings (rank >= 2)."""
-  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+  """True for the arrays that get weight decay: those named `kernel`.
+
+  big_vision decays `.*/kernel$` only; the AugReg weight decays are counted so.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
 def make_optimizer(config, schedule: Optional[Callable] = None

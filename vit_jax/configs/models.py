@@ -43,6 +43,7 @@ def vit_config(name: str, *, hidden_size: int, patch: int, mlp_dim: int,
       # The reference code's (and so the published checkpoints') tanh GELU;
       # weights converted from timm / Hugging Face need False (exact erf).
       approximate_gelu=True,
+      posemb='learn',  # or 'sincos2d' (fixed, no parameter; models_vit.POSEMB_TYPES)
   ))
 
 
@@ -83,7 +84,8 @@ def mixer_config(name: str, *, patch: int, hidden_dim: int, num_blocks: int,
       hidden_dim=hidden_dim, num_blocks=num_blocks,
       tokens_mlp_dim=tokens_mlp_dim, channels_mlp_dim=channels_mlp_dim,
       # The released Mixer code's tanh GELU; False for timm's exact erf form.
-      approximate_gelu=True))
+      approximate_gelu=True,
+      stochastic_depth=0.0))
 
 
 # (hidden size, MLP size, heads, layers) from the paper's Table 1, plus Ti/S

@@ -290,6 +290,210 @@ def bit_config(dataset: str, model_name: str,
   return c
 
 
+# ---------------------------------------------------------------------------
+# Pre-training after the paper: AugReg and the plain-ViT baseline (big_vision).
+# ---------------------------------------------------------------------------
+
+AUGREG_PAPER = ('Steiner et al. 2021, "How to train your ViT?" (big_vision '
+                'configs/vit_i21k.py, vit_i1k.py)')
+PLAIN_VIT_PAPER = ('Beyer et al. 2022, "Better plain ViT baselines for ImageNet-1k" '
+                   '(big_vision configs/vit_s16_i1k.py)')
+
+
+@dataclasses.dataclass(frozen=True)
+class AugLevel:
+  """An AugReg augmentation level: mixup alpha (0: off) and RandAugment (layers, magnitude)."""
+  mixup_alpha: float
+  randaug: Optional[tuple[int, int]]  # None: off
+
+
+AUG_LEVELS: dict[str, AugLevel] = {
+    'none': AugLevel(0.0, None),
+    'light1': AugLevel(0.0, (2, 0)),
+    'light2': AugLevel(0.2, (2, 10)),
+    'medium1': AugLevel(0.2, (2, 15)),
+    'medium2': AugLevel(0.5, (2, 15)),
+    'strong1': AugLevel(0.5, (2, 20)),
+    'strong2': AugLevel(0.8, (2, 20)),
+}
+
+# big_vision's default level per model (release short name) for each pre-training
+# set; i21k_30 is the i21k config run for 30 epochs.
+AUGREG_DEFAULT_AUG: dict[str, dict[str, str]] = {
+    'i21k': {'Ti_16': 'none', 'S_32': 'none', 'S_16': 'light1', 'B_32': 'light2',
+             'B_16': 'light2', 'L_16': 'medium2'},
+    'i1k': {'Ti_16': 'light1', 'S_32': 'medium1', 'S_16': 'medium2', 'B_32': 'medium2',
+            'B_16': 'medium2', 'L_16': 'medium2'},
+}
+AUGREG_DEFAULT_AUG['i21k_30'] = AUGREG_DEFAULT_AUG['i21k']
+
+
+@dataclasses.dataclass(frozen=True)
+class AugRegData:
+  """A pre-training set of the release's file names (`i1k`, `i21k`, `i21k_30`)."""
+  dataset: str  # TFDS name
+  epochs: int
+  head_bias_init: float  # sigmoid loss: every class starts near sigmoid(bias)
+  eval_split: str
+  train_split: str = 'train[:99%]'
+  train_fraction: float = 0.99  # of DATASET_SIZES, for the step count
+
+
+AUGREG_DATA: dict[str, AugRegData] = {
+    'i1k': AugRegData('imagenet2012', 300, -6.9, 'validation'),
+    'i21k': AugRegData('imagenet21k', 300, -10.0, 'train[99%:]'),
+    'i21k_30': AugRegData('imagenet21k', 30, -10.0, 'train[99%:]'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernPretrain:
+  """What the AugReg and plain-ViT recipes share (big_vision's ViT configs).
+
+  `weight_decay` is counted as the release's file names count it: decay per
+  update = weight_decay x lr, on kernels only (`optimizers.decay_mask`); big_vision
+  writes it pre-multiplied (wd 1e-4 at lr 1e-3 = `wd_0.1`).
+  """
+  source: str
+  batch_size: int = 4096
+  optimizer: str = 'adamw'
+  b1: float = 0.9
+  b2: float = 0.999
+  accumulator_dtype: str = 'bfloat16'  # Adam's first moment
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.1
+  schedule: str = 'cosine'  # to 0
+  warmup_steps: int = 10_000
+  grad_clip_norm: float = 1.0
+  loss: str = 'sigmoid_xent'
+  image_size: int = 224
+  mixup_form: str = 'augreg'  # big_vision's mixup
+
+
+AUGREG = ModernPretrain(AUGREG_PAPER)
+# The release's grid: every file name has one value of each.
+AUGREG_GRID = {'wd': (0.1, 0.03), 'do': (0.0, 0.1), 'sd': (0.0, 0.1)}
+
+PLAIN_VIT = ModernPretrain(PLAIN_VIT_PAPER, batch_size=1024, loss='softmax_xent')
+PLAIN_VIT_MODEL = 'ViT-S_16'
+PLAIN_VIT_EPOCHS = (90, 150, 300)  # 90: 76.5% top-1 in 6-7 h on a TPU v3-8; 300: 80%
+PLAIN_VIT_AUG = AugLevel(0.2, (2, 10))
+
+
+def release_preset(name: str) -> str:
+  """The preset of a model name or an AugReg release short name ('B_16', 'R26_S_32')."""
+  for candidate in (name, f'ViT-{name}', name.replace('_', '+ViT-', 1)):
+    if models.canonical_name(candidate) in models.names():
+      return models.canonical_name(candidate)
+  models.get_config(name)  # ValueError listing the valid names
+  raise AssertionError('unreachable')
+
+
+def release_short_name(preset: str) -> str:
+  """'ViT-B_16' -> 'B_16', 'R26+ViT-S_32' -> 'R26_S_32' (the release's file names)."""
+  return preset.replace('ViT-', '').replace('+', '_')
+
+
+def _modern_config(model_name: str, row: ModernPretrain, dataset: str, epochs: int,
+                   train_split: str, eval_split: str, train_fraction: float,
+                   aug: AugLevel) -> ml_collections.ConfigDict:
+  c = schema.base_config()
+  c.model_name = model_name
+  c.dataset, c.train_split, c.eval_split = dataset, train_split, eval_split
+  c.image_size = (row.image_size, row.image_size)
+  # big_vision: inception_crop(224)|flip|randaug; eval resize(256)|central_crop(224).
+  c.pp.train, c.pp.eval, c.pp.flip = 'inception_crop', 'resize_crop', True
+  c.pp.randaug = aug.randaug
+  c.mixup_alpha, c.mixup_form = aug.mixup_alpha, row.mixup_form
+  c.batch_size = c.eval_batch_size = row.batch_size
+  c.shuffle_buffer = 250_000
+  c.optimizer, c.b1, c.b2 = row.optimizer, row.b1, row.b2
+  c.accumulator_dtype = row.accumulator_dtype
+  c.learning_rate, c.weight_decay = row.learning_rate, row.weight_decay
+  c.schedule, c.warmup_steps = row.schedule, row.warmup_steps
+  c.total_steps = round(epochs * train_fraction * DATASET_SIZES[dataset] / row.batch_size)
+  c.grad_clip_norm, c.loss = row.grad_clip_norm, row.loss
+  c.dtype = 'bfloat16'
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
+  return c
+
+
+def augreg_config(model: str, ds: str, aug: Optional[str] = None, *,
+                  wd: float = AUGREG.weight_decay, do: float = 0.0,
+                  sd: float = 0.0) -> ml_collections.ConfigDict:
+  """AugReg pre-training of `model` (preset or release short name) on `ds`.
+
+  `aug` None: big_vision's default level for the model; `wd`, `do`, `sd` as in
+  the release's file names (`wd_0.1-do_0.0-sd_0.0`), each from its grid.
+  """
+  preset = release_preset(model)
+  if models.get_config(preset).get('model_type', 'vit') != 'vit':
+    raise ValueError(f'The AugReg recipe trains ViTs (and R+ViT hybrids), not {preset!r}')
+  if ds not in AUGREG_DATA:
+    raise ValueError(f'Unknown AugReg dataset {ds!r}; known: {", ".join(AUGREG_DATA)}')
+  short = release_short_name(preset)
+  if aug is None:
+    if short not in AUGREG_DEFAULT_AUG[ds]:
+      raise ValueError(f'big_vision has no default augmentation level for {short} on {ds} '
+                       f'(it has: {", ".join(AUGREG_DEFAULT_AUG[ds])}); give one of '
+                       f'{", ".join(AUG_LEVELS)}')
+    aug = AUGREG_DEFAULT_AUG[ds][short]
+  if aug not in AUG_LEVELS:
+    raise ValueError(f'Unknown AugReg augmentation level {aug!r}; known: '
+                     f'{", ".join(AUG_LEVELS)}')
+  for key, value in (('wd', wd), ('do', do), ('sd', sd)):
+    if value not in AUGREG_GRID[key]:
+      field = {'wd': 'weight_decay', 'do': 'model.transformer.dropout_rate',
+               'sd': 'model.transformer.stochastic_depth'}[key]
+      raise ValueError(f'{key}={value} is not in the AugReg release grid '
+                       f'({", ".join(map(str, AUGREG_GRID[key]))}); other values: '
+                       f'--config.{field}=...')
+  data = AUGREG_DATA[ds]
+  c = _modern_config(preset, AUGREG, data.dataset, data.epochs, data.train_split,
+                     data.eval_split, data.train_fraction, AUG_LEVELS[aug])
+  c.weight_decay = wd
+  c.model.transformer.dropout_rate = do
+  c.model.transformer.stochastic_depth = sd
+  c.model.head_bias_init = data.head_bias_init
+  return c
+
+
+def plain_vit_config(epochs: int = PLAIN_VIT_EPOCHS[0]) -> ml_collections.ConfigDict:
+  """"Better plain ViT baselines": ViT-S/16 on ImageNet-1k for 90 (150, 300) epochs."""
+  if epochs not in PLAIN_VIT_EPOCHS:
+    raise ValueError(f'The plain-ViT recipe has {", ".join(map(str, PLAIN_VIT_EPOCHS))} '
+                     f'epochs, not {epochs}; other lengths: --config.total_steps=...')
+  c = _modern_config(PLAIN_VIT_MODEL, PLAIN_VIT, 'imagenet2012', epochs, 'train[:99%]',
+                     'validation', 0.99, PLAIN_VIT_AUG)
+  c.model.classifier, c.model.posemb = 'gap', 'sincos2d'
+  c.model.representation_size = models.get_config(PLAIN_VIT_MODEL).hidden_size  # tanh
+  c.model.transformer.dropout_rate = 0.0
+  return c
+
+
+def _modern_from_arg(kind: str, arg: Optional[str]) -> ml_collections.ConfigDict:
+  """'augreg': `MODEL,DS[,AUG][,wd=W][,do=D][,sd=S][,runlocal]`; 'plain_vit': `[EPOCHS][,runlocal]`."""
+  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
+  positional = [t for t in tokens if '=' not in t and t != 'runlocal']
+  named = [t for t in tokens if t not in positional]
+  names = ('model', 'ds', 'aug') if kind == 'augreg' else ('epochs',)
+  if len(positional) > len(names):
+    raise ValueError(f'Too many arguments in {arg!r}: expected {",".join(names).upper()} '
+                     'and key=value settings')
+  values = dict(zip(names, positional))
+  model = values.pop('model', 'ViT-B_16')  # a short name too: release_preset resolves it
+  spelled = ','.join([f'{k}={v}' for k, v in values.items()] + named)
+  if kind == 'augreg':
+    parsed = schema.parse_arg(spelled, ds='i21k', aug='', wd=AUGREG.weight_decay, do=0.0,
+                              sd=0.0, runlocal=False)
+    config = augreg_config(model, parsed.ds, parsed.aug or None, wd=parsed.wd, do=parsed.do,
+                           sd=parsed.sd)
+  else:
+    parsed = schema.parse_arg(spelled, epochs=PLAIN_VIT_EPOCHS[0], runlocal=False)
+    config = plain_vit_config(parsed.epochs)
+  return runlocal(config) if parsed.runlocal else config
+
+
 def runlocal(config: ml_collections.ConfigDict,
              model_name: Optional[str] = None) -> ml_collections.ConfigDict:
   """`config` shrunk to a seconds-long CPU run on the embedded digits, recipe otherwise kept.
@@ -354,8 +558,11 @@ def from_arg(kind: str, dataset: str, arg: Optional[str]) -> ml_collections.Conf
   """What a configs/ file returns for `--config=FILE:ARG`: the recipe row, or its runlocal.
 
   `kind` is 'finetune', 'pretrain' or 'bit'; ARG names the model and may add
-  `runlocal` (and `dataset=NAME` for 'bit').
+  `runlocal` (and `dataset=NAME` for 'bit'). 'augreg' and 'plain_vit' (no
+  `dataset`) take their own ARG (`_modern_from_arg`).
   """
+  if kind in ('augreg', 'plain_vit'):
+    return _modern_from_arg(kind, arg)
   default_model = 'BiT-R50x1' if kind == 'bit' else 'ViT-B_16'
   extra = {'dataset': dataset} if kind == 'bit' else {}
   arg = schema.parse_arg(arg, model=default_model, runlocal=False, **extra)
