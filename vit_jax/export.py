@@ -25,13 +25,18 @@ Why timm rather than jax2onnx (which converts the jaxpr directly): every
 jax2onnx release pins `orbax-checkpoint<0.11.37`, which no install of this
 package with its pinned orbax can satisfy (docs/deploy.md has the figures).
 
-Every export is checked before it is kept: the written file is run (ONNX
-Runtime, or the deserialised StableHLO) on random batches of 1 and 5 and
-compared with the JAX model's logits; a max |difference| above the tolerance
-(1e-4 x max(1, max |logit|), float32, as `vit_jax.convert` checks) deletes the
-file and fails naming the difference. Beside the
-file go `NAME.labels.txt` (class names) and `NAME.json` (preset, image size,
-preprocessing, source checkpoint, the measured differences, versions).
+Every export is checked before it is kept: the file is written beside `--out`
+under a hidden staging name and run there (ONNX Runtime, or the deserialised
+StableHLO) on random batches of 1 and 5, its logits compared with the JAX
+model's; a max |difference| above the tolerance (1e-4 x max(1, max |logit|),
+float32, as `vit_jax.convert` checks) deletes it and fails naming the
+difference, leaving an earlier export at `--out` as it was. Only a checked
+export replaces `--out` and its sidecars, named after the whole file name:
+`NAME.onnx.labels.txt` (class names) and `NAME.onnx.json` (preset, image size,
+preprocessing, source checkpoint, the measured differences, the opset the file
+declares, versions), so `NAME.stablehlo` beside it keeps its own. Values no
+export can honour (a non-finite `--tolerance`, an opset torch.onnx does not
+write) are refused; an MLP-Mixer `.npz` is exported at its token-mixing grid.
 
 What a format cannot express is refused naming the reason: the ONNX route has
 no representation layer (`pre_logits`: timm's ViT has none) and no Mixer;
