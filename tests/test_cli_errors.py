@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -361,7 +362,9 @@ def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   # worker): TFDS's progress bars of that step are left out of the count.
   preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'downloaded and prepared',
                'dataset_info.json')
-  lines = [line for line in console.splitlines()
+  # tqdm's redraws leave lines of cursor movements alone ('\x1b[A'): not lines of text.
+  text = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', console)
+  lines = [line for line in text.splitlines()
            if line.strip() and not any(p in line for p in preparing)]
   assert sum(f'Config: {workdir}/config.json' in line for line in lines) == 1, console
   for noise in ('hparams:', 'learning_rate: ', 'xla_bridge', "backend 'tpu'", 'host bounds',
