@@ -6,6 +6,7 @@ import pickle
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -37,15 +38,6 @@ def init_params(name, num_classes, size, seed=0, **overrides):
   return model, jax.tree.unflatten(treedef, leaves)
 
 
-def assert_trees_identical(a, b):
-  fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    x, y = np.asarray(fa[k]), np.asarray(fb[k])
-    assert x.dtype == y.dtype and x.shape == y.shape, k
-    np.testing.assert_array_equal(x, y, err_msg=k)
-
-
 @pytest.fixture(scope='module')
 def vit_test():
   return init_params('ViT-Test_4', 10, 32)
@@ -57,7 +49,7 @@ def test_flatten_unflatten_round_trip_and_conflicts():
   tree = {'a': {'b': np.ones(2), 'c': {'d': np.zeros(1)}}, 'e': np.arange(3)}
   flat = checkpoint.flatten(tree)
   assert sorted(flat) == ['a/b', 'a/c/d', 'e']
-  assert_trees_identical(checkpoint.unflatten(flat), tree)
+  chex.assert_trees_all_equal(checkpoint.unflatten(flat), tree, strict=True)
   with pytest.raises(ValueError, match='conflicts'):
     checkpoint.unflatten({'a': np.ones(1), 'a/b': np.ones(1)})
   with pytest.raises(ValueError, match='empty'):
@@ -70,7 +62,7 @@ def test_round_trip_vit(tmp_path, vit_test):
   _, params = vit_test
   path = tmp_path / 'vit.npz'
   checkpoint.save(params, path)
-  assert_trees_identical(checkpoint.load(path), params)
+  chex.assert_trees_all_equal(checkpoint.load(path), params, strict=True)
   # The file is the flat published layout, and nothing else is left behind.
   with np.load(path, allow_pickle=False) as f:
     assert sorted(f.files) == sorted(checkpoint.flatten(params))
@@ -85,13 +77,13 @@ def test_round_trip_hybrid(tmp_path):
   path = tmp_path / 'hybrid.npz'
   checkpoint.save(params, str(path))
   loaded = checkpoint.load(str(path))
-  assert_trees_identical(loaded, params)
+  chex.assert_trees_all_equal(loaded, params, strict=True)
   assert checkpoint.infer_image_size(loaded, model_configs.get_config('R-Test+ViT-Test_1')) == (32, 32)
   # Old hybrid files store GroupNorm scales and biases as (1, 1, 1, C).
   old_style = {k: v.reshape(1, 1, 1, -1) if '/gn' in '/' + k else v for k, v in flat.items()}
   assert old_style['block1/unit1/gn1/scale'].ndim == 4
   np.savez(tmp_path / 'old.npz', **old_style)
-  assert_trees_identical(checkpoint.load(tmp_path / 'old.npz'), params)
+  chex.assert_trees_all_equal(checkpoint.load(tmp_path / 'old.npz'), params, strict=True)
 
 
 def test_save_bfloat16_and_jax_arrays(tmp_path):
@@ -172,7 +164,7 @@ def test_opt_target_and_big_vision_layouts(tmp_path, vit_test):
   flat = checkpoint.flatten(params)
   np.savez(tmp_path / 'opt.npz', **{'opt/target/' + k: v for k, v in flat.items()},
            **{'opt/state/step': np.array(100), 'opt/state/param_states/cls/grad_ema': flat['cls']})
-  assert_trees_identical(checkpoint.load(tmp_path / 'opt.npz'), params)
+  chex.assert_trees_all_equal(checkpoint.load(tmp_path / 'opt.npz'), params, strict=True)
 
   # big_vision: `params/` prefix, its own module numbering, position embeddings
   # (patches only) at the top level, and optionally scanned (stacked) layers.
@@ -191,14 +183,16 @@ def test_opt_target_and_big_vision_layouts(tmp_path, vit_test):
   expected = dict(flat)
   expected[checkpoint.POSEMB_KEY] = np.concatenate(
       [np.zeros_like(flat[checkpoint.POSEMB_KEY][:, :1]), flat[checkpoint.POSEMB_KEY][:, 1:]], 1)
-  assert_trees_identical(checkpoint.load(tmp_path / 'bv.npz'), checkpoint.unflatten(expected))
+  chex.assert_trees_all_equal(checkpoint.load(tmp_path / 'bv.npz'),
+                              checkpoint.unflatten(expected), strict=True)
 
   scanned = {k: v for k, v in bv.items() if '/encoderblock_' not in k}
   for key in [k for k in bv if '/encoderblock_0/' in k]:
     scanned[key.replace('encoderblock_0', 'encoderblock')] = np.stack(
         [bv[key], bv[key.replace('encoderblock_0', 'encoderblock_1')]])
   np.savez(tmp_path / 'bv_scan.npz', **scanned)
-  assert_trees_identical(checkpoint.load(tmp_path / 'bv_scan.npz'), checkpoint.unflatten(expected))
+  chex.assert_trees_all_equal(checkpoint.load(tmp_path / 'bv_scan.npz'),
+                              checkpoint.unflatten(expected), strict=True)
 
 
 # --- bad files ----------------------------------------------------------------------
@@ -287,7 +281,7 @@ def test_load_pretrained_same_task_is_identity_and_keeps_dtype(vit_test):
   model, params = vit_test
   config = model_configs.get_config('ViT-Test_4')
   same = checkpoint.load_pretrained(params, params, config)
-  assert_trees_identical(same, params)  # same classes: the pre-trained head is kept
+  chex.assert_trees_all_equal(same, params, strict=True)  # same classes: the pre-trained head is kept
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   cast = checkpoint.load_pretrained(params, bf16, config)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))

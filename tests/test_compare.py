@@ -115,6 +115,7 @@ def test_table_and_plot():
   np.testing.assert_allclose(by_flops.lines[1].get_ydata(), [47.5, 95.0])
 
 
+@pytest.mark.slow
 def test_cli_tiny_run(tmp_path):
   """The three families, two seeds, two steps on the embedded digits, the ViT
   fine-tuned from a checkpoint: table with mean ± std and few-shot, JSON, PNG."""

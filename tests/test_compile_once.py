@@ -46,7 +46,8 @@ def test_run_and_resume_trace_each_step_once(tmp_path, guarded_steps):
   assert first['step'] == 9 and 'eval_accuracy' in first
 
   chex.clear_trace_counter()  # the resume builds (and compiles) its own program
-  resumed = train.train_and_evaluate(tiny_config(total_steps=15, resume_changes='continue', **every), workdir)
+  resumed = train.train_and_evaluate(
+      tiny_config(total_steps=15, resume_changes='continue', **every), workdir)
   assert resumed['step'] == 15 and 'eval_accuracy' in resumed
 
 

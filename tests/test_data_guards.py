@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vit_jax.configs import schema
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,7 +51,7 @@ def folder_config(root, **overrides) -> ml_collections.ConfigDict:
   fields = dict(dataset=f'image_folder:{root}', train_split='train', eval_split='test',
                 image_size=8, pp=dict(train='plain', eval='resize'), batch_size=4,
                 eval_batch_size=4, cache=False, shuffle_buffer=16)
-  return ml_collections.ConfigDict({**fields, **overrides})
+  return schema.resolve({**fields, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -71,9 +73,9 @@ def test_training_folder_and_predict_share_one_pixel_limit(huge_png, tmp_path):
   write_folder(root)
   os.link(path, root / 'train' / 'dog' / 'huge.png')
   script = textwrap.dedent(f'''
-      import ml_collections
       from vit_jax import input_pipeline as ip
-      config = ml_collections.ConfigDict(dict(
+      from vit_jax.configs import schema
+      config = schema.resolve(dict(
           dataset='image_folder:{root}', train_split='train', eval_split='test', image_size=8,
           pp=dict(train='plain', eval='resize'), batch_size=4, eval_batch_size=4, cache=False,
           shuffle_buffer=16))

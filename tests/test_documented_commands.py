@@ -30,8 +30,8 @@ What runs differs from the documented text in exactly these ways:
    batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
    --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
    `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
-   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the
-   arms medium2 and sd0.1.
+   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the arm
+   medium2.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
    `vit_jax.export`: `--image_size 16`. `vit_jax.onnx_classify`: nothing appended.
@@ -112,6 +112,22 @@ COMMAND_TIMEOUT_S = 600
 
 # Documented commands that do not run here: command -> (why, where it is covered).
 EXEMPT = {
+    # The AugReg release's folder is not made here: tests/test_augreg_docs.py runs these
+    # on a release folder (index.csv and .npz files) it writes.
+    'python -m vit_jax.augreg --index /data/augreg/index.csv --model R26_S_32 --ds i21k '
+    '--adapt_ds imagenet2012 --top 5':
+        ('reads a local copy of the AugReg index', 'tests/test_augreg_docs.py runs it on a '
+         'test-made index.csv'),
+    'python -m vit_jax.main --config=configs/augreg.py:R26_S_32 '
+    '--config.pretrained_dir=/data/augreg --config.data_dir=/data/tfds '
+    '--workdir=/tmp/r26_s32':
+        ('fine-tunes a checkpoint of a local copy of the AugReg release',
+         'tests/test_augreg_index.py::test_finetunes_on_digits runs it on the digits, 2 steps '
+         'at 64 px, from a test-made release folder'),
+    'python -m vit_jax.predict --checkpoint /data/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-'
+    'wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz --image /data/cat.jpg':
+        ('reads a release-named checkpoint', 'tests/test_augreg_docs.py runs it on a '
+         'test-made file of that name'),
     'pip install -c constraints.txt -e .':
         ('installs the package into the environment', '.ci/run installs it the same way, '
          'with the [test] extra, into a fresh virtual environment'),
@@ -129,6 +145,9 @@ EXEMPT = {
          "'.[test]' (what .ci/run installs) holds every package of '.[export]'"),
     'python -m pytest -q':
         ('the whole test suite, this module included', '.ci/run runs exactly this'),
+    "python -m pytest -q -m 'not slow'":
+        ('the fast tier of the suite, this module included',
+         '.ci/run runs the whole suite, which holds every test of the fast tier'),
     'python -m vit_jax.main --config=... --workdir=/shared/run --coordinator_address=host0:1234 '
     '--num_processes=2 --process_id=0':
         ('needs a second host (host0:1234) and names no config',
@@ -198,10 +217,13 @@ TINY = {
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
-    # RandAugment + mixup and stochastic depth, one seed of 2 steps each.
+    'benchmarks/input_pipeline_benchmark.py': [
+        '--num_images', '16', '--jpeg_size', '64', '48', '--image_size', '32',
+        '--batch_size', '8', '--num_batches', '1', '--warmup', '1', '--repeats', '1'],
+    # RandAugment + mixup, one seed of 2 steps (stochastic depth: the AugReg command).
     'benchmarks/small_data_study.py': [
         '--model', TINY_MODEL, '--steps', str(TOTAL_STEPS), '--batch-size', '16', '--seeds', '1',
-        '--arms', 'medium2,sd0.1', '--data-dir', '{tfds}'],
+        '--arms', 'medium2', '--data-dir', '{tfds}'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -679,6 +701,11 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_input_pipeline(run: Run) -> list[str]:
+  found = re.search(r'with the augmentation, ([\d.]+)x the images per CPU-second', run.stdout)
+  return [] if found and float(found.group(1)) > 0 else ['no augmentation ratio printed']
+
+
 def _check_plan_table(run: Run) -> list[str]:
   return [] if re.search(r'^\| B16-i21k \|.*fits', run.stdout, re.M) else ['no plans table']
 
@@ -847,6 +874,7 @@ CHECKS = {
     'benchmarks/gpu_check.sh': _check_gpu_check,
     'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
+    'benchmarks/input_pipeline_benchmark.py': _check_input_pipeline,
     'benchmarks/small_data_study.py': _check_small_data_study,
 }
 
@@ -1011,6 +1039,7 @@ def test_no_unfenced_commands():
   assert not found, f'fence these as ```sh blocks: {found}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('block_id', [b.id for b in RUN_BLOCKS])
 def test_documented_block(runner, block_id):
   block = BLOCKS_BY_ID[block_id]
@@ -1023,6 +1052,7 @@ def test_documented_block(runner, block_id):
   assert not failures, '\n\n'.join(failures)
 
 
+@pytest.mark.slow
 def test_dropout(runner):
   """`--config.model.transformer.dropout_rate=0.1` reaches the model (tiny run)."""
   run = runner.get('extra:dropout', _dropout_run)
@@ -1032,6 +1062,7 @@ def test_dropout(runner):
     assert json.load(f)['model']['transformer']['dropout_rate'] == 0.1, run.tail()
 
 
+@pytest.mark.slow
 def test_missing_dataset(runner):
   """A fine-tuning run on an empty data dir stops before training, naming the dir."""
   empty, run = runner.get('extra:missing-dataset', _missing_dataset_run)

@@ -84,6 +84,7 @@ def test_progress_reports_eta():
   assert 'ETA 0:' in lines[1]
 
 
+@pytest.mark.slow
 def test_workdir_reports_the_runs_final_eval(digits_run, tmp_path, capsys):
   workdir, data_dir = digits_run
   out = str(tmp_path / 'eval')
@@ -125,6 +126,7 @@ def test_workdir_reports_the_runs_final_eval(digits_run, tmp_path, capsys):
   assert result['loss'] == pytest.approx(metrics['loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_other_head_gets_fewshot_only(digits_run, tmp_path, capsys):
   _, data_dir = digits_run
   config = tiny_config(data_dir)

@@ -96,6 +96,7 @@ def exports(tmp_dir):
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['vit_ti16', 'bit_test', 'hybrid', 'vit_gap'])
 def test_onnx_matches_jax_at_batch_1_and_5(exports, case):
   _, source, result = exports(case, 'onnx')
@@ -131,6 +132,7 @@ def test_onnx_graph_interface(exports):
     assert len(f.read().splitlines()) == source.num_classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['vit_ti16', 'bit_test'])
 def test_stablehlo_reloads_in_a_fresh_process(exports, tmp_dir, case):
   _, source, result = exports(case, 'stablehlo')

@@ -26,6 +26,7 @@ import warnings
 import zipfile
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +40,7 @@ from vit_jax import train
 from vit_jax import train_checkpoints
 from vit_jax import workdir_lock
 from vit_jax.configs import models as model_configs
+from vit_jax.configs import schema
 
 try:
   # timm loads torch's triton, which crashes (SIGSEGV) once TensorFlow is loaded, and
@@ -186,9 +188,10 @@ def pipeline_config(root, **overrides):
   fields = dict(dataset=f'image_folder:{root}', train_split='train', eval_split='test',
                 image_size=8, pp=dict(train='plain', eval='resize'), batch_size=4,
                 eval_batch_size=4, cache=False, shuffle_buffer=64)
-  return ml_collections.ConfigDict({**fields, **overrides})
+  return schema.resolve({**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_case1_corrupt_eval_image_keeps_final_checkpoint_and_names_it(tmp_path):
   """The issue's run: garbage test/cat/bad.jpg. The 4 steps are saved before the final
   evaluation fails, and the one-line error names the file."""
@@ -236,6 +239,7 @@ def test_case1_each_kind_of_bad_image_raises_naming_it(tmp_path, name):
       next(batches)
 
 
+@pytest.mark.slow
 def test_case1_skip_drops_counts_logs_and_lists_them(tmp_path, caplog):
   """bad_images='skip' through a whole run: every kind is left out, logged once, and
   listed in workdir/bad_images.txt; evaluation counts the good images only."""
@@ -333,6 +337,7 @@ def test_case1_folders_checked_at_start(tmp_path, caplog):
                                                   'not a file'}
 
 
+@pytest.mark.slow
 def test_case1_tfds_bad_record_named_by_split_and_index(tmp_path):
   """A prepared TFDS dataset whose test example 3 holds garbage bytes."""
   tfds = pytest.importorskip('tensorflow_datasets')
@@ -365,7 +370,7 @@ def test_case1_tfds_bad_record_named_by_split_and_index(tmp_path):
                               decoders={'image': tfds.decode.SkipDecoding()})
   bad = [i for i, ex in enumerate(tfds.as_numpy(stored)) if ex['image'] == garbage.read_bytes()]
   assert len(bad) == 1
-  config = ml_collections.ConfigDict(dict(
+  config = schema.resolve(dict(
       dataset='tiny', data_dir=str(tmp_path / 'tfds'), eval_split='test', image_size=8,
       pp=dict(eval='resize'), eval_batch_size=2))
   # Alone, and as the process of two whose part ([0, 3) or [3, 5)) holds it.
@@ -409,6 +414,7 @@ def start_main(config_path, workdir):
 TIMING_KEYS = ('train_seconds', 'steps_per_sec', 'images_per_sec')
 
 
+@pytest.mark.slow
 def test_case2_second_run_on_a_workdir_exits_at_once_naming_the_first(tmp_path, trained_run):
   config_path = write_run_config(tmp_path / 'config.py')  # trained_run's, run alone
   workdir = tmp_path / 'run'
@@ -614,7 +620,7 @@ def test_case4_bit_flip_in_latest_checkpoint_falls_back_with_warning(trained_run
   assert result['step'] == 8
   assert [d.split('-')[0] for d in os.listdir(workdir / 'checkpoints_corrupt')] == ['8']
   _, again = train_checkpoints.load_latest(str(workdir))  # resumed from 4, retrained 5..8
-  jax.tree.map(np.testing.assert_array_equal, again['params'], first['params'])
+  chex.assert_trees_all_equal(again['params'], first['params'])
 
 
 def test_case4_value_changed_on_disk_fails_its_checksum(tmp_path, monkeypatch):
@@ -1199,8 +1205,9 @@ def test_refused_run_keeps_the_record_and_leaves_no_fresh_workdir(trained_run, t
   monkeypatch.setenv('VIT_JAX_TRACEBACK', '0')
   config = f'--config={write_run_config(tmp_path / "config.py")}'
   from vit_jax import main as vit_main  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
   workdir = copy_run(trained_run, tmp_path)  # the finished run main would have recorded
-  vit_main._write_config(tiny_run_config(), str(workdir))  # pylint: disable=protected-access
+  vit_main._write_config(schema.resolve(tiny_run_config()), str(workdir))  # pylint: disable=protected-access
   before = tree_digest(workdir)
   assert 'config.json' in before and any(k.startswith('checkpoints/') for k in before)
   for extra, fragment in REFUSED_RESUMES.values():

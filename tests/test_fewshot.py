@@ -211,6 +211,7 @@ def test_one_and_eight_devices_agree():
   assert 0.25 < results[1]['fewshot/5shot_accuracy'] <= 1  # chance is 0.25
 
 
+@pytest.mark.slow
 def test_trained_digits_features_are_far_above_chance(digits_run):
   from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
   workdir, data_dir = digits_run
@@ -231,6 +232,7 @@ def test_trained_digits_features_are_far_above_chance(digits_run):
   assert trained['fewshot/1shot_accuracy'] <= trained['fewshot/25shot_accuracy'] + 0.05
 
 
+@pytest.mark.slow
 def test_training_loop_logs_fewshot(tmp_path):
   """`config.fewshot_every`: the loop runs the few-shot evaluator and logs it like eval top-1."""
   from vit_jax import train  # pylint: disable=g-import-not-at-top

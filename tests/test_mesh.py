@@ -110,6 +110,7 @@ def test_checkpoint_restores_bit_exactly_on_another_mesh(tmp_path):
   checkpointer.close()
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_another_mesh(tmp_path):
   """8 devices, 1-D mesh, then the same workdir on 4 devices with a 2-D mesh."""
   config = ml_collections.ConfigDict(dict(CONFIG, total_steps=4, checkpoint_every=2))

@@ -42,6 +42,7 @@ def test_notebook_structure(name):
       'notebooks are committed without outputs'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, monkeypatch):
   nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)

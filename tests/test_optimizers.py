@@ -4,12 +4,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from vit_jax import optimizers
+from vit_jax.configs import schema
 
 
 def _config(**kw):
@@ -17,7 +17,7 @@ def _config(**kw):
               schedule='cosine', grad_clip_norm=1.0, weight_decay=0.0, momentum=0.9,
               accumulator_dtype=None, loss='softmax_xent', label_smoothing=0.0)
   base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return schema.resolve(base)
 
 
 def reference_warmup_cosine(step, base, warmup, total):

@@ -96,6 +96,7 @@ def test_gpu_plan_of_a_tiny_model(gpu_plan):
   assert set(plan['collectives']) == {'all-reduce'}  # replicated: gradients only
 
 
+@pytest.mark.slow
 def test_search_finds_overrides_that_fit_when_planned_again(tmp_path, gpu_plan):
   """A GPU memory share too small for the step: the suggested overrides fit."""
   big, base = GPU, gpu_plan

@@ -19,6 +19,7 @@ from vit_jax import checkpoint
 from vit_jax import models_vit
 from vit_jax import validation
 from vit_jax.configs import models as model_configs
+from vit_jax.configs import schema
 
 
 def sincos_formula(rows: int, cols: int, width: int) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_config_values_checked(posemb, hidden, match):
   config = dict(model_name='ViT-Test_4', image_size=(16, 16), dataset='synthetic',
                 model=dict(posemb=posemb, hidden_size=hidden))
   if match is None:
-    validation.validate_config(config)
+    validation.validate_config(schema.resolve(config))
     return
   with pytest.raises(ValueError, match=match):
-    validation.validate_config(config)
+    validation.validate_config(schema.resolve(config))

@@ -3,7 +3,7 @@
 Every expected value is typed in from ../shared/README.md "Pre-training recipes
 after the paper" (big_vision configs/vit_i21k.py, vit_i1k.py, vit_s16_i1k.py),
 not read from `vit_jax.configs.recipes`. The configs are built as
-`--config=configs/FILE.py:ARG` builds them (`schema.load_file`).
+`--config=configs/FILE.py:ARG` builds them (`schema.load_file`, resolved).
 """
 
 import os
@@ -34,7 +34,7 @@ DATA = {'i1k': ('imagenet2012', 300, -6.9, 1_281_167),
 
 
 def config(path, arg=None):
-  return schema.load_file(f'{path}:{arg}' if arg else path)
+  return schema.resolve(schema.load_file(f'{path}:{arg}' if arg else path))
 
 
 def check_shared(c, batch):

@@ -26,6 +26,7 @@ import functools
 import math
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -348,8 +349,7 @@ def our_logits(case: str, path: str, images: np.ndarray, approximate_gelu: bool 
   # The file was written from the published names alone: it must be exactly our tree.
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros(images.shape, jnp.float32))['params']
-  shapes = {k: tuple(v.shape) for k, v in checkpoint.flatten(expected).items()}
-  assert shapes == {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
+  chex.assert_trees_all_equal_shapes(params, expected)
   logits, _ = jax.jit(model.apply)({'params': params}, images)
   return np.asarray(logits)
 

@@ -233,6 +233,7 @@ def logged_steps(out: str) -> list[int]:
   return [int(m) for m in re.findall(r'\] \[(\d+)/\d+ ', out)]
 
 
+@pytest.mark.slow
 def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path, small_disk):
   config = write_config(tmp_path / 'config.py', total_steps=400, log_every=1,
                         checkpoint_every=10, keep_checkpoints=100)
@@ -270,6 +271,7 @@ def wait_for_checkpoint(proc, workdir, timeout=300):
   pytest.fail('no checkpoint within the time limit')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('presses', [1, 2])
 def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path, presses):
   config = write_config(tmp_path / 'config.py', total_steps=100, checkpoint_every=2,

@@ -7,6 +7,7 @@ tiny ViT-Test_4 preset at 8x8 pixels, so each test takes seconds.
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,14 +39,14 @@ def tiny_config(**overrides):
 
 
 def synthetic_batches(config, num):
-  data = data_sources.SyntheticData(config)
+  data = data_sources.SyntheticData(schema.resolve(config))
   it = data.train_batches(0)
   return [next(it) for _ in range(num)]
 
 
 def host_init(config):
   """Initial params as numpy (the same for every mesh: a function of the config only)."""
-  model = train.build_model(config, config.num_classes)
+  model = train.build_model(schema.resolve(config), config.num_classes)
   height, width = image_hw(config.image_size)
   init = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, height, width, 3)),
                                       train=False)['params'])
@@ -95,10 +96,6 @@ def _shard_small_arrays(monkeypatch):
   monkeypatch.setattr(parallel, 'FSDP_MIN_SIZE', 64)
 
 
-def assert_trees_close(a, b, **kw):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
-
-
 # SGD for the equivalence checks: Adam divides by sqrt(v), which turns the
 # rounding noise of near-zero gradients into O(lr) differences.
 def test_eight_devices_equal_one_device(run_steps):
@@ -108,7 +105,7 @@ def test_eight_devices_equal_one_device(run_steps):
   loss8, params8 = run_steps(config, jax.devices(), batches)
   loss1, params1 = run_steps(config, jax.devices()[:1], batches)
   np.testing.assert_allclose(loss8, loss1, atol=1e-4, rtol=1e-4)
-  assert_trees_close(params8, params1, atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(params8, params1, atol=1e-4, rtol=1e-4)
   assert loss8[-1] < loss8[0]
 
 
@@ -118,7 +115,7 @@ def test_fsdp_equals_replicated(run_steps):
   loss_r, params_r = run_steps(config, jax.devices(), batches)
   loss_f, params_f = run_steps(config, jax.devices(), batches, mesh=parallel.FSDP_MESH)
   np.testing.assert_allclose(loss_f, loss_r, atol=1e-5, rtol=1e-5)
-  assert_trees_close(params_f, params_r, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(params_f, params_r, atol=1e-5, rtol=1e-5)
 
 
 def test_grad_accumulation_equals_big_batch(run_steps):
@@ -129,7 +126,7 @@ def test_grad_accumulation_equals_big_batch(run_steps):
   loss_big, params_big = run_steps(big, devices, batches)
   loss_acc, params_acc = run_steps(accum, devices, batches)
   np.testing.assert_allclose(loss_acc, loss_big, atol=1e-6, rtol=1e-5)
-  assert_trees_close(params_acc, params_big, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(params_acc, params_big, atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_compute_step_is_finite(run_steps):
@@ -189,7 +186,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   assert os.listdir(tmp_path / 'checkpoints_corrupt')
   _, again = train_checkpoints.load_latest(str(tmp_path))
   # Resumed from step 4 and retrained 5..8: the same params as the first time.
-  jax.tree.map(np.testing.assert_array_equal, again['params'], first['params'])
+  chex.assert_trees_all_equal(again['params'], first['params'])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -247,4 +244,4 @@ def test_model_overrides_apply():
   assert schema.model_config(schema.resolve(config)).transformer.num_layers == 1
   assert models.get_config('ViT-Test_4').transformer.num_layers == 2
   with pytest.raises(ValueError, match='config.model'):
-    train.validate_config(tiny_config(model=dict(no_such_field=1)))
+    train.validate_config(schema.resolve(tiny_config(model=dict(no_such_field=1))))

@@ -17,6 +17,9 @@ import pytest
 from vit_jax import checkpoint
 from vit_jax import train
 
+# Whole training runs (a minute or more on 2 CPU cores): the slow tier.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip('sklearn')
 pytest.importorskip('tensorflow')
 

@@ -23,6 +23,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from vit_jax import checkpoint
 from vit_jax import train
@@ -49,6 +50,7 @@ def train_losses(workdir):
   return {l['step']: l['train_loss'] for l in lines if 'train_loss' in l}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   assert jax.device_count() == 8
   reference_dir = tmp_path / 'one_process'
@@ -177,6 +179,7 @@ def test_workdir_not_shared_is_refused(tmp_path):
   assert not [f for f in os.listdir(workdirs[0]) if f.startswith('.shared-check-')]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_once_and_every_process_exits(tmp_path):
   """SIGTERM to every process (as a scheduler sends it), then to one only: each time
   both processes agree on one step, save it once and exit with 143; a rerun resumes."""

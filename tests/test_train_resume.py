@@ -12,13 +12,15 @@ import sys
 import textwrap
 import time
 
-import jax
+import chex
 import ml_collections
-import numpy as np
 import pytest
 
 from vit_jax import train
 from vit_jax import train_checkpoints
+
+# Whole training runs (a minute or more on 2 CPU cores): the slow tier.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +81,7 @@ def reference(tmp_path_factory):
 def _assert_same_params(workdir, reference):
   step, state = train_checkpoints.load_latest(str(workdir))
   assert step == CONFIG['total_steps']
-  jax.tree.map(np.testing.assert_array_equal, state['params'], reference)
+  chex.assert_trees_all_equal(state['params'], reference)
 
 
 def test_sigkill_then_restart_matches_uninterrupted(tmp_path, reference):

@@ -68,7 +68,7 @@ DEFAULT_CONFIGS = {
 
 def load_config(spec: str):
   """The resolved config of a config file (`path` or `path:argument`)."""
-  return schema.load_file(spec)
+  return schema.resolve(schema.load_file(spec))
 
 
 def shared_settings(args: argparse.Namespace, base) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def prepare_config(config, settings: dict[str, Any]):
 # Cost and speed of one model.
 # ---------------------------------------------------------------------------
 
-def model_costs(config, num_classes: int, params: Any = None,
+def model_costs(config: schema.Config, num_classes: int, params: Any = None,
                 xla_count: bool = True) -> dict[str, Any]:
   """Parameters and forward FLOPs per image of the config's model.
 
@@ -122,7 +122,7 @@ def model_costs(config, num_classes: int, params: Any = None,
   every operation (on GPU, library calls such as cuBLAS are not counted).
   """
 
-  model_config = schema.model_config(schema.resolve(config))
+  model_config = schema.model_config(config)
   model = train.build_model(config, num_classes)
   height, width = image_hw(config.image_size)
   if params is None:

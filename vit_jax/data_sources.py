@@ -36,8 +36,8 @@ class SyntheticData:
   """
   POOL = 128
 
-  def __init__(self, config, process_index: int = 0, process_count: int = 1):
-    config = self.config = schema.resolve(config)
+  def __init__(self, config: schema.Config, process_index: int = 0, process_count: int = 1):
+    self.config = config
     self.num_classes = int(config.num_classes)
     self.num_train_examples = 1 << 20  # nominal: batches never repeat
     self.num_eval_examples = int(config.num_eval_examples)
@@ -83,10 +83,10 @@ class SyntheticData:
 class PipelineData:
   """`vit_jax.input_pipeline` (tf.data): TFDS datasets, image folders, digits."""
 
-  def __init__(self, config):
+  def __init__(self, config: schema.Config):
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     self._ip = input_pipeline
-    self.config = config = schema.resolve(config)
+    self.config = config
     info = input_pipeline.get_dataset_info(config)
     if info.num_classes < 2:
       # Training on it reaches loss 0 and 100% accuracy having learnt nothing.
@@ -111,7 +111,7 @@ class PipelineData:
     return self._ip.iterate_numpy(self._eval_ds)
 
 
-def get_data(config):
+def get_data(config: schema.Config):
   if config.dataset == SYNTHETIC:
     return SyntheticData(config, jax.process_index(), jax.process_count())
   return PipelineData(config)

@@ -39,6 +39,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import release_names
 from vit_jax.configs import schema
 
 
@@ -91,16 +92,11 @@ class Progress:
 # The config and the checkpoint.
 # ---------------------------------------------------------------------------
 
-def _replace(config, **fields):
-  values = config.to_dict()
-  values.update(fields)
-  return schema.resolve(values)
-
-
 def load_config(spec: str):
-  """`schema.load_file(spec)`; any failure of the file becomes a ValueError naming it."""
+  """The config file `spec` (`schema.load_file`), resolved; any failure of the file becomes
+  a ValueError naming it."""
   try:
-    return schema.load_file(spec)
+    return schema.resolve(schema.load_file(spec))
   except (FileNotFoundError, ValueError):
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -174,14 +170,14 @@ def _load_workdir(path: str, config, model_name: Optional[str],
   if run is not None:
     # The run's model is what the checkpoint holds; the config file keeps the rest.
     before = config.image_size
-    config = _replace(config, **run)
+    config = schema.replace(config, **run)
     if image_size is None and config.image_size != before:
       print(f"note: evaluating at the run's image size {config.image_size}, not the "
             f"config's {before} (override with --image_size)", file=sys.stderr)
   if model_name:
-    config = _replace(config, model_name=model_name)
+    config = schema.replace(config, model_name=model_name)
   if image_size is not None:
-    config = _replace(config, image_size=tuple(image_size))
+    config = schema.replace(config, image_size=tuple(image_size))
   step, state = train_checkpoints.load_latest(path)
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(path, "checkpoints")!r}')
@@ -211,11 +207,17 @@ def _load_npz(path: str, config, model_name: Optional[str],
               image_size: Optional[tuple[int, int]]) -> Loaded:
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
-  if model_name:
-    config = _replace(config, model_name=model_name)
-  if image_size is not None:
-    config = _replace(config, image_size=tuple(image_size))
   specs = checkpoint.read_npz_specs(path)
+  # A release file names its model (a --model that does not fit is refused) and,
+  # by its position embeddings, its resolution.
+  named = release_names.preset_for(path, model_name, specs)
+  if named and not model_name:
+    model_name = named
+    image_size = image_size or release_names.image_size(path, specs, named)
+  if model_name:
+    config = schema.replace(config, model_name=model_name)
+  if image_size is not None:
+    config = schema.replace(config, image_size=tuple(image_size))
   preset = schema.model_config(config)
   if preset.get('model_type', 'vit') == 'vit':
     # Features and logits are the file's: its class token and representation
@@ -225,7 +227,7 @@ def _load_npz(path: str, config, model_name: Optional[str],
       overrides['representation_size'] = int(specs['pre_logits/kernel'].shape[-1])
     model_fields = {k: v for k, v in config.model.to_dict().items()}
     model_fields.update(overrides)
-    config = _replace(config, model=model_fields)
+    config = schema.replace(config, model=model_fields)
   head = specs.get('head/kernel')
   head_classes = None if head is None else int(head.shape[-1])
   model = validation.build_model(config, head_classes or 1)
@@ -299,7 +301,7 @@ def _class_names(config, num_classes: int) -> list[str]:
 # The evaluation.
 # ---------------------------------------------------------------------------
 
-def evaluate(checkpoint_path: str, config, *, model_name: Optional[str] = None,
+def evaluate(checkpoint_path: str, config: schema.Config, *, model_name: Optional[str] = None,
              image_size: Optional[tuple[int, int]] = None, fewshot_shots: Sequence[int] = (), fewshot_seed: Optional[int] = None,
              out_dir: Optional[str] = None, progress: Optional[Progress] = None) -> dict:
   """Metrics of a checkpoint on `config.eval_split` (see the module docstring).
@@ -317,7 +319,6 @@ def evaluate(checkpoint_path: str, config, *, model_name: Optional[str] = None,
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
 
   start = time.monotonic()
-  config = schema.resolve(config)
   mesh = parallel.make_mesh()
   devices = int(mesh.devices.size)
   if config.eval_batch_size % devices:
@@ -325,10 +326,10 @@ def evaluate(checkpoint_path: str, config, *, model_name: Optional[str] = None,
     batch = -(-config.eval_batch_size // devices) * devices
     print(f'note: eval batch {config.eval_batch_size} -> {batch}, a multiple of the '
           f'{devices} devices', file=sys.stderr)
-    config = _replace(config, eval_batch_size=batch)
+    config = schema.replace(config, eval_batch_size=batch)
   validation.validate_config(config)
   if model_name:
-    schema.model_config(_replace(config, model_name=model_name))  # an unknown preset, now
+    schema.model_config(schema.replace(config, model_name=model_name))  # an unknown preset, now
   loaded = load_checkpoint(checkpoint_path, config, model_name, image_size)
   config = loaded.config
   data = data_sources.get_data(config)
@@ -429,8 +430,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="a training run's workdir (its newest checkpoint) or an .npz")
   parser.add_argument('--config', required=True,
                       help='config file, e.g. configs/default.py or configs/default.py:ViT-Test_4')
-  parser.add_argument('--model', default=None, help='model preset (default: the run\'s or the '
-                      "config's)")
+  parser.add_argument('--model', default=None, help='model preset (default: the run\'s, a '
+                      "release file name's, or the config's)")
   parser.add_argument('--dataset', default=None, help="override config.dataset")
   parser.add_argument('--split', default=None, help='split to evaluate (default: '
                       'config.eval_split)')
@@ -461,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fields = {k: v for k, v in (('dataset', args.dataset), ('eval_split', args.split),
                                 ('train_split', args.train_split), ('data_dir', args.data_dir),
                                 ('eval_batch_size', args.batch_size)) if v is not None}
-    config = _replace(config, **fields)
+    config = schema.replace(config, **fields)
     result = evaluate(args.checkpoint, config, model_name=args.model,
                       image_size=args.image_size, fewshot_shots=shots,
                       fewshot_seed=args.fewshot_seed, out_dir=args.out,

@@ -24,12 +24,12 @@ from vit_jax import parallel
 from vit_jax.configs import schema
 
 
-def make_eval_step(model, config) -> Callable[[Any, dict], dict]:
+def make_eval_step(model, config: schema.Config) -> Callable[[Any, dict], dict]:
   """`(params, batch) -> sums`: 'correct' top-1, 'loss' and 'count' over unmasked examples.
 
   Top-1 counts an example as right when its highest logit is one of its labels.
   """
-  loss_fn = optimizers.make_loss(schema.resolve(config))
+  loss_fn = optimizers.make_loss(config)
 
   def eval_step(params, batch: dict) -> dict:
     logits, _ = model.apply({'params': params}, batch['image'], train=False)
@@ -72,11 +72,11 @@ class ClassificationEvaluator:
 MAX_CONFUSION_CLASSES = 1000
 
 
-def make_predict_step(model, config, top_k: int = 5) -> Callable[[Any, dict], dict]:
+def make_predict_step(model, config: schema.Config, top_k: int = 5) -> Callable[[Any, dict], dict]:
   """`(params, batch) -> per-example arrays`: 'top_k' class ids (best first), 'label'
   (the class of the one-hot label), 'hit1' / 'hitk' (top-1 / top-k right, as
   `make_eval_step` counts it), 'loss' (the config's loss) and 'mask'."""
-  loss_fn = optimizers.make_loss(schema.resolve(config))
+  loss_fn = optimizers.make_loss(config)
 
   def predict_step(params, batch: dict) -> dict:
     logits, _ = model.apply({'params': params}, batch['image'], train=False)

@@ -64,6 +64,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import release_names
 
 FORMATS = ('onnx', 'stablehlo')
 TOLERANCE = 1e-4
@@ -142,10 +143,12 @@ def load(checkpoint_path: str, model: Optional[str] = None, config: Optional[str
   if not os.path.isdir(path):
     if not os.path.exists(path):
       raise FileNotFoundError(f'no such checkpoint file or workdir: {path!r}')
+    if model or not config:  # a release file name says which preset it holds
+      model = release_names.preset_for(path, model)
     if not model and not config:
       raise ValueError(f'{path!r} is an .npz: name its model with --model PRESET or --config '
                        'FILE (a run\'s workdir records its own)')
-    probe = evaluate._replace(cfg, model_name=model) if model else cfg  # pylint: disable=protected-access
+    probe = schema.replace(cfg, model_name=model) if model else cfg
     own_size = _npz_image_size(path, probe)
     if (image_size is not None and own_size is not None and tuple(image_size) != own_size
         and checkpoint.MIXER_GRID_KEY in checkpoint.read_npz_specs(path)):

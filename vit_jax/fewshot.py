@@ -207,13 +207,6 @@ def metric_name(shots: int) -> str:
 # Features on the devices.
 # ---------------------------------------------------------------------------
 
-def _derived_config(config, **fields):
-  """`config` with some fields replaced, resolved again (configs are locked)."""
-  values = config.to_dict()
-  values.update(fields)
-  return schema.resolve(values)
-
-
 def parse_shots(text: str) -> tuple[int, ...]:
   """'1,5,10' -> (1, 5, 10); ValueError for anything but positive integers."""
   try:
@@ -250,13 +243,12 @@ class FewShotEvaluator:
       each batch, phase 'train' (the pool) or 'test'.
   """
 
-  def __init__(self, model: Any, config: Any, mesh: Any, *,
+  def __init__(self, model: Any, config: schema.Config, mesh: Any, *,
                shots: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                l2_grid: Sequence[float] = DEFAULT_L2_GRID,
                holdout_per_class: int = DEFAULT_HOLDOUT_PER_CLASS,
                train_split: Optional[str] = None, test_split: Optional[str] = None,
                batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None):
-    config = schema.resolve(config)
     self.shots = parse_shots(','.join(str(k) for k in (shots or DEFAULT_SHOTS)))
     self.seed = int(config.seed if seed is None else seed)
     self.l2_grid = tuple(float(x) for x in l2_grid)
@@ -274,9 +266,9 @@ class FewShotEvaluator:
     # features a random function of the step).
     # The pool is not cached: it is usually read only in part (until every
     # class has enough images), and a partly read cache is thrown away anyway.
-    self._train_config = _derived_config(config, eval_split=train_split, cache=False,
+    self._train_config = schema.replace(config, eval_split=train_split, cache=False,
                                          eval_batch_size=batch_size, batch_size=batch_size)
-    self._test_config = _derived_config(config, eval_split=test_split,
+    self._test_config = schema.replace(config, eval_split=test_split,
                                         eval_batch_size=batch_size)
     self._mesh = mesh
     self._progress = progress

@@ -391,7 +391,7 @@ def _cached_source(dataset: str, data_dir: str | None) -> _Source:
   return source
 
 
-def _bad_image_policy(config) -> str:
+def _bad_image_policy(config: schema.Config) -> str:
   policy = config.bad_images
   if policy not in BAD_IMAGE_POLICIES:
     raise ValueError(f'Unknown config.bad_images={policy!r}; expected one of '
@@ -399,7 +399,7 @@ def _bad_image_policy(config) -> str:
   return policy
 
 
-def _get_source(config) -> _Source:
+def _get_source(config: schema.Config) -> _Source:
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got '
@@ -427,13 +427,12 @@ def _get_source(config) -> _Source:
   return source
 
 
-def bad_images(config) -> dict[str, str]:
+def bad_images(config: schema.Config) -> dict[str, str]:
   """The unreadable images this process met in config's dataset: {where: why}.
 
   Filled while the pipelines run with `config.bad_images='skip'`; empty for a
   dataset not opened in this process (and without importing TensorFlow).
   """
-  config = schema.resolve(config)
   data_dir = None if config.data_dir is None else str(config.data_dir)
   source = _OPENED.get((config.dataset, data_dir))
   if source is None:
@@ -442,7 +441,7 @@ def bad_images(config) -> dict[str, str]:
     return dict(source.bad_images)
 
 
-def write_bad_images(config, workdir: str, process_index: int | None = None) -> int:
+def write_bad_images(config: schema.Config, workdir: str, process_index: int | None = None) -> int:
   """Writes `bad_images(config)` to `workdir/bad_images.txt`; returns their count.
 
   One JSON object per line (`{"image": ..., "reason": ...}`). Nothing is written
@@ -465,9 +464,8 @@ def write_bad_images(config, workdir: str, process_index: int | None = None) -> 
   return len(found)
 
 
-def get_dataset_info(config) -> DatasetInfo:
+def get_dataset_info(config: schema.Config) -> DatasetInfo:
   """Number of classes and examples of config's dataset and splits."""
-  config = schema.resolve(config)
   source = _get_source(config)
   height, width = image_hw(config.image_size)
   return DatasetInfo(

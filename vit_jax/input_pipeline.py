@@ -80,7 +80,7 @@ MIXUP_FORMS = ('reverse', 'augreg')
 _SHUFFLE_TAG, _AUGMENT_TAG, _MIXUP_TAG = 1, 2, 3
 
 
-def _pp_settings(config) -> dict[str, Any]:
+def _pp_settings(config: schema.Config) -> dict[str, Any]:
   """`config.pp` as a dict, validated (defaults: `vit_jax.configs.schema`)."""
   pp = config.pp.to_dict()
   if pp['train'] not in TRAIN_PP:
@@ -98,7 +98,7 @@ def _pp_settings(config) -> dict[str, Any]:
   return pp
 
 
-def check_mixup(config) -> tuple[float, str]:
+def check_mixup(config: schema.Config) -> tuple[float, str]:
   """(config.mixup_alpha, config.mixup_form), checked."""
   alpha, form = config.mixup_alpha, config.mixup_form
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -108,7 +108,7 @@ def check_mixup(config) -> tuple[float, str]:
   return float(alpha), form
 
 
-def _local_batch(config, field: str, process_count: int) -> int:
+def _local_batch(config: schema.Config, field: str, process_count: int) -> int:
   batch = config[field]
   if batch is None or int(batch) <= 0:
     raise ValueError(f'config.{field} must be a positive int, got {batch!r}.')
@@ -138,7 +138,7 @@ def _maybe_cache(records, source: _Source, cache: bool):
   return records.cache(), False
 
 
-def get_train_dataset(config,
+def get_train_dataset(config: schema.Config,
                       *,
                       start_step: int = 0,
                       process_index: int | None = None,
@@ -158,7 +158,6 @@ def get_train_dataset(config,
     process_count (one-hot labels, soft when mixup is on).
   """
   tf = _tf()
-  config = schema.resolve(config)
   pp = _pp_settings(config)
   pi, pc = _process(process_index, process_count)
   batch = _local_batch(config, 'batch_size', pc)
@@ -232,9 +231,8 @@ def get_train_dataset(config,
   return _options(ds)
 
 
-def num_eval_batches(config, *, process_count: int | None = None) -> int:
+def num_eval_batches(config: schema.Config, *, process_count: int | None = None) -> int:
   """Number of batches every process's eval dataset has."""
-  config = schema.resolve(config)
   if process_count is None:
     _, process_count = _process(None, None)
   pc = int(process_count)
@@ -243,7 +241,7 @@ def num_eval_batches(config, *, process_count: int | None = None) -> int:
   return max(1, math.ceil(math.ceil(total / pc) / batch))
 
 
-def get_eval_dataset(config,
+def get_eval_dataset(config: schema.Config,
                      *,
                      process_index: int | None = None,
                      process_count: int | None = None):
@@ -259,7 +257,6 @@ def get_eval_dataset(config,
     process_count.
   """
   tf = _tf()
-  config = schema.resolve(config)
   pp = _pp_settings(config)
   pi, pc = _process(process_index, process_count)
   batch = _local_batch(config, 'eval_batch_size', pc)

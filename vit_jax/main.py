@@ -142,7 +142,7 @@ def main(argv):
         cli.UserError('--config and --workdir are required (see --help)')))
   if FLAGS.dry_run:
     try:
-      print(_dry_run())
+      print(_dry_run(_resolved_config()))
     except Exception as e:  # pylint: disable=broad-except
       if not _is_user_error(e):
         raise
@@ -198,7 +198,13 @@ def _remove_unstarted(workdir: str) -> None:
 _SIGNAL_STATUS = {'SIGINT': 130, 'SIGTERM': 143, 'preemption': 143}
 
 
-def _dry_run() -> str:
+def _resolved_config():
+  """`--config`, resolved: the one `schema.resolve` of this command."""
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  return schema.resolve(FLAGS.config)
+
+
+def _dry_run(config) -> str:
   """The resolved run in two lines, for `--dry_run`.
 
   The number of devices is not known without starting the accelerators (and
@@ -206,8 +212,6 @@ def _dry_run() -> str:
   the devices; the other sizes and the axis names are checked.
   """
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  config = schema.resolve(FLAGS.config)
   spec = parallel.FSDP_MESH if config.fsdp else tuple(config.mesh or parallel.DEFAULT_MESH)
   fixed = 1
   for axis in spec:  # malformed axes are refused by resolve_mesh below
@@ -255,15 +259,14 @@ def _run() -> dict:
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
-  return train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                  on_start=lambda config: _write_config(config, FLAGS.workdir))
+  config = _resolved_config()
+  return train.train_and_evaluate(config, FLAGS.workdir,
+                                  on_start=lambda resolved: _write_config(resolved, FLAGS.workdir))
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_config(resolved, workdir: str) -> None:
   """The resolved config (every field, defaults included) as WORKDIR/config.json."""
   import json  # pylint: disable=g-import-not-at-top
-  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  resolved = schema.resolve(config)
   path = os.path.join(os.path.expanduser(workdir), 'config.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = f'{path}.partial-{os.getpid()}'

@@ -39,9 +39,8 @@ LOSSES = ('softmax_xent', 'sigmoid_xent')
 ACCUMULATOR_DTYPES = {None: None, 'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def validate(config) -> None:
+def validate(config: schema.Config) -> None:
   """Raises ValueError naming the config field when an optimizer setting is bad."""
-  config = schema.resolve(config)
   lr = config.learning_rate
   if lr is None or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
     raise ValueError(f'config.learning_rate must be a finite number > 0, got {lr!r}')
@@ -97,9 +96,8 @@ def validate(config) -> None:
 # ---------------------------------------------------------------------------
 
 
-def make_schedule(config) -> Callable[[Any], jax.Array]:
+def make_schedule(config: schema.Config) -> Callable[[Any], jax.Array]:
   """step -> learning rate: linear warm-up, then cosine / linear / step / constant decay."""
-  config = schema.resolve(config)
   base = float(config.learning_rate)
   end = float(config.end_learning_rate)
   total = int(config.total_steps)
@@ -159,10 +157,9 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
-def make_optimizer(config, schedule: Optional[Callable] = None
+def make_optimizer(config: schema.Config, schedule: Optional[Callable] = None
                    ) -> optax.GradientTransformation:
   """Clip by global norm, then SGD-momentum or AdamW driven by `schedule`."""
-  config = schema.resolve(config)
   validate(config)
   schedule = make_schedule(config) if schedule is None else schedule
   name = config.optimizer
@@ -222,9 +219,8 @@ def sigmoid_xent(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0
   return jnp.sum(losses, axis=-1)
 
 
-def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_loss(config: schema.Config) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(logits, labels) -> per-example loss, as `config.loss` and `label_smoothing` say."""
-  config = schema.resolve(config)
   name = config.loss
   smoothing = float(config.label_smoothing)
   if name == 'softmax_xent':

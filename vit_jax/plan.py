@@ -157,22 +157,11 @@ def num_classes_for(config) -> int:
   return int(recipes.NUM_CLASSES.get(config.dataset, config.num_classes))
 
 
-def _with_overrides(config, overrides: dict[str, Any]):
-  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  flat = config.to_dict()
-  for key, value in overrides.items():
-    node = flat
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return schema.resolve(flat)
-
-
 def compile_step(config, devices, overrides: dict[str, Any]) -> Compiled:
   """Builds `main`'s program for `devices` with `overrides` and compiles it."""
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  config = _with_overrides(config, overrides)
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  config = schema.replace(config, **overrides)
   program = train.build_program(config, num_classes_for(config),
                                 train.run_mesh(config, devices))
   start = time.perf_counter()

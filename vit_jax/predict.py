@@ -28,6 +28,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import labels as labels_lib
+from vit_jax import release_names
 
 from vit_jax.images import load_image
 
@@ -280,7 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog='python -m vit_jax.predict',
 
       description='Print the top-k classes of images under a checkpoint.')
-  parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--model', default=None,
+                      help='preset name, e.g. ViT-B_16 (default: from a release file name, '
+                      'e.g. B_16-i21k-300ep-...npz or ViT-B_16.npz)')
   parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
   parser.add_argument('--image', required=True, nargs='+', help='image file(s)')
   parser.add_argument('--top_k', type=_positive_int, default=5,
@@ -297,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   try:
-    model, params, image_size = load_model(args.model, args.checkpoint, args.image_size)
+    model_name = release_names.preset_for(args.checkpoint, args.model, required=True)
+    model, params, image_size = load_model(model_name, args.checkpoint, args.image_size)
     num_classes = int(params['head']['kernel'].shape[-1])
     names = class_names(num_classes, args.labels)
     images = np.stack([load_image(path, image_size) for path in args.image])
@@ -307,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   probs = predict(model, params, images)
   for path, p in zip(args.image, probs):
     rows = top_k(p, args.top_k, names)
-    print(f'{path} ({image_size[0]}x{image_size[1]}, {args.model}): top-{len(rows)}')
+    print(f'{path} ({image_size[0]}x{image_size[1]}, {model_name}): top-{len(rows)}')
     for line in format_top_k(rows):
       print(line)
   return 0

@@ -20,6 +20,7 @@ import numpy as np
 from vit_jax import input_pipeline
 from vit_jax import optimizers
 from vit_jax import randaugment
+from vit_jax import release_names
 from vit_jax import remat
 from vit_jax import run_history
 from vit_jax.configs import models
@@ -34,9 +35,8 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def build_model(config, num_classes: int):
+def build_model(config: schema.Config, num_classes: int):
   """The Flax module of `config.model_name` with `config.model` overrides, in `config.dtype`."""
-  config = schema.resolve(config)
   try:
     return models.build_model(schema.model_config(config), num_classes,
                               dtype=DTYPES[config.dtype])
@@ -44,7 +44,7 @@ def build_model(config, num_classes: int):
     raise ValueError(f'config.model has a field the model does not take: {e}') from None
 
 
-def _model_overrides(config) -> str:
+def _model_overrides(config: schema.Config) -> str:
   """'transformer.num_heads=3, ...' of the config.model fields that are set."""
   def leaves(tree, prefix=''):
     for key, value in sorted(tree.items()):
@@ -56,15 +56,14 @@ def _model_overrides(config) -> str:
   return ', '.join(rows) if rows else '(no overrides)'
 
 
-def validate_config(config, num_devices: Optional[int] = None,
+def validate_config(config: schema.Config, num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None,
-                    platform: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The resolved config (`schema.resolve`), checked: a bad value raises ValueError naming it.
+                    platform: Optional[str] = None) -> schema.Config:
+  """`config` (resolved: `schema.resolve`), checked: a bad value raises ValueError naming it.
 
   With `num_devices` / `num_processes`, batch sizes are checked against them;
   `platform` is the devices' (default: JAX's default backend).
   """
-  config = schema.resolve(config)
   optimizers.validate(config)
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
@@ -135,6 +134,10 @@ def validate_config(config, num_devices: Optional[int] = None,
   path = config.pretrained_path
   if path and not os.path.exists(os.path.expanduser(str(path))):
     raise ValueError(f'config.pretrained_path={path!r} does not exist')
+  if path:
+    # A release file's name and arrays say which preset it is for: refused here, not
+    # after the data pipeline and the model are built.
+    release_names.check_pretrained(path, config.model_name)
   # The model must accept the overrides, dtype and image size.
   model = build_model(config, 10 if dataset != SYNTHETIC else config.num_classes)
   try:

@@ -59,6 +59,7 @@ from vit_jax import evaluate
 from vit_jax import images as images_lib
 
 from vit_jax import predict
+from vit_jax import release_names
 from vit_jax import train_checkpoints
 from vit_jax.configs import models as model_configs
 from vit_jax.configs import schema
@@ -561,7 +562,7 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
   model_config, dataset, params = None, None, None
   image_size = args.image_size
   if args.config:
-    config = schema.load_file(args.config)
+    config = schema.resolve(schema.load_file(args.config))
     model_config = schema.model_config(config)
     image_size = image_size or tuple(config.image_size)
     dataset = config.dataset
@@ -576,10 +577,16 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
     elif model_config is None and meta.get('model_name') and not args.model:
       model_config = model_configs.get_config(meta['model_name'])
     dataset = dataset or meta.get('dataset')
-  if args.model:
+  if args.checkpoint and (args.model or model_config is None):
+    # A release file name says which preset it holds; a --model that does not fit is refused.
+    model = release_names.preset_for(args.checkpoint, args.model)
+    if model:
+      model_config = model_configs.get_config(model)
+  elif args.model:
     model_config = model_configs.get_config(args.model)
   if model_config is None:
-    raise SystemExit('--model is required (or --config / --workdir naming one)')
+    raise SystemExit('--model is required (or --config / --workdir naming one, or a '
+                     'checkpoint named like a released file)')
   if args.checkpoint:
     params = load_params(args.checkpoint)
   if params is not None:

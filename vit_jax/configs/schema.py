@@ -10,7 +10,7 @@ not, can be overridden on the command line on every config
 (`vit_jax.configs.models`); the ones that are set override the preset named by
 `config.model_name`, the rest keep the preset's value.
 
-`resolve(config)` is what the code calls at its edge: it lays a (possibly
+`resolve(config)` is what each command calls once, at its edge: it lays a (possibly
 partial, possibly plain-dict) config over `base_config()`, refusing unknown
 fields and wrong types by name, and returns a complete, locked ConfigDict that
 the trainer and the input pipeline read with plain attribute access.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import weakref
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -104,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_name = 'ViT-B_16'  # a preset of vit_jax.configs.models
   c.model = model_overrides()  # set fields override the preset's
   c.pretrained_path = _placeholder(str)  # .npz (published layout) to fine-tune from
+  # An AugReg release folder (its index.csv and .npz files) and what to take from it:
+  # a short model name (its best i21k file by final_val) or a file stem. Sets
+  # pretrained_path when that is unset (vit_jax.augreg; configs/augreg.py).
+  c.pretrained_dir = _placeholder(str)
+  c.augreg_checkpoint = _placeholder(str)
   c.reset_head = True  # fine-tuning starts from a fresh, zero head
   c.posemb_resize = 'linear'  # 'linear' (the reference's zoom) or 'bicubic' (timm's)
 
@@ -219,21 +223,19 @@ def _as_tuple(value: Any) -> Any:
   return value
 
 
-# The configs `resolve` returned (locked: no field can be added, every value keeps
-# its type), so that resolving one again costs nothing.
-_RESOLVED: 'weakref.WeakValueDictionary[int, ml_collections.ConfigDict]' = (
-    weakref.WeakValueDictionary())
+# A config `resolve` returned: complete (every field of `base_config`), type-checked,
+# locked (no field can be added, every value keeps its type). Each command resolves
+# its config once, at its edge; the helpers it calls take this and read it as it is.
+Config = ml_collections.ConfigDict
 
 
-def resolve(config: Any) -> ml_collections.ConfigDict:
+def resolve(config: Any) -> Config:
   """`config` laid over `base_config()`: complete, type-checked, locked.
 
   Accepts a ConfigDict (e.g. from `--config`) or a plain dict with any subset
   of the fields. An unknown field or a value of the wrong type raises
   ValueError naming the field.
   """
-  if _RESOLVED.get(id(config)) is config:
-    return config  # resolved once at the edge; the helpers it is passed to read it as is
   if isinstance(config, ml_collections.ConfigDict):
     given = config.to_dict()
   elif isinstance(config, Mapping):
@@ -244,9 +246,27 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
   _merge(out, given, 'config')
   if isinstance(out.image_size, tuple) and len(out.image_size) == 1:
     out.image_size = out.image_size * 2  # `--config.image_size=384` arrives as (384,)
+  if out.augreg_checkpoint and not out.pretrained_path:
+    from vit_jax import augreg  # pylint: disable=g-import-not-at-top
+    if not out.pretrained_dir:
+      raise ValueError(f'config.augreg_checkpoint={out.augreg_checkpoint!r} needs '
+                       'config.pretrained_dir: the folder of the release\'s index.csv')
+    out.pretrained_path = augreg.pretrained_file(out.pretrained_dir, out.augreg_checkpoint)
   out.lock()
-  _RESOLVED[id(out)] = out
   return out
+
+
+def replace(config: Config, **fields: Any) -> Config:
+  """`config` with `fields` replaced, resolved (configs are locked); a dotted name
+  ('model.transformer.num_layers') replaces a nested field."""
+  values = config.to_dict()
+  for name, value in fields.items():
+    node = values
+    *parents, leaf = name.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return resolve(values)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -354,7 +374,8 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file given as `path` or `path:arg`, resolved.
+  """`get_config(arg)` of a config file given as `path` or `path:arg`, as the file gives it
+  (the command that reads it resolves it, at its edge).
 
   The same `path:arg` form as `--config=` on the command line (absl's
   config_flags), for tools that take a config file as a plain argument.
@@ -368,5 +389,4 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
       f'_vit_jax_config_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  return resolve(config)
+  return module.get_config(arg) if arg else module.get_config()
