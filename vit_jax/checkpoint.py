@@ -47,6 +47,7 @@ from vit_jax.model_fit import (  # pylint: disable=unused-import
     abstract_params, check_params)
 from vit_jax.npz_reader import (  # pylint: disable=unused-import
     MAX_NPZ_BYTES_ENV, DEFAULT_MAX_NPZ_BYTES, ArraySpec, format_bytes, max_npz_bytes,
+    machine_memory_limit,
     check_weights, load_flat, load)
 from vit_jax.patch_grid import (  # pylint: disable=unused-import
     num_prefix_tokens, infer_grid, patch_stride, infer_image_size, POSEMB_METHODS,

@@ -39,6 +39,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import release_names
 from vit_jax.configs import schema
 
 
@@ -208,11 +209,17 @@ def _load_npz(path: str, config, model_name: Optional[str],
               image_size: Optional[tuple[int, int]]) -> Loaded:
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
+  specs = checkpoint.read_npz_specs(path)
+  # A release file names its model (a --model that does not fit is refused) and,
+  # by its position embeddings, its resolution.
+  named = release_names.preset_for(path, model_name, specs)
+  if named and not model_name:
+    model_name = named
+    image_size = image_size or release_names.image_size(path, specs, named)
   if model_name:
     config = schema.replace(config, model_name=model_name)
   if image_size is not None:
     config = schema.replace(config, image_size=tuple(image_size))
-  specs = checkpoint.read_npz_specs(path)
   preset = schema.model_config(config)
   if preset.get('model_type', 'vit') == 'vit':
     # Features and logits are the file's: its class token and representation
@@ -426,8 +433,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="a training run's workdir (its newest checkpoint) or an .npz")
   parser.add_argument('--config', required=True,
                       help='config file, e.g. configs/default.py or configs/default.py:ViT-Test_4')
-  parser.add_argument('--model', default=None, help='model preset (default: the run\'s or the '
-                      "config's)")
+  parser.add_argument('--model', default=None, help='model preset (default: the run\'s, a '
+                      "release file name's, or the config's)")
   parser.add_argument('--dataset', default=None, help="override config.dataset")
   parser.add_argument('--split', default=None, help='split to evaluate (default: '
                       'config.eval_split)')

@@ -160,9 +160,10 @@ def _workdir_locked_early(workdir: str) -> Iterator[None]:
 def main(argv):
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.refuse_positional(argv[1:])
   if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError('--config and --workdir are required.')
+    sys.exit(cli.report_user_error(
+        cli.UserError('--config and --workdir are required (see --help)')))
   if FLAGS.dry_run:
     try:
       print(_dry_run(_resolved_config()))
@@ -179,6 +180,8 @@ def main(argv):
     sys.exit(cli.report_user_error(e, FLAGS.verbose))
   _quiet_after_failed_writes()
 
+  fresh = ('://' not in FLAGS.workdir  # a bucket workdir has no directory to remove
+           and not os.path.exists(os.path.expanduser(FLAGS.workdir)))
   try:
     with _workdir_locked_early(FLAGS.workdir):
       metrics = _run()
@@ -189,6 +192,8 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
+    if fresh:
+      _remove_unstarted(FLAGS.workdir)
     status = cli.report_user_error(e, FLAGS.verbose)
     _exit_if_storage_down(status)
     sys.exit(status)
@@ -198,6 +203,24 @@ def main(argv):
           f'in {metrics.get("checkpoint_dir", FLAGS.workdir)}; rerun the same command to resume.',
           file=sys.stderr)
     sys.exit(_SIGNAL_STATUS.get(stopped_by, 143))
+
+
+def _remove_unstarted(workdir: str) -> None:
+  """Removes the workdir a refused fresh run made, if it holds nothing but the run's lock
+  file and empty directories (no checkpoint, metric or event file was written)."""
+  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = os.path.expanduser(workdir)
+  if not os.path.isdir(workdir):
+    return
+  for root, _, files in os.walk(workdir):
+    if any(name != workdir_lock.LOCK_NAME or root != workdir for name in files):
+      return
+  for root, dirs, files in os.walk(workdir, topdown=False):
+    for name in files:
+      os.remove(os.path.join(root, name))
+    for name in dirs:
+      os.rmdir(os.path.join(root, name))
+  os.rmdir(workdir)
 
 
 # 128 + the signal's number, as a shell reports a process a signal ended.
@@ -266,9 +289,8 @@ def _run() -> dict:
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   config = _resolved_config()
-  if jax.process_index() == 0:
-    _write_config(config, FLAGS.workdir)
-  return train.train_and_evaluate(config, FLAGS.workdir)
+  return train.train_and_evaluate(config, FLAGS.workdir,
+                                  on_start=lambda resolved: _write_config(resolved, FLAGS.workdir))
 
 
 def _write_config(resolved, workdir: str) -> None:
