@@ -285,7 +285,7 @@ def test_terabyte_declared_array_in_a_bucket_refused_without_reading_it(gcs, in_
   opened = storage.open
   monkeypatch.setattr(storage, 'open', lambda *a, **k: _CountingFile(opened(*a, **k), read))
   with pytest.raises(ValueError, match=r"'head/kernel' declares shape \(274877906944,\) "
-                     r'float32, 1.0 TiB, more than the 8.0 GiB limit'):
+                     r'float32, 1.0 TiB, more than the [0-9.]+ GiB limit'):
     checkpoint.load(f'gs://{BUCKET}/huge.npz')
   assert 0 < sum(read) < 64 << 10  # the zip directory and one header, not the data
 
