@@ -8,10 +8,14 @@ need no download:
 * ``folder``: a temporary image folder of synthetic JPEGs of ImageNet-like
   size (default 500x375; decode cost dominates, as for real photos).
 
-For each, it times the training pipeline with the fine-tuning recipe
-(`pp.train='resize_crop'`: resize to image_size + crop_pad, random crop, flip)
-and, unless --quick, the pre-training recipe (Inception crop) and the eval
-pipeline (`resize_crop`), at --image_size (224 by default).
+For each, it times the training pipeline with the pre-training recipe
+(Inception crop, flip), the same with AugReg's augmentation (RandAugment
+`--randaug`, (2, 15) by default, and big_vision's mixup with alpha 0.2: AugReg's
+`medium1`) and, unless --quick, the fine-tuning recipe (`pp.train='resize_crop'`:
+resize to image_size + crop_pad, random crop, flip) and the eval pipeline
+(`resize_crop`), at --image_size (224 by default); with --split also RandAugment
+alone and mixup alone. With --repeats N the training pipelines are timed N times,
+interleaved, and the median is reported.
 
 Usage:
   python benchmarks/input_pipeline_benchmark.py [--json] [--image_size 224]
@@ -36,15 +40,17 @@ from vit_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top,
 from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def make_config(dataset, data_dir, image_size, batch_size, pp_train, pp_eval):
+def make_config(dataset, data_dir, image_size, batch_size, pp_train, pp_eval,
+                randaug=None, mixup_alpha=0.0):
   return schema.resolve(dict(
       dataset=dataset,
       data_dir=data_dir,
       train_split='train',
       eval_split='test' if dataset == 'digits' else 'train',
       image_size=image_size,
-      pp=dict(train=pp_train, eval=pp_eval, crop_pad=None),
-      mixup_alpha=0.0,
+      pp=dict(train=pp_train, eval=pp_eval, crop_pad=None, randaug=randaug),
+      mixup_alpha=mixup_alpha,
+      mixup_form='augreg',
       shuffle_buffer=10_000,
       cache=True,
       batch_size=batch_size,
@@ -133,14 +139,30 @@ def run(args, parser, tmp, results):
       datasets[f'folder ({w}x{h} JPEG)'] = f'image_folder:{root}'
     else:
       parser.error(f'unknown source {source!r}')
-  recipes = ['inception_crop'] if args.quick else ['inception_crop', 'resize_crop']
+  pipelines = {'train/inception_crop': dict(pp_train='inception_crop')}
+  if args.randaug:
+    layers, magnitude = args.randaug
+    randaug = f'+randaug({layers},{magnitude:g})'
+    pipelines[f'train/{randaug}+mixup'] = dict(
+        pp_train='inception_crop', randaug=(layers, magnitude), mixup_alpha=0.2)
+    if args.split:  # what each costs on its own
+      pipelines[f'train/{randaug}'] = dict(pp_train='inception_crop',
+                                           randaug=(layers, magnitude))
+      pipelines['train/+mixup'] = dict(pp_train='inception_crop', mixup_alpha=0.2)
+  if not args.quick:
+    pipelines['train/resize_crop'] = dict(pp_train='resize_crop')
   for label, dataset in datasets.items():
-    for recipe in recipes:
-      config = make_config(dataset, data_dir, args.image_size,
-                           args.batch_size, recipe, 'resize_crop')
-      ds = ip.get_train_dataset(config, process_index=0, process_count=1)
-      results.append(dict(source=label, pipeline=f'train/{recipe}',
-                          **time_dataset(ds, args.num_batches, args.warmup)))
+    timings = {name: [] for name in pipelines}
+    for _ in range(args.repeats):  # interleaved: each pipeline sees the same load
+      for name, settings in pipelines.items():
+        config = make_config(dataset, data_dir, args.image_size, args.batch_size,
+                             pp_eval='resize_crop', **settings)
+        ds = ip.get_train_dataset(config, process_index=0, process_count=1)
+        timings[name].append(time_dataset(ds, args.num_batches, args.warmup))
+    for name, runs in timings.items():
+      median = sorted(runs, key=lambda r: r['images_per_cpu_s'])[len(runs) // 2]
+      results.append(dict(source=label, pipeline=name, **median,
+                          images_per_cpu_s_runs=[r['images_per_cpu_s'] for r in runs]))
     if not args.quick:
       config = make_config(dataset, data_dir, args.image_size,
                            args.batch_size, 'inception_crop', 'resize_crop')
@@ -164,10 +186,19 @@ def main(argv=None):
                       help='TFDS data_dir for digits (default: a temp dir)')
   parser.add_argument('--sources', default='digits,folder')
   parser.add_argument('--quick', action='store_true',
-                      help='fine-tuning recipe only')
+                      help='the pre-training pipelines only (with and without augmentation)')
+  parser.add_argument('--randaug', type=float, nargs=2, default=(2, 15),
+                      metavar=('LAYERS', 'MAGNITUDE'),
+                      help='RandAugment of the augmented pipeline; 0 0: leave it out')
+  parser.add_argument('--split', action='store_true',
+                      help='also time RandAugment alone and mixup alone')
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='interleaved timings of each training pipeline (median)')
   parser.add_argument('--json', action='store_true',
                       help='print one JSON object instead of a table')
   args = parser.parse_args(argv)
+  layers, magnitude = args.randaug
+  args.randaug = (int(layers), magnitude) if layers else None
 
   tmp = tempfile.mkdtemp(prefix='vit_jax_pipeline_bench_')
   results = []
@@ -178,22 +209,36 @@ def main(argv=None):
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (imported by the pipeline)
   meta = dict(image_size=args.image_size, batch_size=args.batch_size,
               cpu_count=os.cpu_count(), machine=platform.machine(),
-              python=platform.python_version(),
+              python=platform.python_version(), tensorflow=tf.__version__,
               load_average_1min=round(os.getloadavg()[0], 2))
+  for r in results:
+    r['cpu_ms_per_image'] = round(1000 / r['images_per_cpu_s'], 2)
+  ratios = augmentation_ratios(results)
   if args.json:
-    print(json.dumps(dict(meta, results=results), indent=2))
+    print(json.dumps(dict(meta, results=results, augmented_over_plain=ratios), indent=2))
     return
   print(f"input pipeline throughput, {args.image_size}x{args.image_size}, "
         f"batch {args.batch_size}, {meta['cpu_count']} CPU cores, "
         f"load average {meta['load_average_1min']}")
-  print(f"{'source':<26} {'pipeline':<20} {'images/s':>10} "
-        f"{'images/CPU-s':>13}")
+  print(f"{'source':<26} {'pipeline':<32} {'images/s':>10} "
+        f"{'images/CPU-s':>13} {'CPU ms/image':>13}")
   for r in results:
-    print(f"{r['source']:<26} {r['pipeline']:<20} {r['images_per_s']:>10.1f} "
-          f"{r['images_per_cpu_s']:>13.1f}")
+    print(f"{r['source']:<26} {r['pipeline']:<32} {r['images_per_s']:>10.1f} "
+          f"{r['images_per_cpu_s']:>13.1f} {r['cpu_ms_per_image']:>13.2f}")
+  for source, ratio in ratios.items():
+    print(f'{source}: with the augmentation, {ratio:.2f}x the images per CPU-second '
+          'of the pipeline without it')
 
+
+def augmentation_ratios(results) -> dict[str, float]:
+  """Per source: images/CPU-s of the augmented pre-training pipeline over the plain one."""
+  rates = {(r['source'], r['pipeline']): r['images_per_cpu_s'] for r in results}
+  return {source: round(rate / rates[(source, 'train/inception_crop')], 3)
+          for (source, name), rate in rates.items() if name.endswith('+mixup') and
+          '+randaug' in name}
 
 if __name__ == '__main__':
   main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -149,6 +150,42 @@ def test_main_refuses_before_running(case, files, tmp_path):
   assert_user_error(run_cli('vit_jax.main', f'--config={config}', f'--workdir={workdir}',
                             *extra), *fragments)
   assert not os.path.exists(tmp_path / 'w')  # nothing created for a refused run
+
+
+# Issue 31 (4, 6): usage and value errors of the absl commands and onnx_classify, each one
+# line (no help dump, no traceback) before any work; plan's before it compiles.
+ARGV_CASES = {
+    'main-no-flags': ('vit_jax.main', [], '--config and --workdir are required'),
+    'main-stray-word': ('vit_jax.main', ['--config={DEFAULT}', '--workdir={tmp}/w', 'stray'],
+                        "unexpected argument(s) 'stray'"),
+    'main-empty-workdir': ('vit_jax.main', ['--config={DEFAULT}', '--workdir='],
+                           '--workdir is empty'),
+    'plan-no-config': ('vit_jax.plan', ['--topology=v5e:2x2'], '--config is required'),
+    'plan-stray-word': ('vit_jax.plan', ['--config={DEFAULT}', 'stray'],
+                        "unexpected argument(s) 'stray'"),
+    'plan-not-a-slice': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:3x3'],
+                         "--topology='v5e:3x3' is not a v5e slice"),
+    'plan-json-is-a-directory': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:2x2',
+                                                  '--json={tmp}'], 'is a directory'),
+    'plan-memory-fraction': ('vit_jax.plan', ['--config={DEFAULT}', '--gpu=h100',
+                                              '--gpu_memory_fraction=1.5'],
+                             '--gpu_memory_fraction must be in (0, 1]'),
+    'plan-slices-on-gpus': ('vit_jax.plan', ['--config={DEFAULT}', '--gpu=h100',
+                                             '--num_slices=2'],
+                            '--num_slices does not apply to --gpu'),
+    'plan-nodes-on-a-tpu': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:2x2',
+                                             '--nodes=2'], '--nodes does not apply'),
+    'onnx-classify-no-flags': ('vit_jax.onnx_classify', [],
+                               'the following arguments are required: --onnx, --image'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ARGV_CASES))
+def test_usage_and_value_errors_in_one_line(case, tmp_path):
+  module, args, fragment = ARGV_CASES[case]
+  args = [a.format(DEFAULT=DEFAULT, tmp=tmp_path) for a in args]
+  assert_user_error(run_cli(module, *args, cpu=False), fragment)
+  assert not os.path.exists(tmp_path / 'w')
 
 
 MODEL_CASES = {
@@ -330,7 +367,9 @@ def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   # worker): TFDS's progress bars of that step are left out of the count.
   preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'downloaded and prepared',
                'dataset_info.json')
-  lines = [line for line in console.splitlines()
+  # tqdm's redraws leave lines of cursor movements alone ('\x1b[A'): not lines of text.
+  text = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', console)
+  lines = [line for line in text.splitlines()
            if line.strip() and not any(p in line for p in preparing)]
   assert sum(f'Config: {workdir}/config.json' in line for line in lines) == 1, console
   for noise in ('hparams:', 'learning_rate: ', 'xla_bridge', "backend 'tpu'", 'host bounds',

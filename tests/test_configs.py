@@ -200,9 +200,7 @@ def test_parse_arg():
 # finetune_cifar10.py and pretrain_imagenet1k.py run as runlocal from README's
 # commands in tests/test_documented_commands.py; these are documented inline only.
 RUNLOCAL = [('bit_baseline.py', 'runlocal'), ('pretrain_imagenet21k.py', 'runlocal'),
-            ('finetune_cifar10.py', 'Mixer-B_16,runlocal'),
-            # RandAugment, AugReg mixup, dropout and stochastic depth in one run.
-            ('pretrain_augreg.py', 'B_16,i1k,medium2,do=0.1,sd=0.1,runlocal')]
+            ('finetune_cifar10.py', 'Mixer-B_16,runlocal')]
 
 
 @pytest.mark.slow

@@ -30,8 +30,8 @@ What runs differs from the documented text in exactly these ways:
    batches up to 16 (so it must report 16). `bash benchmarks/gpu_check.sh
    --dry-run`: nothing appended (it prints the command; the real run needs a GPU).
    `benchmarks/remat_policies.py`: ViT-Test_4 at 16x16, batch 2, one round of one step.
-   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the
-   arms medium2 and sd0.1.
+   `benchmarks/small_data_study.py`: ViT-Test_4, one seed of 2 steps of 16 for the arm
+   medium2.
    `vit_jax.evaluate`: `--model ViT-Test_4`, 16x16, batch 16, the module's data dir.
    `vit_jax.visualize`, `vit_jax.convert`, `vit_jax.predict`: nothing appended.
    `vit_jax.export`: `--image_size 16`. `vit_jax.onnx_classify`: nothing appended.
@@ -61,7 +61,10 @@ What runs differs from the documented text in exactly these ways:
    run two at a time in background threads (VIT_DOC_COMMANDS_JOBS=N to change).
 
 Each command must exit 0 (or, if listed in EXPECTED_FAILURES, fail with its
-documented message) and leave real output: final_metrics.json in a workdir,
+documented message), print only its own lines when it is one of the package's
+(`vit_jax.*`, run without tests/conftest.py's JAX_PLATFORMS and
+TF_CPP_MIN_LOG_LEVEL, as from a user's shell with the [test] extra's libtpu and
+CUDA plugin installed: `foreign_lines`), and leave real output: final_metrics.json in a workdir,
 the PNGs in visualize's --out, compare's table and plot, a benchmark table and
 JSON, converted files that load, five predictions.
 
@@ -109,6 +112,22 @@ COMMAND_TIMEOUT_S = 600
 
 # Documented commands that do not run here: command -> (why, where it is covered).
 EXEMPT = {
+    # The AugReg release's folder is not made here: tests/test_augreg_docs.py runs these
+    # on a release folder (index.csv and .npz files) it writes.
+    'python -m vit_jax.augreg --index /data/augreg/index.csv --model R26_S_32 --ds i21k '
+    '--adapt_ds imagenet2012 --top 5':
+        ('reads a local copy of the AugReg index', 'tests/test_augreg_docs.py runs it on a '
+         'test-made index.csv'),
+    'python -m vit_jax.main --config=configs/augreg.py:R26_S_32 '
+    '--config.pretrained_dir=/data/augreg --config.data_dir=/data/tfds '
+    '--workdir=/tmp/r26_s32':
+        ('fine-tunes a checkpoint of a local copy of the AugReg release',
+         'tests/test_augreg_index.py::test_finetunes_on_digits runs it on the digits, 2 steps '
+         'at 64 px, from a test-made release folder'),
+    'python -m vit_jax.predict --checkpoint /data/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-'
+    'wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz --image /data/cat.jpg':
+        ('reads a release-named checkpoint', 'tests/test_augreg_docs.py runs it on a '
+         'test-made file of that name'),
     'pip install -c constraints.txt -e .':
         ('installs the package into the environment', '.ci/run installs it the same way, '
          'with the [test] extra, into a fresh virtual environment'),
@@ -198,10 +217,13 @@ TINY = {
     'benchmarks/remat_policies.py': [
         '--model', TINY_MODEL, '--image-size', '16', '--batch-size', '2', '--rounds', '1',
         '--steps', '1'],
-    # RandAugment + mixup and stochastic depth, one seed of 2 steps each.
+    'benchmarks/input_pipeline_benchmark.py': [
+        '--num_images', '16', '--jpeg_size', '64', '48', '--image_size', '32',
+        '--batch_size', '8', '--num_batches', '1', '--warmup', '1', '--repeats', '1'],
+    # RandAugment + mixup, one seed of 2 steps (stochastic depth: the AugReg command).
     'benchmarks/small_data_study.py': [
         '--model', TINY_MODEL, '--steps', str(TOTAL_STEPS), '--batch-size', '16', '--seeds', '1',
-        '--arms', 'medium2,sd0.1', '--data-dir', '{tfds}'],
+        '--arms', 'medium2', '--data-dir', '{tfds}'],
 }
 # Tuple-typed config fields: ml_collections appends a repeated override to the tuple,
 # so the documented value is dropped and TINY's used instead (rule 2).
@@ -405,10 +427,16 @@ COMPILATION_CACHE = tempfile.mkdtemp(prefix='vit_jax_doc_commands_jax_cache_')
 atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 
 
-def subprocess_env() -> dict:
+def subprocess_env(prog: str = '') -> dict:
+  """The commands' environment. The package's own commands (`vit_jax.*`) get what a user's
+  shell has: tests/conftest.py's quieting (JAX_PLATFORMS=cpu, TF_CPP_MIN_LOG_LEVEL, ...)
+  is removed, so that `foreign_lines` checks what the commands themselves keep quiet."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  if prog.startswith('vit_jax.'):
+    for name in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS', 'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+      env.pop(name, None)
   env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -540,7 +568,8 @@ class Runner:
   def _run(self, command: str, argv: list[str], log_path: str) -> Run:
     with self._slots:
       start = time.monotonic()
-      proc = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True,
+      proc = subprocess.run(argv, cwd=REPO, env=subprocess_env(program(
+                                ['python'] + argv[1:])[0]), capture_output=True,
                             text=True, timeout=COMMAND_TIMEOUT_S)
       seconds = time.monotonic() - start
     output = proc.stdout + proc.stderr
@@ -672,6 +701,11 @@ def run_block(runner: Runner, block: Block) -> list:
 # What each program must leave behind.
 # ---------------------------------------------------------------------------
 
+def _check_input_pipeline(run: Run) -> list[str]:
+  found = re.search(r'with the augmentation, ([\d.]+)x the images per CPU-second', run.stdout)
+  return [] if found and float(found.group(1)) > 0 else ['no augmentation ratio printed']
+
+
 def _check_plan_table(run: Run) -> list[str]:
   return [] if re.search(r'^\| B16-i21k \|.*fits', run.stdout, re.M) else ['no plans table']
 
@@ -790,7 +824,7 @@ def _check_predict(run: Run) -> list[str]:
 
 def _check_export(run: Run) -> list[str]:
   out = last_value(run.argv, '--out')
-  meta_path = os.path.splitext(out)[0] + '.json'
+  meta_path = out + '.json'  # NAME.onnx.json: named after the whole file name
   if not os.path.isfile(out) or not os.path.isfile(meta_path):
     return [f'{out} or {meta_path} was not written']
   with open(meta_path, encoding='utf-8') as f:
@@ -840,8 +874,31 @@ CHECKS = {
     'benchmarks/gpu_check.sh': _check_gpu_check,
     'benchmarks/plan_recipes.py': _check_plan_table,
     'benchmarks/remat_policies.py': _check_remat_policies,
+    'benchmarks/input_pipeline_benchmark.py': _check_input_pipeline,
     'benchmarks/small_data_study.py': _check_small_data_study,
 }
+
+
+# What a console may show that is not the command's own: log records (absl/glog format,
+# C++ included) of files outside vit_jax/, Python tracebacks and warnings, and the
+# banners of JAX's plugins and libtpu.
+_LOG_RECORD = re.compile(r'^[IWEF]\d{4} [\d:.]+\s+\d+ ([^:\]\s]+):\d+\]')
+_FOREIGN = re.compile(r'^(Traceback \(most recent call last\)|WARNING:|Jax plugin '
+                      r'configuration error|=== Source Location Trace|\S+:\d+: \w*Warning: )')
+_OWN_FILES = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'vit_jax', '**', '*.py'),
+                                                     recursive=True)}
+
+
+def foreign_lines(output: str) -> list[str]:
+  """The lines of a command's console that are not its own (issue 31: every command, on
+  success, shows only its own lines)."""
+  out = []
+  for line in output.splitlines():
+    record = _LOG_RECORD.match(line)
+    if (record and os.path.basename(record.group(1)) not in _OWN_FILES) or (
+        not record and _FOREIGN.match(line)):
+      out.append(line)
+  return out
 
 
 def problems_of(run: Run) -> list[str]:
@@ -852,7 +909,11 @@ def problems_of(run: Run) -> list[str]:
     return []
   if run.returncode != 0:
     return [f'exit status {run.returncode}']
-  return CHECKS[program(shlex.split(run.command))[0]](run)
+  prog = program(shlex.split(run.command))[0]
+  foreign = foreign_lines(run.output) if prog.startswith('vit_jax.') else []
+  if foreign:
+    return [f'{len(foreign)} console line(s) not its own, e.g. {foreign[:3]}']
+  return CHECKS[prog](run)
 
 
 # ---------------------------------------------------------------------------

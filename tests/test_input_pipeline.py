@@ -172,16 +172,21 @@ def test_train_deterministic_given_seed(data_dir):
   np.testing.assert_array_equal(d['image'], a[0]['image'])
 
 
-@pytest.mark.parametrize('pp,alpha', [('resize_crop', 0.0), ('inception_crop', 0.2)])
-def test_train_resume(data_dir, pp, alpha):
+@pytest.mark.parametrize('pp,alpha,randaug', [
+    ('resize_crop', 0.0, None), ('inception_crop', 0.2, None),
+    ('inception_crop', 0.5, (2, 15)),  # + AugReg's mixup
+])
+def test_train_resume(data_dir, pp, alpha, randaug):
   # 300 images / 64 = 4.7 batches per epoch: resuming at 4 and 5 covers a
   # batch spanning two epochs and a start inside the second epoch.
-  config = make_config(data_dir=data_dir, pp=dict(train=pp), batch_size=64,
+  config = make_config(data_dir=data_dir, pp=dict(train=pp, randaug=randaug), batch_size=64,
                        mixup_alpha=alpha, shuffle_buffer=100,
-                       train_split='train[:300]')
+                       train_split='train[:300]',
+                       mixup_form='augreg' if randaug else 'reverse')
   full = batches(ip.get_train_dataset(config, process_index=0,
                                       process_count=1), 8)
-  for start in (4, 5):
+  # With RandAugment one start (inside the second epoch): each pipeline traces its ops.
+  for start in (5,) if randaug else (4, 5):
     resumed = batches(ip.get_train_dataset(config, start_step=start,
                                            process_index=0, process_count=1),
                       8 - start)
@@ -190,6 +195,42 @@ def test_train_resume(data_dir, pp, alpha):
       np.testing.assert_array_equal(b['label'], full[start + k]['label'])
   # Resuming did not just replay the first batches.
   assert not np.array_equal(full[0]['label'], full[5]['label'])
+
+
+def test_randaug_on_uint8_after_the_crop_per_example(data_dir):
+  config = make_config(data_dir=data_dir, batch_size=64, shuffle_buffer=100,
+                       train_split='train[:300]')
+  (plain,) = batches(ip.get_train_dataset(config, process_index=0, process_count=1), 1)
+  config.pp.randaug, config.pp.randaug_ops = (1, 10), ('Invert',)
+  (inverted,) = batches(ip.get_train_dataset(config, process_index=0, process_count=1), 1)
+  # 255 - x on the uint8 pixels is -x in [-1, 1]; labels and order untouched.
+  np.testing.assert_allclose(inverted['image'], -plain['image'], atol=1e-6)
+  np.testing.assert_array_equal(inverted['label'], plain['label'])
+  config.pp.randaug, config.pp.randaug_ops = (1, 2), ('Cutout',)  # 16x16 squares
+  (cut,) = batches(ip.get_train_dataset(config, process_index=0, process_count=1), 1)
+  grey = lambda x: np.isclose(x, 128 / 127.5 - 1, atol=1e-6).all(-1)
+  painted = grey(cut['image']) & ~grey(plain['image'])
+  # Each example its own square: 64 examples, (almost) as many positions.
+  assert len({np.argwhere(p)[0].tobytes() for p in painted if p.any()}) > 40
+
+
+def test_augreg_mixup_is_big_visions(data_dir):
+  config = make_config(data_dir=data_dir, batch_size=16, shuffle_buffer=100,
+                       train_split='train[:300]')
+  clean = batches(ip.get_train_dataset(config, process_index=0, process_count=1), 30)
+  config.update(mixup_alpha=0.5, mixup_form='augreg')
+  mixed = batches(ip.get_train_dataset(config, process_index=0, process_count=1), 30)
+  weights = []
+  for c, m in zip(clean, mixed):
+    # One a per batch, a >= 1/2 on the example itself, 1 - a on its neighbour (rolled by 1).
+    a = m['label'][np.arange(16), c['label'].argmax(-1)].min()  # 1 if all one class
+    roll = lambda x: np.roll(x, 1, axis=0)
+    for key in ('image', 'label'):
+      np.testing.assert_allclose(m[key], a * c[key] + (1 - a) * roll(c[key]), atol=1e-5)
+    weights.append(a)
+  assert min(weights) >= 0.5 and max(weights) < 1
+  # E[max(a, 1 - a)] for a ~ Beta(.5, .5) is 1/2 + 1/pi; sd of max(a, 1-a) ~ 0.16.
+  assert abs(np.mean(weights) - (0.5 + 1 / np.pi)) < 3 * 0.16 / np.sqrt(30)
 
 
 def test_mixup_soft_labels(data_dir):

@@ -30,6 +30,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import release_names
 from vit_jax.convert_hf import from_hf, to_hf
 from vit_jax.convert_timm import from_timm, to_timm
 from vit_jax.convert_verify import (
@@ -244,7 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   '(same logits on a fixed batch) before it is written.')
   parser.add_argument('--from', dest='source', required=True, choices=('timm', 'hf', 'npz'))
   parser.add_argument('--to', dest='target', required=True, choices=('npz', 'timm', 'hf'))
-  parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--model', default=None,
+                      help='preset name, e.g. ViT-B_16 (default for --from npz: from a '
+                      'release file name, e.g. B_16-i21k-300ep-...npz or ViT-B_16.npz)')
   parser.add_argument('--input', required=True,
                       help='.npz, torch file (.pth/.bin), .safetensors, or a HF model directory')
   parser.add_argument('--output', required=True,
@@ -267,7 +270,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Before the input is read and checked: an output that cannot be written.
     cli.check_writable_dir(os.path.dirname(os.path.abspath(args.output)),
                            f'--output {args.output!r}: its directory')
-    result = convert_file(args.source, args.target, args.model, args.input, args.output,
+    model = (release_names.preset_for(args.input, args.model, required=True)
+             if args.source == 'npz' else args.model)
+    if model is None:
+      raise ValueError(f'--from {args.source}: name the model with --model PRESET')
+    result = convert_file(args.source, args.target, model, args.input, args.output,
 
                           args.classifier, args.representation_size,
                           verify=not args.no_verify, tolerance=args.tolerance)

@@ -57,10 +57,9 @@ def resnet_architecture(params_or_flat: Mapping) -> Optional[ResNetArchitecture]
     match = re.fullmatch(r'block(\d+)/unit(\d+)/.+', key)
     if match:
       units.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
-  if not units:
-    return None
+  # No units: a root alone (R+ViT-Ti_16's stem), num_layers ().
   num_layers = []
-  for block in range(1, max(units) + 1):
+  for block in range(1, max(units, default=0) + 1):
     # A hole in the numbering (unit3 without unit2) is not a depth; report the count
     # of units numbered 1..n and let the key check name the strays.
     present = units.get(block, set())
@@ -188,7 +187,9 @@ def guess_presets(params_or_flat: Mapping) -> list[str]:
               and tuple(config.patches.size) == tuple(vit['patch'])
               and config.transformer.num_layers == vit['num_layers']
               and config.transformer.mlp_dim == vit['mlp_dim']
-              and config.transformer.num_heads == vit['num_heads'])
+              and config.transformer.num_heads == vit['num_heads']
+              # A class token means classifier 'token' (the gap-norep presets have none).
+              and (config.classifier == 'token') == ('cls' in flat))
       if config.get('resnet') is None:
         fits = fits and resnet is None
       else:

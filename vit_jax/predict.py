@@ -28,6 +28,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import labels as labels_lib
+from vit_jax import release_names
 
 from vit_jax.images import load_image
 
@@ -77,6 +78,10 @@ def _positive_int(text: str) -> int:
   return value
 
 
+# Classes a checkpoint's head may declare: 2^20, 35x the largest published label space.
+MAX_CLASSES = 1 << 20
+
+
 def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
                image_size: Union[None, int, Sequence[int]] = None,
                source_grid: Optional[Sequence[int]] = None):
@@ -101,6 +106,10 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
     raise ValueError(f'Checkpoint {path!r} has no classification head')
   config = _config_for_checkpoint(model_name, specs)
   num_classes = int(specs['head/kernel'].shape[-1])
+  if num_classes > MAX_CLASSES:  # refused from the header, before its data is read
+    raise ValueError(f'{source}: its head declares {num_classes:,} classes; a classifier '
+                     f'head has at most {MAX_CLASSES:,} (the largest published label '
+                     'spaces, JFT\'s, have ~30k)')
   has_posemb = checkpoint.POSEMB_KEY in specs
   if has_posemb:
     prefix = checkpoint.num_prefix_tokens(specs, config)
@@ -175,10 +184,7 @@ def attention_bytes(config: Any, image_size: Sequence[int], batch: int = 1) -> i
 
 def memory_limit_bytes() -> int:
   """Half of this machine's physical memory: the most one attention layer may take."""
-  try:
-    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
-  except (ValueError, OSError, AttributeError):
-    return 8 << 30
+  return checkpoint.machine_memory_limit()
 
 
 def check_input_size(config: Any, image_size: Sequence[int], batch: int = 1,
@@ -275,7 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog='python -m vit_jax.predict',
 
       description='Print the top-k classes of images under a checkpoint.')
-  parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--model', default=None,
+                      help='preset name, e.g. ViT-B_16 (default: from a release file name, '
+                      'e.g. B_16-i21k-300ep-...npz or ViT-B_16.npz)')
   parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
   parser.add_argument('--image', required=True, nargs='+', help='image file(s)')
   parser.add_argument('--top_k', type=_positive_int, default=5,
@@ -292,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
   try:
-    model, params, image_size = load_model(args.model, args.checkpoint, args.image_size)
+    model_name = release_names.preset_for(args.checkpoint, args.model, required=True)
+    model, params, image_size = load_model(model_name, args.checkpoint, args.image_size)
     num_classes = int(params['head']['kernel'].shape[-1])
     names = class_names(num_classes, args.labels)
     images = np.stack([load_image(path, image_size) for path in args.image])
@@ -302,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   probs = predict(model, params, images)
   for path, p in zip(args.image, probs):
     rows = top_k(p, args.top_k, names)
-    print(f'{path} ({image_size[0]}x{image_size[1]}, {args.model}): top-{len(rows)}')
+    print(f'{path} ({image_size[0]}x{image_size[1]}, {model_name}): top-{len(rows)}')
     for line in format_top_k(rows):
       print(line)
   return 0

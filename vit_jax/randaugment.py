@@ -21,9 +21,10 @@ argument map (`OPS`, `op_argument`, `check`) need none.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
+
+from vit_jax.tf_imports import _tf
 
 OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color',
        'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY',
@@ -81,73 +82,75 @@ def check(randaug: Any, ops: Any) -> tuple[int, float, tuple[str, ...]] | None:
   return int(layers), float(magnitude), ops or OPS
 
 
-@functools.cache
-def _tf():
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline._tf()  # pylint: disable=protected-access
-
-
 # ----------------------------------------------------------------------------
 # Pixel ops: uint8 [H, W, 3] -> uint8 [H, W, 3].
+#
+# Written for tf.data's CPU threads: elementwise arithmetic on whole images or on
+# single channels, with scalars. On the CPU, tf.where, gathers and broadcasting a
+# [3] or [H, W, 1] operand over [H, W, 3] each cost several times a plain
+# arithmetic pass (benchmarks/input_pipeline_benchmark.py measures the whole).
 # ----------------------------------------------------------------------------
+
+
+def _to_uint8(pixels):
+  """float -> uint8, clipped to 0..255 and truncated (as Pillow's blend and tables)."""
+  tf = _tf()
+  return tf.cast(tf.clip_by_value(pixels, 0.0, 255.0), tf.uint8)
 
 
 def _blend(degenerate, image, factor: float):
-  """Pillow's Image.blend(degenerate, image, factor): truncated, clipped to 0..255."""
+  """Pillow's Image.blend(degenerate, image, factor) on float pixels."""
+  return _to_uint8(degenerate + factor * (image - degenerate))
+
+
+def _channels(image, dtype=None):
   tf = _tf()
-  low = tf.cast(degenerate, tf.float32)
-  out = low + factor * (tf.cast(image, tf.float32) - low)
-  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+  return tf.unstack(tf.cast(image, dtype or tf.float32), axis=-1)
+
+
+def _merge(channels):
+  """float32 channels [H, W] -> uint8 [H, W, 3] (truncated). Stacked on a new first axis
+  and transposed: stacking on the last axis costs ~1 ms more per 224x224 image."""
+  tf = _tf()
+  return _to_uint8(tf.transpose(tf.stack(channels, 0), [1, 2, 0]))
 
 
 def _grey(image):
-  """Pillow's 'L' conversion (ITU-R 601-2 luma, rounded), float32 [H, W, 1]."""
+  """Pillow's 'L' conversion (ITU-R 601-2 luma, rounded), float32 [H, W]."""
   tf = _tf()
-  luma = tf.reduce_sum(tf.cast(image, tf.float32) * [0.299, 0.587, 0.114], -1, keepdims=True)
-  return tf.round(luma)
-
-
-def _lookup(image, table):
-  """image[..., c] -> table[c, image[..., c]] for a [3, 256] table."""
-  tf = _tf()
-  index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-  return tf.gather(tf.reshape(tf.cast(table, tf.uint8), [-1]), index)
-
-
-def _histograms(image):
-  """[3, 256] int32 per-channel histograms."""
-  tf = _tf()
-  index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-  counts = tf.math.bincount(tf.reshape(index, [-1]), minlength=768, maxlength=768)
-  return tf.reshape(counts, [3, 256])
+  red, green, blue = _channels(image)
+  return tf.round(red * 0.299 + green * 0.587 + blue * 0.114)
 
 
 def auto_contrast(image, arg=None, key=None):
   """ImageOps.autocontrast: each channel's [min, max] stretched to [0, 255]."""
   del arg, key
   tf = _tf()
-  channels = tf.reshape(image, [-1, 3])
-  low = tf.cast(tf.reduce_min(channels, 0), tf.float64)[:, None]
-  high = tf.cast(tf.reduce_max(channels, 0), tf.float64)[:, None]
-  scale = 255.0 / tf.maximum(high - low, 1.0)
-  levels = tf.range(256, dtype=tf.float64)[None]
-  # As Pillow's table: int(i * scale + offset) in double precision.
-  stretched = tf.clip_by_value(tf.floor(levels * scale - low * scale), 0.0, 255.0)
-  return _lookup(image, tf.where(high > low, stretched, levels))
+  out = []
+  for channel in _channels(image, tf.float64):  # Pillow's table, in double precision
+    low, high = tf.reduce_min(channel), tf.reduce_max(channel)
+    scale = 255.0 / tf.maximum(high - low, 1.0)
+    # 0 everywhere when high == low; clipped as Pillow's table (rounding may leave 0..255)
+    stretched = tf.clip_by_value(tf.floor(channel * scale - low * scale), 0.0, 255.0)
+    flat = tf.cast(high <= low, tf.float64)  # then Pillow leaves the channel as it is
+    out.append(tf.cast(stretched + flat * channel, tf.float32))
+  return _merge(out)
 
 
 def equalize(image, arg=None, key=None):
   """ImageOps.equalize: per channel, the table Pillow builds from the histogram."""
   del arg, key
   tf = _tf()
-  histograms = _histograms(image)
   levels = tf.range(256)
-  last = tf.reduce_max(tf.where(histograms > 0, levels, -1), axis=1, keepdims=True)
-  last_count = tf.reduce_sum(tf.where(levels == last, histograms, 0), axis=1, keepdims=True)
-  step = (tf.reduce_sum(histograms, axis=1, keepdims=True) - last_count) // 255
-  table = (step // 2 + tf.cumsum(histograms, axis=1, exclusive=True)) // tf.maximum(step, 1)
-  table = tf.where(step > 0, tf.minimum(table, 255), levels)
-  return _lookup(image, table)
+  out = []
+  for channel in tf.unstack(tf.cast(image, tf.int32), axis=-1):
+    histogram = tf.math.bincount(channel, minlength=256, maxlength=256)
+    last = tf.reduce_max(tf.where(histogram > 0, levels, -1))
+    step = (tf.reduce_sum(histogram) - histogram[last]) // 255
+    table = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
+    table = tf.cast(tf.where(step > 0, tf.minimum(table, 255), levels), tf.float32)
+    out.append(tf.gather(table, channel))
+  return _merge(out)
 
 
 def invert(image, arg=None, key=None):
@@ -160,30 +163,34 @@ def posterize(image, bits: int, key=None):
   del key
   tf = _tf()
   shift = 8 - min(max(int(bits), 1), 8)
-  mask = tf.constant((0xFF << shift) & 0xFF, tf.uint8)
-  return tf.bitwise.bitwise_and(image, mask)
+  return tf.bitwise.bitwise_and(image, tf.constant((0xFF << shift) & 0xFF, tf.uint8))
 
 
 def solarize(image, threshold: int, key=None):
   """ImageOps.solarize: values >= threshold inverted."""
   del key
   tf = _tf()
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  if threshold >= 256:
+    return image
+  pixels = tf.cast(image, tf.float32)
+  above = tf.cast(pixels >= threshold, tf.float32)
+  return tf.cast(pixels + above * (255.0 - 2.0 * pixels), tf.uint8)
 
 
 def solarize_add(image, addition: int, key=None):
   """`addition` added to values below 128, clipped to 255."""
   del key
   tf = _tf()
-  added = tf.clip_by_value(tf.cast(image, tf.int32) + addition, 0, 255)
-  return tf.where(image < 128, tf.cast(added, tf.uint8), image)
+  pixels = tf.cast(image, tf.float32)
+  below = tf.cast(pixels < 128.0, tf.float32)
+  return _to_uint8(pixels + below * float(addition))
 
 
 def color(image, factor: float, key=None):
   """ImageEnhance.Color: blend with the grey image."""
   del key
-  tf = _tf()
-  return _blend(tf.repeat(_grey(image), 3, axis=-1), image, factor)
+  grey = _grey(image)
+  return _merge([grey + factor * (c - grey) for c in _channels(image)])
 
 
 def contrast(image, factor: float, key=None):
@@ -191,59 +198,67 @@ def contrast(image, factor: float, key=None):
   del key
   tf = _tf()
   mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+  return _blend(mean, tf.cast(image, tf.float32), factor)
 
 
 def brightness(image, factor: float, key=None):
   """ImageEnhance.Brightness: blend with black."""
   del key
   tf = _tf()
-  return _blend(tf.zeros_like(image), image, factor)
+  return _to_uint8(factor * tf.cast(image, tf.float32))
 
 
 def sharpness(image, factor: float, key=None):
-  """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3, centre 5, /13; the
-  border pixels kept)."""
+  """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3, centre 5, / 13), which
+  keeps the border pixels (so they stay as they are)."""
   del key
   tf = _tf()
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  pixels = tf.cast(image, tf.float32)[None]
-  smooth = tf.nn.depthwise_conv2d(pixels, kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.clip_by_value(tf.round(smooth), 0.0, 255.0)
-  inner = tf.pad(tf.ones_like(smooth, tf.bool), [[1, 1], [1, 1], [0, 0]])
-  smooth = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), pixels[0])
-  return _blend(smooth, image, factor)
+  pixels = tf.cast(image, tf.float32)
+  rows = pixels[:-2] + pixels[1:-1] + pixels[2:]
+  centre = pixels[1:-1, 1:-1]
+  smooth = tf.round((rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4.0 * centre) / 13.0)
+  inner = _blend(smooth, centre, factor)
+  middle = tf.concat([image[1:-1, :1], inner, image[1:-1, -1:]], 1)
+  return tf.concat([image[:1], middle, image[-1:]], 0)
 
 
 def cutout(image, half: int, key):
   """A square of side 2 * half centred at a uniform pixel (clipped at the borders) set
   to FILL."""
   tf = _tf()
-  shape = tf.shape(image)
+  size = tf.shape(image)[:2]
   centre = tf.random.stateless_uniform([2], key, minval=0, maxval=tf.int32.max,
-                                       dtype=tf.int32) % shape[:2]
-
-  def inside(axis):
-    index = tf.range(shape[axis])
-    return (index >= centre[axis] - half) & (index < centre[axis] + half)
-
-  square = inside(0)[:, None, None] & inside(1)[None, :, None]
-  return tf.where(square, tf.constant(FILL, tf.uint8), image)
+                                       dtype=tf.int32) % size
+  (top, left), (bottom, right) = (tf.unstack(tf.maximum(centre - half, 0)),
+                                  tf.unstack(tf.minimum(centre + half, size)))
+  band = image[top:bottom]
+  square = tf.fill([bottom - top, right - left, 3], tf.constant(FILL, tf.uint8))
+  band = tf.concat([band[:, :left], square, band[:, right:]], 1)
+  return tf.concat([image[:top], band, image[bottom:]], 0)
 
 
 # ----------------------------------------------------------------------------
 # Geometric ops: output pixel (x, y) (pixel centres) reads input pixel
-# round(a x + b y + c, d x + e y + f); what falls outside is FILL.
+# (a x + b y + c, d x + e y + f) rounded half up, as Pillow's NEAREST; what falls
+# outside is FILL. (AugReg's TF transform rounds half away from zero: the two differ
+# only for a source exactly half a pixel left of or above the image.)
 # ----------------------------------------------------------------------------
 
 
 def _affine(image, a, b, c, d, e, f):
   tf = _tf()
-  transform = tf.cast(tf.stack([a, b, c, d, e, f, 0.0, 0.0]), tf.float32)[None]
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
-      fill_value=float(FILL), interpolation='NEAREST', fill_mode='CONSTANT')[0]
+  height, width = tf.unstack(tf.shape(image)[:2])
+  ys = tf.range(tf.cast(height, tf.float32))[:, None]
+  xs = tf.range(tf.cast(width, tf.float32))[None, :]
+  source_x = tf.floor(a * xs + (b * ys + (c + 0.5)))
+  source_y = tf.floor(d * xs + (e * ys + (f + 0.5)))
+  inside = ((source_x >= 0) & (source_x < tf.cast(width, tf.float32))
+            & (source_y >= 0) & (source_y < tf.cast(height, tf.float32)))
+  index = tf.cast(source_y, tf.int32) * width + tf.cast(source_x, tf.int32)
+  index = tf.where(inside, index, height * width)  # the FILL row appended below
+  rows = tf.concat([tf.reshape(image, [-1, 3]), tf.fill([1, 3], tf.constant(FILL, tf.uint8))],
+                   0)
+  out = tf.reshape(tf.gather(rows, index), tf.shape(image))
   out.set_shape(image.shape)
   return out
 
@@ -269,15 +284,31 @@ def shear_y(image, level: float, key=None):
   return _affine(image, 1.0, 0.0, 0.0, level, 1.0, 0.0)
 
 
+def _shift(image, pixels, axis: int):
+  """`_affine`'s translation along `axis` (out[i] = image[i + round(pixels)]), by slicing
+  and padding."""
+  tf = _tf()
+  size = tf.shape(image)[axis]
+  shift = tf.clip_by_value(tf.cast(tf.floor(pixels + 0.5), tf.int32), -size, size)
+  start, stop = tf.maximum(shift, 0), size + tf.minimum(shift, 0)
+  kept = image[start:stop] if axis == 0 else image[:, start:stop]
+  none = tf.zeros([2], tf.int32)
+  padding = [none, none, none]
+  padding[axis] = tf.stack([tf.maximum(-shift, 0), tf.maximum(shift, 0)])
+  out = tf.pad(kept, tf.stack(padding), constant_values=FILL)
+  out.set_shape(image.shape)
+  return out
+
+
 def translate_x(image, pixels: float, key=None):
   """The image moved left by `pixels` (right when negative)."""
   del key
-  return _affine(image, 1.0, 0.0, pixels, 0.0, 1.0, 0.0)
+  return _shift(image, pixels, 1)
 
 
 def translate_y(image, pixels: float, key=None):
   del key
-  return _affine(image, 1.0, 0.0, 0.0, 0.0, 1.0, pixels)
+  return _shift(image, pixels, 0)
 
 
 _FUNCTIONS: dict[str, Callable] = {

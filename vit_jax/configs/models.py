@@ -48,11 +48,13 @@ def vit_config(name: str, *, hidden_size: int, patch: int, mlp_dim: int,
 
 
 def hybrid_config(name: str, vit: ml_collections.ConfigDict, num_layers: tuple[int, ...],
-                  width_factor: float = 1.0) -> ml_collections.ConfigDict:
+                  width_factor: float = 1.0, patch: int = 1) -> ml_collections.ConfigDict:
+  """ViT on a ResNet's feature map; `num_layers=()` keeps the root alone (4x, as R+ViT-Ti_16)."""
   config = vit
   config.name = name
-  # The ResNet stem already downsamples 16x: one "patch" is one stem output.
-  config.patches.size = (1, 1)
+  # With stages the stem already downsamples 16x or 32x: one "patch" is one stem
+  # output. The root-only stem (4x) is cut into `patch`-sized patches.
+  config.patches.size = (patch, patch)
   config.resnet = ml_collections.ConfigDict(dict(
       num_layers=num_layers, width_factor=width_factor))
   return config
@@ -116,6 +118,33 @@ for _size, _patch in _VIT_PRESETS:
 @_register('R50+ViT-B_16')
 def _r50_vit_b16():
   return hybrid_config('R50+ViT-B_16', _PRESETS['ViT-B_16'](), num_layers=(3, 4, 9))
+
+
+# The AugReg release's hybrids (Steiner et al. 2021): (ViT, ResNet units per
+# stage, patch). Four stages make a /32 stem; R+ViT-Ti_16's root alone is /4.
+_AUGREG_HYBRIDS = {
+    'R+ViT-Ti_16': ('ViT-Ti_16', (), 8),
+    'R26+ViT-S_32': ('ViT-S_32', (2, 2, 2, 2), 1),
+    'R26+ViT-B_32': ('ViT-B_32', (2, 2, 2, 2), 1),
+    'R50+ViT-L_32': ('ViT-L_32', (3, 4, 6, 3), 1),
+}
+for _name, (_vit, _layers, _patch) in _AUGREG_HYBRIDS.items():
+  _register(_name)(lambda n=_name, v=_vit, l=_layers, p=_patch: hybrid_config(
+      n, _PRESETS[v](), num_layers=l, patch=p))
+
+
+def _make_gap_norep(size: str, patch: int) -> Callable[[], ml_collections.ConfigDict]:
+  """AugReg's ViTs pooled by a global average over tokens, no class token, no pre-logits."""
+  def make():
+    config = _PRESETS[f'ViT-{size}_{patch}']()
+    config.name = f'ViT-{size}_{patch}-gap-norep'
+    config.classifier = 'gap'
+    return config
+  return make
+
+
+for _size, _patch in [('S', 16), ('B', 16), ('S', 32), ('B', 32)]:
+  _register(f'ViT-{_size}_{_patch}-gap-norep')(_make_gap_norep(_size, _patch))
 
 
 _BIT_PRESETS = {
@@ -192,9 +221,24 @@ def names() -> list[str]:
   return sorted(_PRESETS)
 
 
+def short_name(preset: str) -> str:
+  """The AugReg release's spelling of a preset: 'ViT-' dropped, '+' made '_'.
+
+  'R26+ViT-S_32' -> 'R26_S_32', 'ViT-B_16' -> 'B_16' (the start of its file names).
+  """
+  return preset.replace('ViT-', '').replace('+', '_')
+
+
+def _short_names() -> dict[str, str]:
+  return {short_name(n): n for n in _PRESETS if 'ViT-' in n}
+
+
 def canonical_name(name: str) -> str:
-  """'ViT-B/16' and 'ViT-B_16' name the same preset."""
-  return name.replace('/', '_')
+  """The preset a name means: 'ViT-B/16', 'ViT-B_16' and the release's 'B_16' are one."""
+  name = name.replace('/', '_')
+  if name in _PRESETS:
+    return name
+  return _short_names().get(name, name)
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:

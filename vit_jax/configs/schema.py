@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_name = 'ViT-B_16'  # a preset of vit_jax.configs.models
   c.model = model_overrides()  # set fields override the preset's
   c.pretrained_path = _placeholder(str)  # .npz (published layout) to fine-tune from
+  # An AugReg release folder (its index.csv and .npz files) and what to take from it:
+  # a short model name (its best i21k file by final_val) or a file stem. Sets
+  # pretrained_path when that is unset (vit_jax.augreg; configs/augreg.py).
+  c.pretrained_dir = _placeholder(str)
+  c.augreg_checkpoint = _placeholder(str)
   c.reset_head = True  # fine-tuning starts from a fresh, zero head
   c.posemb_resize = 'linear'  # 'linear' (the reference's zoom) or 'bicubic' (timm's)
 
@@ -241,6 +246,12 @@ def resolve(config: Any) -> Config:
   _merge(out, given, 'config')
   if isinstance(out.image_size, tuple) and len(out.image_size) == 1:
     out.image_size = out.image_size * 2  # `--config.image_size=384` arrives as (384,)
+  if out.augreg_checkpoint and not out.pretrained_path:
+    from vit_jax import augreg  # pylint: disable=g-import-not-at-top
+    if not out.pretrained_dir:
+      raise ValueError(f'config.augreg_checkpoint={out.augreg_checkpoint!r} needs '
+                       'config.pretrained_dir: the folder of the release\'s index.csv')
+    out.pretrained_path = augreg.pretrained_file(out.pretrained_dir, out.augreg_checkpoint)
   out.lock()
   return out
 
