@@ -1228,10 +1228,11 @@ _BAD_TRAINING_IMAGES_SCRIPT = r'''
 import os, sys
 from vit_jax import cli
 cli.quiet_console()  # as every command does, before TensorFlow loads
-import json, ml_collections
+import ast
 from vit_jax import input_pipeline as ip
-for config in json.loads(sys.argv[1]):  # pipeline_config()s
-  batches = ip.iterate_numpy(ip.get_train_dataset(ml_collections.ConfigDict(config),
+from vit_jax.configs import schema
+for config in ast.literal_eval(sys.argv[1]):  # pipeline_config()s, as dicts
+  batches = ip.iterate_numpy(ip.get_train_dataset(schema.resolve(config),
                                                   process_index=0, process_count=1))
   try:
     for _ in range(4):
@@ -1257,7 +1258,7 @@ def test_bad_training_images_leave_no_tensorflow_tracebacks(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if k not in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS', 'VIT_JAX_TRACEBACK')}
   result = subprocess.run([sys.executable, '-c', _BAD_TRAINING_IMAGES_SCRIPT,
-                           json.dumps(configs)],
+                           repr(configs)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(env, PYTHONPATH=REPO))
   console = result.stdout + result.stderr
