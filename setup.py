@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     'tensorflow-cpu>=2.18; platform_machine == "x86_64"',
     'tensorflow>=2.18; platform_machine != "x86_64"',
     'tensorflow-datasets>=4.9.6',
+    # gs:// workdirs and checkpoints (vit_jax.storage): etils epath's client for
+    # Cloud Storage, the bucket lock and ranged reads; Orbax's arrays go through
+    # tensorstore, which it pulls in itself.
+    'gcsfs>=2024.2',
     'importlib_resources>=6.0',  # imported by TFDS when it prepares a dataset
 ]
 
@@ -52,6 +56,7 @@ EXTRAS_REQUIRE = {
         'nbformat>=5.10',
         'ipykernel>=6.29',
         'psutil>=5.9',
+        'gcp-storage-emulator>=2024.8',  # a local Cloud Storage for tests/test_gcs.py
         # vit_jax.export's tests: the exporter and the runtime that checks its files.
         'onnx>=1.18',
         'onnxscript>=0.5',

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,42 @@ def test_main_refuses_before_running(case, files, tmp_path):
   assert not os.path.exists(tmp_path / 'w')  # nothing created for a refused run
 
 
+# Issue 31 (4, 6): usage and value errors of the absl commands and onnx_classify, each one
+# line (no help dump, no traceback) before any work; plan's before it compiles.
+ARGV_CASES = {
+    'main-no-flags': ('vit_jax.main', [], '--config and --workdir are required'),
+    'main-stray-word': ('vit_jax.main', ['--config={DEFAULT}', '--workdir={tmp}/w', 'stray'],
+                        "unexpected argument(s) 'stray'"),
+    'main-empty-workdir': ('vit_jax.main', ['--config={DEFAULT}', '--workdir='],
+                           '--workdir is empty'),
+    'plan-no-config': ('vit_jax.plan', ['--topology=v5e:2x2'], '--config is required'),
+    'plan-stray-word': ('vit_jax.plan', ['--config={DEFAULT}', 'stray'],
+                        "unexpected argument(s) 'stray'"),
+    'plan-not-a-slice': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:3x3'],
+                         "--topology='v5e:3x3' is not a v5e slice"),
+    'plan-json-is-a-directory': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:2x2',
+                                                  '--json={tmp}'], 'is a directory'),
+    'plan-memory-fraction': ('vit_jax.plan', ['--config={DEFAULT}', '--gpu=h100',
+                                              '--gpu_memory_fraction=1.5'],
+                             '--gpu_memory_fraction must be in (0, 1]'),
+    'plan-slices-on-gpus': ('vit_jax.plan', ['--config={DEFAULT}', '--gpu=h100',
+                                             '--num_slices=2'],
+                            '--num_slices does not apply to --gpu'),
+    'plan-nodes-on-a-tpu': ('vit_jax.plan', ['--config={DEFAULT}', '--topology=v5e:2x2',
+                                             '--nodes=2'], '--nodes does not apply'),
+    'onnx-classify-no-flags': ('vit_jax.onnx_classify', [],
+                               'the following arguments are required: --onnx, --image'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ARGV_CASES))
+def test_usage_and_value_errors_in_one_line(case, tmp_path):
+  module, args, fragment = ARGV_CASES[case]
+  args = [a.format(DEFAULT=DEFAULT, tmp=tmp_path) for a in args]
+  assert_user_error(run_cli(module, *args, cpu=False), fragment)
+  assert not os.path.exists(tmp_path / 'w')
+
+
 MODEL_CASES = {
     # A ViT has no ResNet stem: the field is named, not the image size.
     'resnet-field-on-a-vit': ('--config.model.resnet.width_factor=2',
@@ -169,6 +206,7 @@ def test_main_names_the_model_field(case, tmp_path):
   assert 'image_size' not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('state', ['new', 'partial', 'finished'])
 def test_main_read_only_workdir(state, finished_run):
   disk, workdir, digest, _ = finished_run
@@ -199,6 +237,7 @@ def test_visualize_bad_image(case, files, tmp_path):
                     *fragments)
 
 
+@pytest.mark.slow
 def test_visualize_read_only_out(finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.visualize', '--model', 'ViT-Test_4', '--random-init',
@@ -220,6 +259,7 @@ def test_compare_bad_arguments(case, tmp_path):
   assert len(result.stderr.splitlines()) <= 3  # not TFDS's catalogue
 
 
+@pytest.mark.slow
 def test_compare_read_only_out(finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.compare', '--steps', '2', '--out', f'{disk.path}/cmp'),
@@ -228,6 +268,7 @@ def test_compare_read_only_out(finished_run):
 
 # --- convert, predict, evaluate -------------------------------------------------------
 
+@pytest.mark.slow
 def test_convert_read_only_output(files, finished_run):
   disk = finished_run[0]
   assert_user_error(run_cli('vit_jax.convert', '--from', 'npz', '--to', 'timm', '--model',
@@ -312,6 +353,7 @@ def test_one_line_summary_of_a_model_mismatch():
   assert 'missing keys (1):\n  a: model (2,)' in str(error)  # the full listing stays
 
 
+@pytest.mark.slow
 def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   """A run's console: its own progress lines, one line naming WORKDIR/config.json, no
   config dump, no library banners (TPU probing, TensorFlow's CPU and oneDNN notes)."""
@@ -325,7 +367,9 @@ def test_console_is_quiet_and_the_config_is_a_file(finished_run):
   # worker): TFDS's progress bars of that step are left out of the count.
   preparing = ('Generating', 'Shuffling', 'Downloading and preparing', 'downloaded and prepared',
                'dataset_info.json')
-  lines = [line for line in console.splitlines()
+  # tqdm's redraws leave lines of cursor movements alone ('\x1b[A'): not lines of text.
+  text = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', console)
+  lines = [line for line in text.splitlines()
            if line.strip() and not any(p in line for p in preparing)]
   assert sum(f'Config: {workdir}/config.json' in line for line in lines) == 1, console
   for noise in ('hparams:', 'learning_rate: ', 'xla_bridge', "backend 'tpu'", 'host bounds',

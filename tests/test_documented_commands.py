@@ -61,7 +61,10 @@ What runs differs from the documented text in exactly these ways:
    run two at a time in background threads (VIT_DOC_COMMANDS_JOBS=N to change).
 
 Each command must exit 0 (or, if listed in EXPECTED_FAILURES, fail with its
-documented message) and leave real output: final_metrics.json in a workdir,
+documented message), print only its own lines when it is one of the package's
+(`vit_jax.*`, run without tests/conftest.py's JAX_PLATFORMS and
+TF_CPP_MIN_LOG_LEVEL, as from a user's shell with the [test] extra's libtpu and
+CUDA plugin installed: `foreign_lines`), and leave real output: final_metrics.json in a workdir,
 the PNGs in visualize's --out, compare's table and plot, a benchmark table and
 JSON, converted files that load, five predictions.
 
@@ -424,10 +427,16 @@ COMPILATION_CACHE = tempfile.mkdtemp(prefix='vit_jax_doc_commands_jax_cache_')
 atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 
 
-def subprocess_env() -> dict:
+def subprocess_env(prog: str = '') -> dict:
+  """The commands' environment. The package's own commands (`vit_jax.*`) get what a user's
+  shell has: tests/conftest.py's quieting (JAX_PLATFORMS=cpu, TF_CPP_MIN_LOG_LEVEL, ...)
+  is removed, so that `foreign_lines` checks what the commands themselves keep quiet."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  if prog.startswith('vit_jax.'):
+    for name in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_PLATFORMS', 'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+      env.pop(name, None)
   env.update(JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -559,7 +568,8 @@ class Runner:
   def _run(self, command: str, argv: list[str], log_path: str) -> Run:
     with self._slots:
       start = time.monotonic()
-      proc = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True,
+      proc = subprocess.run(argv, cwd=REPO, env=subprocess_env(program(
+                                ['python'] + argv[1:])[0]), capture_output=True,
                             text=True, timeout=COMMAND_TIMEOUT_S)
       seconds = time.monotonic() - start
     output = proc.stdout + proc.stderr
@@ -814,7 +824,7 @@ def _check_predict(run: Run) -> list[str]:
 
 def _check_export(run: Run) -> list[str]:
   out = last_value(run.argv, '--out')
-  meta_path = os.path.splitext(out)[0] + '.json'
+  meta_path = out + '.json'  # NAME.onnx.json: named after the whole file name
   if not os.path.isfile(out) or not os.path.isfile(meta_path):
     return [f'{out} or {meta_path} was not written']
   with open(meta_path, encoding='utf-8') as f:
@@ -869,6 +879,28 @@ CHECKS = {
 }
 
 
+# What a console may show that is not the command's own: log records (absl/glog format,
+# C++ included) of files outside vit_jax/, Python tracebacks and warnings, and the
+# banners of JAX's plugins and libtpu.
+_LOG_RECORD = re.compile(r'^[IWEF]\d{4} [\d:.]+\s+\d+ ([^:\]\s]+):\d+\]')
+_FOREIGN = re.compile(r'^(Traceback \(most recent call last\)|WARNING:|Jax plugin '
+                      r'configuration error|=== Source Location Trace|\S+:\d+: \w*Warning: )')
+_OWN_FILES = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'vit_jax', '**', '*.py'),
+                                                     recursive=True)}
+
+
+def foreign_lines(output: str) -> list[str]:
+  """The lines of a command's console that are not its own (issue 31: every command, on
+  success, shows only its own lines)."""
+  out = []
+  for line in output.splitlines():
+    record = _LOG_RECORD.match(line)
+    if (record and os.path.basename(record.group(1)) not in _OWN_FILES) or (
+        not record and _FOREIGN.match(line)):
+      out.append(line)
+  return out
+
+
 def problems_of(run: Run) -> list[str]:
   if run.command in EXPECTED_FAILURES:
     expected = EXPECTED_FAILURES[run.command]
@@ -877,7 +909,11 @@ def problems_of(run: Run) -> list[str]:
     return []
   if run.returncode != 0:
     return [f'exit status {run.returncode}']
-  return CHECKS[program(shlex.split(run.command))[0]](run)
+  prog = program(shlex.split(run.command))[0]
+  foreign = foreign_lines(run.output) if prog.startswith('vit_jax.') else []
+  if foreign:
+    return [f'{len(foreign)} console line(s) not its own, e.g. {foreign[:3]}']
+  return CHECKS[prog](run)
 
 
 # ---------------------------------------------------------------------------

@@ -207,15 +207,19 @@ def test_tampered_onnx_is_caught_and_deleted(tmp_dir, exports):
   assert not os.path.exists(bad)
 
 
-def test_failed_check_leaves_nothing_behind(tmp_dir, exports, monkeypatch):
-  npz, source, good = exports('vit_gap', 'onnx')
-
-  def broken(source, path, *args, **kwargs):  # the real writer's file, then tampered
+def _tampering_writer(good_path: str):
+  """A stand-in for export.write_onnx: the real writer's file (copied), then tampered."""
+  def write(source, path, *args, **kwargs):
     del source, args, kwargs
-    with open(good.path, 'rb') as src, open(path, 'wb') as dst:
+    with open(good_path, 'rb') as src, open(path, 'wb') as dst:
       dst.write(src.read())
     _tamper_onnx(path)
-  monkeypatch.setattr(export, 'write_onnx', broken)
+  return write
+
+
+def test_failed_check_leaves_nothing_behind(tmp_dir, exports, monkeypatch):
+  npz, source, good = exports('vit_gap', 'onnx')
+  monkeypatch.setattr(export, 'write_onnx', _tampering_writer(good.path))
   out = os.path.join(tmp_dir, 'broken', 'model.onnx')
   with pytest.raises(export.ExportCheckError, match='does not compute the JAX model'):
     export.export(npz, 'onnx', out, source=source)
@@ -285,3 +289,186 @@ def test_onnx_classify_example_prints_top_k(tmp_dir, exports, capsys):
   logits = export.jax_logits(source)((pixels / 127.5 - 1.0)[None])[0]
   best = int(np.argmax(logits))
   assert f'[{best:4d}]' in lines[1]
+
+
+# --- Issue 31: what export keeps, the values it takes, the sidecars onnx_classify reads -----
+
+_REAL_WRITE_ONNX = export.write_onnx
+
+
+def _digest(folder) -> dict:
+  from test_cli_errors import tree_digest  # pylint: disable=g-import-not-at-top
+  return tree_digest(str(folder))
+
+
+def _one_error(capsys, status, *fragments) -> str:
+  out = capsys.readouterr()
+  errors = [l for l in (out.out + out.err).splitlines() if l.startswith('error:')]
+  assert status == 2 and len(errors) == 1, out.out + out.err
+  assert 'Traceback' not in out.out + out.err
+  for fragment in fragments:
+    assert fragment in errors[0], (fragment, errors[0])
+  return errors[0]
+
+
+def test_failed_reexport_keeps_the_earlier_export_and_formats_keep_their_sidecars(
+    tmp_dir, exports, monkeypatch, capsys):
+  """A StableHLO export beside NAME.onnx has sidecars of its own; a re-export that fails
+  its check (a tampered writer) or its values leaves every earlier file byte for byte."""
+  npz, source, done = exports('vit_gap', 'onnx')
+  folder = os.path.join(tmp_dir, 'keep')
+  os.makedirs(folder)
+  onnx_path, hlo_path = os.path.join(folder, 'm.onnx'), os.path.join(folder, 'm.stablehlo')
+  for src, dst in zip((done.path, done.labels_path, done.metadata_path),
+                      (onnx_path, *export.sidecar_paths(onnx_path))):
+    with open(src, 'rb') as f_in, open(dst, 'wb') as f_out:
+      f_out.write(f_in.read())
+  export.export(npz, 'stablehlo', hlo_path, source=source)
+  assert sorted(os.listdir(folder)) == ['m.onnx', 'm.onnx.json', 'm.onnx.labels.txt',
+                                        'm.stablehlo', 'm.stablehlo.json',
+                                        'm.stablehlo.labels.txt']
+  with open(export.sidecar_paths(hlo_path)[1], encoding='utf-8') as f:
+    assert json.load(f)['file'] == 'm.stablehlo'
+  before = _digest(folder)
+  monkeypatch.setattr(export, 'write_onnx', _tampering_writer(done.path))
+  monkeypatch.setattr(export, 'load', lambda *args, **kwargs: source)
+  args = ['--checkpoint', npz, '--model', 'ViT-Test_4', '--format', 'onnx', '--out', onnx_path]
+  _one_error(capsys, export.main(args), 'does not compute the JAX model')
+  monkeypatch.setattr(export, 'write_onnx', _REAL_WRITE_ONNX)
+  assert _digest(folder) == before
+  for extra, fragment in [(['--tolerance', 'nan'], '--tolerance must be a positive finite'),
+                          (['--tolerance', '-1'], '--tolerance must be a positive finite'),
+                          (['--opset', '1'], 'torch.onnx wrote opset 18 instead'),
+                          (['--opset', '1000'], '--opset must be an ONNX opset from 1')]:
+    _one_error(capsys, export.main(args + extra), fragment)
+    assert _digest(folder) == before, extra
+
+
+def test_mixer_npz_exports_at_its_own_size(tmp_dir, capsys):
+  npz = _npz(tmp_dir, 'Mixer-Test_4', 16)
+  out = os.path.join(tmp_dir, 'mixer', 'm.stablehlo')
+  result = export.export(npz, 'stablehlo', out, model='Mixer-Test_4')
+  with open(result.metadata_path, encoding='utf-8') as f:
+    assert json.load(f)['image_size'] == [16, 16]
+  line = _one_error(capsys, export.main(['--checkpoint', npz, '--model', 'Mixer-Test_4',
+                                         '--image_size', '32', '--format', 'stablehlo',
+                                         '--out', out + '2']),
+                    'MLP-Mixer trained at 16x16', '--image_size 32x32')
+  assert '--config.' not in line
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--format', 'onnx'], 'the following arguments are required: --checkpoint, --out'),
+    (['--checkpoint', 'x.npz', '--out', 'x.onnx', '--format', 'tflite'], "invalid choice"),
+])
+def test_cli_usage_errors_in_one_line(args, fragment, capsys):
+  with pytest.raises(SystemExit) as e:
+    export.main(args)
+  _one_error(capsys, e.value.code, fragment)
+
+
+# Run in one fresh process: each case's status and console, and the process's peak RSS.
+_CLASSIFY_CASES_SCRIPT = r'''
+import contextlib, io, json, sys, traceback
+from vit_jax import onnx_classify
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = onnx_classify.main(argv)
+    except SystemExit as e:
+      status = e.code
+    except BaseException:  # pylint: disable=broad-except
+      status, err = 'raised', io.StringIO(err.getvalue() + traceback.format_exc())
+  results[name] = (status, out.getvalue() + err.getvalue())
+# VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into ru_maxrss.
+with open('/proc/self/status') as f:
+  peak = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:')) * 1024
+print(json.dumps({'results': results, 'peak_rss_bytes': peak}))
+'''
+
+
+def _hostile_models(root: str, good: export.Exported) -> dict:
+  """name -> (onnx_classify argv, fragment of its error line): each a copy of a good export
+  with one thing made hostile."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from test_faults import _png_header_only  # pylint: disable=g-import-not-at-top
+  os.makedirs(root)
+  photo = os.path.join(root, 'photo.png')
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+  bomb = os.path.join(root, 'bomb.png')
+  with open(bomb, 'wb') as f:
+    f.write(_png_header_only(20000, 20000))
+  with open(good.metadata_path, encoding='utf-8') as f:
+    meta = json.load(f)
+  cases = {}
+
+  def case(name, fragment, meta_change=None, model_bytes=None, image=photo, extra=None):
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    path = os.path.join(folder, 'm.onnx')
+    with open(good.path, 'rb') as f:
+      data = f.read()
+    with open(path, 'wb') as f:
+      f.write(model_bytes(data) if model_bytes else data)
+    changed = dict(meta, file='m.onnx', labels='m.onnx.labels.txt')
+    changed.update(meta_change or {})
+    with open(f'{path}.json', 'w', encoding='utf-8') as f:
+      json.dump(changed, f)
+    with open(good.labels_path, 'rb') as src, open(f'{path}.labels.txt', 'wb') as dst:
+      dst.write(src.read())
+    if extra:
+      extra(folder)
+    cases[name] = (['--onnx', path, '--image', image], fragment)
+
+  def external_zero(data: bytes) -> bytes:
+    model = onnx.load_from_string(data)
+    biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    biggest.ClearField('raw_data')
+    biggest.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (('location', '../../../../dev/zero'), ('offset', '0'),
+                       ('length', str(7 << 30))):
+      entry = biggest.external_data.add()
+      entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+  case('good', None)
+  case('truncated_onnx', 'ONNX Runtime cannot load', model_bytes=lambda d: d[: len(d) // 3])
+  case('external_dev_zero', 'ONNX Runtime cannot load', model_bytes=external_zero)
+  case('bomb_png', 'MAX_IMAGE_PIXELS', image=bomb)
+  case('huge_image_size', 'image_size', {'image_size': [100000, 100000]})
+  case('labels_dev_zero', 'labels must be a file name beside the model', {'labels': '/dev/zero'})
+  case('labels_up', 'labels must be a file name beside the model', {'labels': '../x.txt'})
+  case('labels_link_out', 'links out of the model', {'labels': 'l.txt'},
+       extra=lambda folder: os.symlink('/dev/zero', os.path.join(folder, 'l.txt')))
+  case('num_classes', 'num_classes', {'num_classes': 10**9})
+  case('input_dtype', 'input dtype', {'input': dict(meta['input'], dtype='uint8')})
+  case('metadata_2mib', 'larger than', {'padding': 'x' * (2 << 20)})
+  return cases
+
+
+def test_onnx_classify_refuses_hostile_files_in_one_line_with_bounded_memory(tmp_dir, exports):
+  """Issue 31 (5): a truncated model, external data at /dev/zero, a decompression-bomb PNG
+  and sidecars asking for 100000x100000 pixels, /dev/zero or links out as labels, other
+  classes or dtypes, or 2 MiB of JSON: each one `error:` line, status 2, no traceback; the
+  process running them all peaks under 400 MB (onnxruntime, numpy, Pillow: ~70 MB)."""
+  _, _, good = exports('vit_gap', 'onnx')
+  root = os.path.join(tmp_dir, 'hostile')
+  cases = _hostile_models(root, good)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, '-c', _CLASSIFY_CASES_SCRIPT,
+                         json.dumps({k: v[0] for k, v in cases.items()})],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, (status, console) in report['results'].items():
+    fragment = cases[name][1]
+    if fragment is None:
+      assert status == 0 and 'top-5' in console, console
+      continue
+    errors = [l for l in console.splitlines() if l.startswith('error:')]
+    assert status == 2 and len(errors) == 1 and fragment in errors[0], (name, console)
+    assert 'Traceback' not in console, (name, console)
+  assert report['peak_rss_bytes'] < 400 << 20, report['peak_rss_bytes']

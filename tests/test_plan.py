@@ -158,3 +158,17 @@ def test_targets_know_their_chips():
   text = accelerators.gpu_target_config('h100')
   assert 'core_count: 132' in text and 'major: 9' in text
   assert np.isclose(accelerators.CHIPS['v6e'].peak_bf16_flops, 918e12)
+
+
+def test_report_says_when_no_search_ran():
+  """Issue 31 (6): `--nosearch` on a step that does not fit says so, not 'no override
+  searched fits'."""
+  plan = {'model_name': 'ViT-Test_4', 'num_params': 2e4, 'num_classes': 10,
+          'image_size': [16, 16], 'dtype': 'float32', 'target': 'v5e:2x2', 'num_chips': 4,
+          'chip': 'TPU v5e', 'mesh': {'data': 4}, 'batch_size': 8, 'grad_accum_steps': 1,
+          'remat_policy': 'none', 'hbm_bytes': 1, 'usable_bytes': 1, 'fits': False,
+          'per_chip_bytes': {'params': 1, 'optimizer': 1, 'temp': 1, 'total': 3},
+          'flops_per_step': None, 'analytic_flops_per_step': None,
+          'suggested_overrides': [], 'suggested_plan': None}
+  assert plan_lib.report(dict(plan, searched=False)).endswith('no override searched (--nosearch)')
+  assert plan_lib.report(dict(plan, searched=True)).endswith('no override searched fits')

@@ -142,3 +142,15 @@ def test_pretrained_path_checked_before_training(files):
   assert message.endswith('set --config.model_name=ViT-Ti_16') and '\n' not in message
   config.update(model_name='Ti_16')
   validation.validate_config(schema.resolve(config))  # the short name of the right preset
+
+
+def test_visualize_builds_the_named_model(files):
+  from vit_jax import visualize  # pylint: disable=g-import-not-at-top
+  args = visualize.parse_args(['--checkpoint', files['ti'], '--out', files['root']])
+  model, params, size, _ = visualize.build_from_args(args)
+  assert model.hidden_size == 192 and size == (32, 32)
+  assert params['head']['kernel'].shape == (192, 10)
+  args = visualize.parse_args(['--checkpoint', files['ti'], '--model', 'S_16',
+                               '--out', files['root']])
+  with pytest.raises(ValueError, match='use --model ViT-Ti_16'):
+    visualize.build_from_args(args)

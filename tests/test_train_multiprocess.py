@@ -3,7 +3,8 @@
 Both processes run `python -m vit_jax.main` with `--coordinator_address`,
 `--num_processes` and `--process_id`; each feeds its half of every global batch.
 The losses they log and the params they end with must match the single-process
-8-device run of the same config.
+8-device run of the same config. Their workdir is in a Cloud Storage bucket (a local
+emulator, as on a Cloud TPU slice): both write their shards of each checkpoint there.
 
 Launch checks on the same entry point: processes given different workdirs (a
 workdir that is not shared) both refuse at start in one line naming their path;
@@ -25,8 +26,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from gcs_emulator import BUCKET, Emulator
 from vit_jax import checkpoint
 from vit_jax import train
+from vit_jax import train_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,14 +47,20 @@ def free_port():
     return s.getsockname()[1]
 
 
+def losses_of(lines):
+  records = [json.loads(line) for line in lines]
+  return {r['step']: r['train_loss'] for r in records if 'train_loss' in r}
+
+
 def train_losses(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    lines = [json.loads(line) for line in f]
-  return {l['step']: l['train_loss'] for l in lines if 'train_loss' in l}
+    return losses_of(f)
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, monkeypatch):
+  """The two processes share a workdir in a Cloud Storage bucket (a local emulator,
+  tests/gcs_emulator.py): each writes its shards there, and they restore."""
   assert jax.device_count() == 8
   reference_dir = tmp_path / 'one_process'
   reference = train.train_and_evaluate(ml_collections.ConfigDict(CONFIG), str(reference_dir))
@@ -62,42 +71,63 @@ def test_two_processes_match_one_process(tmp_path):
       def get_config():
         return ml_collections.ConfigDict({CONFIG!r})
       '''))
-  workdir = tmp_path / 'two_processes'
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  procs = [
-      subprocess.Popen(
-          [sys.executable, '-m', 'vit_jax.main', f'--config={config_path}',
-           f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
-           '--num_processes=2', f'--process_id={i}', '--platform=cpu'],
-          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)
-  ]
-  errors = []
+  bucket = Emulator().start()
   try:
-    for p in procs:
-      _, err = p.communicate(timeout=480)
-      errors.append(err)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-4000:]
-  assert 'process 1 of 2' in errors[1] or 'process 1 of 2' in errors[0]
+    workdir = f'gs://{BUCKET}/two_processes'
+    port = free_port()
+    env = dict(os.environ, **bucket.env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-m', 'vit_jax.main', f'--config={config_path}',
+             f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+             '--num_processes=2', f'--process_id={i}', '--platform=cpu'],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    errors = []
+    try:
+      for p in procs:
+        _, err = p.communicate(timeout=480)
+        errors.append(err)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    for p, err in zip(procs, errors):
+      assert p.returncode == 0, err[-4000:]
+    assert 'process 1 of 2' in errors[1] or 'process 1 of 2' in errors[0]
 
-  final = json.loads((workdir / 'final_metrics.json').read_text())
-  assert final['num_processes'] == 2 and final['num_devices'] == 8
-  assert final['eval_accuracy'] == reference['eval_accuracy']
-  losses_two, losses_one = train_losses(workdir), train_losses(reference_dir)
-  assert sorted(losses_two) == sorted(losses_one) == [4, 6, 8, 12]  # also at eval steps
-  np.testing.assert_allclose([losses_two[s] for s in (4, 6, 8, 12)],
-                             [losses_one[s] for s in (4, 6, 8, 12)], rtol=1e-5, atol=1e-6)
-  params_two = checkpoint.load(workdir / 'params.npz')
-  params_one = checkpoint.load(reference_dir / 'params.npz')
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               params_two, params_one)
+    final = json.loads(bucket.read('two_processes/final_metrics.json'))
+    assert final['num_processes'] == 2 and final['num_devices'] == 8
+    assert final['eval_accuracy'] == reference['eval_accuracy']
+    losses_two = losses_of(bucket.read('two_processes/metrics.jsonl').decode().splitlines())
+    losses_one = train_losses(reference_dir)
+    assert sorted(losses_two) == sorted(losses_one) == [4, 6, 8, 12]  # also at eval steps
+    np.testing.assert_allclose([losses_two[s] for s in (4, 6, 8, 12)],
+                               [losses_one[s] for s in (4, 6, 8, 12)], rtol=1e-5, atol=1e-6)
+    (tmp_path / 'params.npz').write_bytes(bucket.read('two_processes/params.npz'))
+    params_two = checkpoint.load(tmp_path / 'params.npz')
+    params_one = checkpoint.load(reference_dir / 'params.npz')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params_two, params_one)
+    # Each process wrote its own shards of the last checkpoint into the bucket ...
+    shards = bucket.objects('two_processes/checkpoints/12/state/')
+    for i in range(2):
+      assert any(name.startswith(f'two_processes/checkpoints/12/state/ocdbt.process_{i}/')
+                 for name in shards), shards
+    # ... and they restore (here, in one process, onto one device).
+    _, like = train_checkpoints.load_latest(str(reference_dir))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          like)
+    bucket.point_clients_here(monkeypatch)
+    restored, meta = train_checkpoints.RunCheckpointer(workdir).restore(12, target)
+    assert meta['step'] == 12
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.tree.map(np.asarray, restored['params']), params_one)
+  finally:
+    bucket.stop()
 
 
 # ---------------------------------------------------------------------------

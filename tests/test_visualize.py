@@ -376,3 +376,25 @@ def test_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
   image = images_lib.load_image_spec(path)
   assert image.shape == (16, 64, 3) and image.dtype == np.uint8
   np.testing.assert_allclose(image[0, :, 0], np.round(ramp[0] / 257.0), atol=1)
+
+
+def test_workdir_of_a_mixer_fine_tuned_at_another_grid(tmp_path):
+  """Issue 31 (9): a Mixer pre-trained at 16x16 and fine-tuned at 32x32 (its token-mixing
+  MLP widened 4x, the run's config.model.tokens_mlp_dim) is drawn from its workdir with the
+  run's own model, as evaluate and export read it."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from test_faults import tiny_run_config  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  model = model_configs.build_model('Mixer-Test_4', 4)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32),
+                      train=False)['params']
+  npz = str(tmp_path / 'mixer16.npz')
+  checkpoint.save(jax.tree.map(np.asarray, params), npz)
+  config = tiny_run_config(model_name='Mixer-Test_4', image_size=32, total_steps=1,
+                           warmup_steps=0, checkpoint_every=1, pretrained_path=npz)
+  config.model = ml_collections.ConfigDict({'tokens_mlp_dim': 4 * 16})  # 4x4 -> 8x8 patches
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  written = visualize.main(['--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'vis')])
+  assert set(written) == {'patches', 'token_mixing', 'top_k'}
+  assert all(is_png(path) for path in written.values())

@@ -119,7 +119,10 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     if 'TPU support not installed' in str(e):
       raise ValueError('planning for TPUs needs libtpu: pip install -c constraints.txt '
                        '-e ".[plan]"') from None
-    raise
+    # libtpu refuses shapes that are no slice (e.g. 'not divisible by ... chips_per_host').
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'--topology={topology!r} is not a {generation} slice libtpu knows: '
+                     f'{first}') from None
   devices = list(description.devices)
   expected = math.prod(dims) * num_slices
   if len(devices) != expected:

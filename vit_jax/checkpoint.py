@@ -29,6 +29,7 @@ from typing import Any, Mapping, Union
 from absl import logging
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.checkpoint_layouts import params_to_bit
 from vit_jax.npz_reader import read_npz_specs
 from vit_jax.param_trees import PathLike, _to_numpy, flatten
@@ -46,6 +47,7 @@ from vit_jax.model_fit import (  # pylint: disable=unused-import
     abstract_params, check_params)
 from vit_jax.npz_reader import (  # pylint: disable=unused-import
     MAX_NPZ_BYTES_ENV, DEFAULT_MAX_NPZ_BYTES, ArraySpec, format_bytes, max_npz_bytes,
+    machine_memory_limit,
     check_weights, load_flat, load)
 from vit_jax.patch_grid import (  # pylint: disable=unused-import
     num_prefix_tokens, infer_grid, patch_stride, infer_image_size, POSEMB_METHODS,
@@ -107,6 +109,11 @@ def save(params: Mapping, path: PathLike, layout: str = 'published') -> None:
     flat = params_to_bit(flat)
   if not flat:
     raise ValueError('Refusing to save an empty parameter tree')
+  if storage.is_remote(path):  # an object appears whole, once its upload is complete
+    with storage.open(path, 'wb') as f:
+      np.savez(f, **flat)
+    logging.info('Saved %d arrays to %s', len(flat), path)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(

@@ -38,6 +38,7 @@ import difflib
 import errno
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
@@ -73,6 +74,9 @@ def wants_traceback(verbose: bool = False) -> bool:
 
 def is_user_error(error: BaseException) -> bool:
   """Whether `error`'s message tells the user what to change (shown without a traceback)."""
+  storage_error = getattr(sys.modules.get('vit_jax.storage'), 'StorageError', None)
+  if storage_error is not None and isinstance(error, storage_error):
+    return True  # an OSError (EIO) whose message names the bucket and what failed
   if isinstance(error, OSError):
     return error.errno in _USER_ERRNOS or isinstance(
         error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
@@ -181,6 +185,8 @@ def check_writable_dir(path: str, flag: str) -> str:
   not exist yet, its nearest existing parent) cannot be written: a read-only
   file system, a directory without write permission.
   """
+  if not path:
+    raise UserError(f'{flag} is empty: name a directory')
   path = os.path.expanduser(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'{flag} {path!r} is a file, not a directory')
@@ -255,6 +261,12 @@ def _unknown_override(argv: Sequence[str], error: BaseException) -> str:
   return f'{culprit}: the config has no field {path!r}{hint}'
 
 
+def refuse_positional(args: Sequence[str]) -> NoReturn:
+  """An absl command takes flags only: a stray word is one `error:` line, exit status 2."""
+  _fail(f'unexpected argument(s) {" ".join(args)!r}: this command takes flags only '
+        '(--name=value; see --help)')
+
+
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parsing with one-line errors: pass as `app.run(main, flags_parser=...)`.
 
@@ -267,6 +279,10 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
     text = str(e)
+    missing = re.findall(r'Flag --(\w+) must have a value other than None', text)
+    if missing:
+      _fail(f'{" and ".join("--" + name for name in missing)} '
+            f'{"is" if len(missing) == 1 else "are"} required (see --help)')
     first = text.splitlines()[0] if text else type(e).__name__
     if 'Traceback' in text or len(text.splitlines()) > 1:
       flag = first.split(': ', 1)[0].replace('flag ', '', 1)
@@ -276,6 +292,8 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     _fail(_unknown_override(argv, e))
   except (ValueError, TypeError, OSError) as e:
     _fail(user_error_message(e))
+  if len(remaining) > 1:
+    refuse_positional(remaining[1:])
   for name in list(flags.FLAGS):
     value = flags.FLAGS[name].value
     if type(value).__name__ == '_ErrorConfig':  # ml_collections' deferred load failure
@@ -336,16 +354,22 @@ def _cpu_only_machine() -> bool:
 def quiet_console() -> None:
   """Keeps library banners off the console; call before TensorFlow and JAX load.
 
-  TensorFlow's and XLA's C++ INFO lines (the oneDNN banner, the CPU-instructions
-  note) are below TF_CPP_MIN_LOG_LEVEL=1; on a machine without TPUs or GPUs but with
+  TensorFlow's C++ log is off the console (TF_CPP_MIN_LOG_LEVEL=3): its INFO lines
+  (the oneDNN banner, the CPU-instructions note), and the warnings and errors of ops
+  that failed (a bad training image: libjpeg's complaint, each EagerPyFunc's Python
+  traceback), which reach Python as exceptions that the commands report in one line.
+  On a machine without TPUs or GPUs but with
   libtpu or a CUDA plugin installed, JAX_PLATFORMS=cpu skips their probes and failure
   lines; TFDS's, Orbax's and JAX's INFO records are filtered out of absl's
   console handler. Settings the user made in the environment win.
   """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
   if 'JAX_PLATFORMS' not in os.environ and _cpu_only_machine():
     os.environ['JAX_PLATFORMS'] = 'cpu'  # the only backend there is: no TPU/GPU probes
+    jax = sys.modules.get('jax')
+    if jax is not None:  # imported by the command's module: its flag read the environment
+      jax.config.update('jax_platforms', 'cpu')  # backends start on first use, not yet
   for name in ('jax._src.xla_bridge', 'tensorflow_datasets', 'orbax'):
     logging.getLogger(name).setLevel(logging.WARNING)
   try:

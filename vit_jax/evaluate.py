@@ -119,10 +119,11 @@ def run_model_fields(workdir: str) -> Optional[dict]:
 
   {'model_name', 'model' (the set overrides, nested), 'image_size', 'dtype'}.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.isfile(path):
     return None
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path, encoding='utf-8') as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -162,7 +163,8 @@ def _load_workdir(path: str, config, model_name: Optional[str],
   from vit_jax import train_checkpoints  # pylint: disable=g-import-not-at-top
   from vit_jax import validation  # pylint: disable=g-import-not-at-top
   from vit_jax.configs.image_size import image_hw  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(path, train_checkpoints.CHECKPOINT_DIR)):
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if not storage.isdir(storage.join(path, train_checkpoints.CHECKPOINT_DIR)):
     raise FileNotFoundError(
         f'{path!r} is a directory without {train_checkpoints.CHECKPOINT_DIR}/: not the '
         'workdir of a training run (or give an .npz file)')
@@ -180,7 +182,7 @@ def _load_workdir(path: str, config, model_name: Optional[str],
     config = schema.replace(config, image_size=tuple(image_size))
   step, state = train_checkpoints.load_latest(path)
   if state is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(path, "checkpoints")!r}')
+    raise FileNotFoundError(f'no checkpoint in {storage.join(path, "checkpoints")!r}')
   params = state['params'] if isinstance(state, dict) else state.params
   head = params.get('head', {}).get('kernel') if isinstance(params, dict) else None
   head_classes = None if head is None else int(np.shape(head)[-1])
@@ -243,10 +245,11 @@ def load_checkpoint(path: str, config, model_name: Optional[str] = None,
 
   `model_name` and `image_size` win over the run's record and the config.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(path):
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.resolve(path)  # a local path or a gs:// URL
+  if storage.isdir(path):
     return _load_workdir(path, config, model_name, image_size)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'no such checkpoint file or workdir: {path!r}')
   return _load_npz(path, config, model_name, image_size)
 

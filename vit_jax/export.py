@@ -25,13 +25,18 @@ Why timm rather than jax2onnx (which converts the jaxpr directly): every
 jax2onnx release pins `orbax-checkpoint<0.11.37`, which no install of this
 package with its pinned orbax can satisfy (docs/deploy.md has the figures).
 
-Every export is checked before it is kept: the written file is run (ONNX
-Runtime, or the deserialised StableHLO) on random batches of 1 and 5 and
-compared with the JAX model's logits; a max |difference| above the tolerance
-(1e-4 x max(1, max |logit|), float32, as `vit_jax.convert` checks) deletes the
-file and fails naming the difference. Beside the
-file go `NAME.labels.txt` (class names) and `NAME.json` (preset, image size,
-preprocessing, source checkpoint, the measured differences, versions).
+Every export is checked before it is kept: the file is written beside `--out`
+under a hidden staging name and run there (ONNX Runtime, or the deserialised
+StableHLO) on random batches of 1 and 5, its logits compared with the JAX
+model's; a max |difference| above the tolerance (1e-4 x max(1, max |logit|),
+float32, as `vit_jax.convert` checks) deletes it and fails naming the
+difference, leaving an earlier export at `--out` as it was. Only a checked
+export replaces `--out` and its sidecars, named after the whole file name:
+`NAME.onnx.labels.txt` (class names) and `NAME.onnx.json` (preset, image size,
+preprocessing, source checkpoint, the measured differences, the opset the file
+declares, versions), so `NAME.stablehlo` beside it keeps its own. Values no
+export can honour (a non-finite `--tolerance`, an opset torch.onnx does not
+write) are refused; an MLP-Mixer `.npz` is exported at its token-mixing grid.
 
 What a format cannot express is refused naming the reason: the ONNX route has
 no representation layer (`pre_logits`: timm's ViT has none) and no Mixer;
@@ -42,15 +47,18 @@ run trained in. torch, timm and onnxruntime are imported only when needed
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import json
+import logging as std_logging
+import math
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -64,6 +72,7 @@ CHECK_BATCHES = (1, 5)
 INPUT_NAME = 'images'
 OUTPUT_NAME = 'logits'
 ONNX_OPSET = 18
+MAX_OPSET = 99  # refused above this before loading; the written file's opset is checked too
 CHECK_SEED = 0
 
 
@@ -106,13 +115,15 @@ class Exported:
 # ---------------------------------------------------------------------------
 
 def _npz_image_size(path: str, config) -> Optional[tuple[int, int]]:
-  """The resolution an .npz was trained at (its position-embedding grid); None without one."""
+  """The resolution an .npz was trained at (its position-embedding grid, or a Mixer's
+  token-mixing grid); None without either (a BiT ResNet)."""
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
   specs = checkpoint.read_npz_specs(path)
-  if checkpoint.POSEMB_KEY not in specs:
-    return None
   preset = schema.model_config(config)
-  preset.classifier = 'token' if 'cls' in specs else 'gap'
+  if checkpoint.POSEMB_KEY in specs:
+    preset.classifier = 'token' if 'cls' in specs else 'gap'
+  elif checkpoint.MIXER_GRID_KEY not in specs:
+    return None
   return tuple(checkpoint.infer_image_size(specs, preset))
 
 
@@ -127,19 +138,26 @@ def load(checkpoint_path: str, model: Optional[str] = None, config: Optional[str
   """
   from vit_jax import evaluate  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(checkpoint_path))
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.resolve(checkpoint_path)  # a local path or a gs:// URL
   cfg = evaluate.load_config(config) if config else schema.resolve({})
-  if not os.path.isdir(path):
-    if not os.path.exists(path):
+  if not storage.isdir(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f'no such checkpoint file or workdir: {path!r}')
     if model or not config:  # a release file name says which preset it holds
       model = release_names.preset_for(path, model)
     if not model and not config:
       raise ValueError(f'{path!r} is an .npz: name its model with --model PRESET or --config '
                        'FILE (a run\'s workdir records its own)')
-    if image_size is None:
-      probe = schema.replace(cfg, model_name=model) if model else cfg
-      image_size = _npz_image_size(path, probe)
+    probe = schema.replace(cfg, model_name=model) if model else cfg
+    own_size = _npz_image_size(path, probe)
+    if (image_size is not None and own_size is not None and tuple(image_size) != own_size
+        and checkpoint.MIXER_GRID_KEY in checkpoint.read_npz_specs(path)):
+      raise ValueError(
+          f'{path!r} is an MLP-Mixer trained at {own_size[0]}x{own_size[1]}: its token-mixing '
+          f'MLP fixes the patch grid, so --image_size {image_size[0]}x{image_size[1]} cannot '
+          'be served from it; leave --image_size out, or fine-tune at that size first')
+    image_size = own_size if image_size is None else image_size
   loaded = evaluate.load_checkpoint(path, cfg, model_name=model,
                                     image_size=tuple(image_size) if image_size else None)
   if loaded.head_classes is None:
@@ -333,7 +351,8 @@ def torch_module(source: Source, preprocess: bool = False):
   model, sd, left = build(source)
   if left:
     raise ValueError(f'{source.name}: parameters the timm model has no place for: {sorted(left)}')
-  result = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+  # Copies: some arrays are read-only views, which torch warns about on the console.
+  result = model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True))
                                   for k, v in sd.items()}, strict=False)
   if result.missing_keys or result.unexpected_keys:
     raise ValueError(f'{source.name} does not fit the timm model: missing '
@@ -368,10 +387,23 @@ def _Nhwc(model, resize_to):  # pylint: disable=invalid-name
   return _nhwc_class()(model, resize_to)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+  """Warnings of the exporter's libraries off the console (the written opset is checked)."""
+  loggers = [std_logging.getLogger(name) for name in names]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(std_logging.ERROR)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 def write_onnx(source: Source, path: str, preprocess: bool = False,
                opset: int = ONNX_OPSET) -> None:
   """`source` as an ONNX file (weights inside; dynamic batch; H, W too with `preprocess`)."""
-  import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   module = torch_module(source, preprocess)
@@ -385,7 +417,8 @@ def write_onnx(source: Source, path: str, preprocess: bool = False,
     dims = {0: torch.export.Dim('batch')}
   log = io.StringIO()
   try:
-    with contextlib.redirect_stdout(log), torch.no_grad():
+    with contextlib.redirect_stdout(log), _quiet_loggers('torch.onnx', 'onnxscript'), \
+        torch.no_grad():
       program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_shapes=({k: v for k, v in dims.items()},),
@@ -397,6 +430,17 @@ def write_onnx(source: Source, path: str, preprocess: bool = False,
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'torch.onnx.export failed for {source.name}: {type(e).__name__}: '
                      f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  written = written_opset(path)
+  if written != opset:  # torch.onnx replaces opsets it cannot convert to by its own
+    raise ValueError(f'--opset {opset}: torch.onnx wrote opset {written} instead; ask for '
+                     f'another (the default, {ONNX_OPSET}, is written as is)')
+
+
+def written_opset(path: str) -> Optional[int]:
+  """The default-domain opset an ONNX file declares (read without its weights)."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  model = onnx.load(path, load_external_data=False)
+  return next((int(o.version) for o in model.opset_import if o.domain in ('', 'ai.onnx')), None)
 
 
 def run_onnx(path: str, images: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -504,9 +548,9 @@ def _remove(path: str) -> None:
 
 
 def sidecar_paths(path: str) -> tuple[str, str]:
-  """(labels, metadata) beside an export: NAME.labels.txt and NAME.json."""
-  stem = os.path.splitext(path)[0]
-  return f'{stem}.labels.txt', f'{stem}.json'
+  """(labels, metadata) beside an export, named after its whole file name:
+  NAME.onnx.labels.txt and NAME.onnx.json (so NAME.onnx and NAME.stablehlo keep their own)."""
+  return f'{path}.labels.txt', f'{path}.json'
 
 
 def _sha256(path: str) -> str:
@@ -568,6 +612,23 @@ def metadata(source: Source, fmt: str, path: str, checks: dict, preprocess: bool
   }
 
 
+def _staging(path: str) -> str:
+  """A hidden sibling of `path` ending in its name: written and checked there, then moved."""
+  directory, base = os.path.split(path)
+  return os.path.join(directory, f'.partial-{os.getpid()}-{base}')
+
+
+def check_values(fmt: str, tolerance: float, opset: int) -> None:
+  """Refuses values no export can honour, before anything is loaded."""
+  if fmt not in FORMATS:
+    raise ValueError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}')
+  if not (math.isfinite(tolerance) and tolerance > 0):
+    raise ValueError(f'--tolerance must be a positive finite number (the check compares '
+                     f'logits to it), got {tolerance!r}')
+  if not 1 <= opset <= MAX_OPSET:
+    raise ValueError(f'--opset must be an ONNX opset from 1 to {MAX_OPSET}, got {opset}')
+
+
 def export(checkpoint_path: str, fmt: str, out: str, *, model: Optional[str] = None,
            config: Optional[str] = None, image_size: Optional[Sequence[int]] = None,
            preprocess: bool = False, labels: Optional[str] = None,
@@ -575,11 +636,15 @@ def export(checkpoint_path: str, fmt: str, out: str, *, model: Optional[str] = N
            source: Optional[Source] = None) -> Exported:
   """Loads, writes `out` in `fmt`, checks it against JAX, writes the labels and JSON beside it.
 
-  A failed check leaves no file at `out` (nor its sidecars).
+  Everything is written beside `out` under hidden staging names and checked
+  there; only a checked export replaces `out` and its sidecars. A failed export
+  leaves what was there before untouched (and no staging file).
   """
   from vit_jax import predict  # pylint: disable=g-import-not-at-top
-  if fmt not in FORMATS:
-    raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}')
+  check_values(fmt, tolerance, opset)
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.isdir(out):
+    raise IsADirectoryError(errno.EISDIR, 'is a directory (--out names the file to write)', out)
   if source is None:
     source = load(checkpoint_path, model, config, image_size)
   if fmt == 'onnx':
@@ -589,29 +654,30 @@ def export(checkpoint_path: str, fmt: str, out: str, *, model: Optional[str] = N
   elif preprocess:
     write_stablehlo(source, out, preprocess)  # raises, naming why
   names = predict.class_names(source.num_classes, labels)
-  out = os.path.abspath(out)
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  labels_path, meta_path = sidecar_paths(out)
-  for stale in (out, labels_path, meta_path):
-    _remove(stale)  # a failed export must not leave an older file looking like its result
+  final = (out, *sidecar_paths(out))
+  staged = tuple(_staging(path) for path in final)
+  model_path, labels_path, meta_path = staged
   try:
     if fmt == 'onnx':
-      write_onnx(source, out, preprocess, opset)
+      write_onnx(source, model_path, preprocess, opset)
     else:
-      write_stablehlo(source, out)
-    checks = verify(out, fmt, source, preprocess, tolerance)
+      write_stablehlo(source, model_path)
+    checks = verify(model_path, fmt, source, preprocess, tolerance)
     with open(labels_path, 'w', encoding='utf-8') as f:
       f.write(''.join(f'{n}\n' for n in names))
-    meta = metadata(source, fmt, out, checks, preprocess, labels_path, tolerance,
+    meta = metadata(source, fmt, model_path, checks, preprocess, final[1], tolerance,
                     opset if fmt == 'onnx' else None)
+    meta['file'] = os.path.basename(out)
     with open(meta_path, 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=2)
       f.write('\n')
-  except BaseException:
-    for path in (out, labels_path, meta_path):
+    for path, target in zip(staged, final):  # the model first, its description last
+      os.replace(path, target)
+  finally:
+    for path in staged:
       _remove(path)
-    raise
-  return Exported(out, fmt, checks, labels_path, meta_path)
+  return Exported(out, fmt, checks, final[1], final[2])
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -619,8 +685,8 @@ def _image_size(text: str) -> tuple[int, int]:
   return predict._argparse_image_size(text)  # pylint: disable=protected-access
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+def _main(argv: Sequence[str]) -> int:
+  parser = cli.ArgumentParser(
       prog='python -m vit_jax.export',
       description='Export a checkpoint to ONNX or StableHLO (weights inside, dynamic batch, '
                   'input "images" NHWC float32 in [-1, 1], output "logits"). The file is run '
@@ -649,13 +715,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--verbose', action='store_true',
                       help=f'print the traceback of an error too (or set {cli.TRACEBACK_ENV}=1)')
   args = parser.parse_args(argv)
-  try:
-    result = export(args.checkpoint, args.format, args.out, model=args.model, config=args.config,
-                    image_size=args.image_size, preprocess=args.preprocess, labels=args.labels,
-                    tolerance=args.tolerance, opset=args.opset)
-  except (ValueError, OSError, ImportError, MemoryError) as e:
-    # Bad input, a refused model, a failed check, a missing library: one line, exit 2.
-    return cli.report_user_error(e, args.verbose)
+  check_values(args.format, args.tolerance, args.opset)
+  cli.check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(args.out))),
+                         '--out')
+  result = export(args.checkpoint, args.format, args.out, model=args.model, config=args.config,
+                  image_size=args.image_size, preprocess=args.preprocess, labels=args.labels,
+                  tolerance=args.tolerance, opset=args.opset)
   diffs = ', '.join(f'batch {b} {d:.2g}' for b, d in result.checks.items())
   print(f'Wrote {result.path} ({result.format}; checked against JAX: max |logit difference| '
         f'{diffs})')
@@ -663,5 +728,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The command; a user error (bad value, missing file, refused model, failed check) is
+  one `error:` line and status 2, and leaves an earlier export at --out as it was."""
+  return cli.run(_main, argv)
+
+
 if __name__ == '__main__':
+  cli.quiet_console()  # before TensorFlow and JAX's backends load
   sys.exit(main())

@@ -97,7 +97,13 @@ def load_pretrained(path_or_params: Union[PathLike, Mapping], init_params: Mappi
     specs = read_npz_specs(path_or_params)
     _check_keys_fit(specs, init, source)
     _mixer_grids(specs, init, config, image_size, source_grid, source)
-    restored = load_flat(path_or_params)
+    # A head of another class count is replaced by a fresh one: its data is never read.
+    other_head = [k for k in HEAD_KEYS if k in specs and k in init
+                  and tuple(specs[k].shape) != _shape(init[k])]
+    restored = load_flat(path_or_params, without_head=bool(other_head))
+    for key in other_head:
+      logging.info('load_pretrained: replacing %s %s with the fresh %s (class count differs; '
+                   'not read)', key, tuple(specs[key].shape), _shape(init[key]))
   _check_family(restored, init, source)
   regrid = _mixer_grids(restored, init, config, image_size, source_grid, source)
 

@@ -455,11 +455,10 @@ def write_bad_images(config: schema.Config, workdir: str, process_index: int | N
     process_index, _ = _process(None, None)
   name = BAD_IMAGES_FILE if process_index == 0 else BAD_IMAGES_FILE.replace(
       '.txt', f'.{process_index}.txt')
-  path = os.path.join(workdir, name)
-  with open(path + '.tmp', 'w') as f:
-    for where, why in found.items():
-      f.write(json.dumps({'image': where, 'reason': why}) + '\n')
-  os.replace(path + '.tmp', path)
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.join(workdir, name)
+  storage.write_text(path, ''.join(json.dumps({'image': where, 'reason': why}) + '\n'
+                                   for where, why in found.items()))
   logging.warning('%d unreadable image(s) were left out; listed in %s.', len(found), path)
   return len(found)
 

@@ -119,6 +119,28 @@ def _quiet_after_failed_writes() -> None:
   sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
 
 
+def _exit_if_storage_down(status: int) -> None:
+  """Exits now when the workdir's bucket stopped answering during a save.
+
+  The failed save's writer threads wait minutes for a directory that will never
+  be created (Orbax's own timeout); the run has stopped and said why.
+  """
+  storage = sys.modules.get('vit_jax.storage')
+  if storage is not None and storage.is_down(FLAGS.workdir):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+
+
+def _check_workdir(workdir: str) -> None:
+  """A local workdir must be a writable directory; a bucket one takes a probe object."""
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(workdir):
+    storage.probe_writable(workdir, '--workdir')
+  else:
+    cli.check_writable_dir(workdir, '--workdir')
+
+
 @contextlib.contextmanager
 def _workdir_locked_early(workdir: str) -> Iterator[None]:
   """The workdir's lock, if the workdir exists, before JAX and TensorFlow load.
@@ -128,7 +150,9 @@ def _workdir_locked_early(workdir: str) -> Iterator[None]:
   Multi-process runs leave it to process 0 there.
   """
   from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-  early = os.path.isdir(os.path.expanduser(workdir)) and not _wants_distributed()
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  early = ((storage.is_remote(workdir) or os.path.isdir(os.path.expanduser(workdir)))
+           and not _wants_distributed())
   with workdir_lock.hold(workdir, enabled=early):
     yield
 
@@ -136,9 +160,10 @@ def _workdir_locked_early(workdir: str) -> Iterator[None]:
 def main(argv):
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.refuse_positional(argv[1:])
   if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError('--config and --workdir are required.')
+    sys.exit(cli.report_user_error(
+        cli.UserError('--config and --workdir are required (see --help)')))
   if FLAGS.dry_run:
     try:
       print(_dry_run(_resolved_config()))
@@ -148,11 +173,15 @@ def main(argv):
       sys.exit(cli.report_user_error(e, FLAGS.verbose))
     return
   try:  # Before the slow imports: a file or a read-only directory cannot hold a run.
-    cli.check_writable_dir(FLAGS.workdir, '--workdir')
-  except cli.UserError as e:
+    _check_workdir(FLAGS.workdir)
+  except (cli.UserError, OSError) as e:
+    if not _is_user_error(e) and not isinstance(e, cli.UserError):
+      raise
     sys.exit(cli.report_user_error(e, FLAGS.verbose))
   _quiet_after_failed_writes()
 
+  fresh = ('://' not in FLAGS.workdir  # a bucket workdir has no directory to remove
+           and not os.path.exists(os.path.expanduser(FLAGS.workdir)))
   try:
     with _workdir_locked_early(FLAGS.workdir):
       metrics = _run()
@@ -163,13 +192,35 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
-    sys.exit(cli.report_user_error(e, FLAGS.verbose))
+    if fresh:
+      _remove_unstarted(FLAGS.workdir)
+    status = cli.report_user_error(e, FLAGS.verbose)
+    _exit_if_storage_down(status)
+    sys.exit(status)
   if metrics.get('preempted'):
     stopped_by = metrics.get('stopped_by', 'SIGTERM')
     print(f'error: Stopped by {stopped_by} at step {metrics["step"]} after saving a checkpoint '
           f'in {metrics.get("checkpoint_dir", FLAGS.workdir)}; rerun the same command to resume.',
           file=sys.stderr)
     sys.exit(_SIGNAL_STATUS.get(stopped_by, 143))
+
+
+def _remove_unstarted(workdir: str) -> None:
+  """Removes the workdir a refused fresh run made, if it holds nothing but the run's lock
+  file and empty directories (no checkpoint, metric or event file was written)."""
+  from vit_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = os.path.expanduser(workdir)
+  if not os.path.isdir(workdir):
+    return
+  for root, _, files in os.walk(workdir):
+    if any(name != workdir_lock.LOCK_NAME or root != workdir for name in files):
+      return
+  for root, dirs, files in os.walk(workdir, topdown=False):
+    for name in files:
+      os.remove(os.path.join(root, name))
+    for name in dirs:
+      os.rmdir(os.path.join(root, name))
+  os.rmdir(workdir)
 
 
 # 128 + the signal's number, as a shell reports a process a signal ended.
@@ -238,25 +289,17 @@ def _run() -> dict:
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   config = _resolved_config()
-  if jax.process_index() == 0:
-    _write_config(config, FLAGS.workdir)
-  return train.train_and_evaluate(config, FLAGS.workdir)
+  return train.train_and_evaluate(config, FLAGS.workdir,
+                                  on_start=lambda resolved: _write_config(resolved, FLAGS.workdir))
 
 
 def _write_config(resolved, workdir: str) -> None:
   """The resolved config (every field, defaults included) as WORKDIR/config.json."""
   import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.expanduser(workdir), 'config.json')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f'{path}.partial-{os.getpid()}'
-  try:
-    with open(partial, 'w', encoding='utf-8') as f:
-      json.dump(resolved.to_dict(), f, indent=1, sort_keys=True, default=str)
-      f.write('\n')
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  path = storage.join(storage.resolve(workdir), 'config.json')
+  storage.write_text(path, json.dumps(resolved.to_dict(), indent=1, sort_keys=True,
+                                      default=str) + '\n')
   logging.info('Config: %s (model %s, dataset %s, %d steps of batch %d)', path,
                resolved.model_name, resolved.dataset, resolved.total_steps, resolved.batch_size)
 

@@ -14,7 +14,11 @@ Every write reaches the operating system before `write_scalars` returns
 with SIGKILL keeps every line written so far. `flush(fsync=True)` also forces
 the files to the disk, so they survive a machine crash too: the trainer calls
 it whenever it saves a checkpoint, so the metrics on disk always reach at
-least the latest checkpoint.
+least the latest checkpoint. In a `gs://` workdir, where objects cannot be
+appended to, metrics.jsonl and the event file are kept in memory and each is
+uploaded whole at every such `flush(fsync=True)` and at `close()`
+(`vit_jax.storage.BufferedObject`): the bucket's copy reaches the latest
+checkpoint in the same way.
 
 Why not clu's `metric_writers` (what the flax examples use): its summary
 writer is TensorFlow's `tf.summary`, and the trainer must run where TensorFlow
@@ -29,10 +33,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
+
+from vit_jax import storage
 
 Scalars = Mapping[str, Any]
 
@@ -139,8 +146,12 @@ class JsonLinesWriter(MetricWriter):
 
   def __init__(self, path: str):
     self.path = path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._file = open(path, 'a', encoding='utf-8')
+    self._file: Any
+    if storage.is_remote(path):  # no appends in a bucket: rewritten whole at each fsync
+      self._file = storage.BufferedObject(path, keep=True)
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self._file = open(path, 'a', encoding='utf-8')
     self._synced_dir = False
 
   def _write_line(self, line: str) -> None:
@@ -161,7 +172,9 @@ class JsonLinesWriter(MetricWriter):
     if self._file.closed:
       return
     self._file.flush()
-    if fsync:
+    if fsync and isinstance(self._file, storage.BufferedObject):
+      self._file.sync()
+    elif fsync:
       os.fsync(self._file.fileno())
       if not self._synced_dir:
         # The new file's directory entry must reach the disk too.
@@ -182,10 +195,13 @@ class TensorBoardWriter(MetricWriter):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     # pylint: enable=g-import-not-at-top
-    os.makedirs(logdir, exist_ok=True)
     self.logdir = logdir
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    self._writer = EventFileWriter(logdir, flush_secs=30)
+    if storage.is_remote(logdir):
+      self._writer = _BucketEventFile(logdir, event_pb2)
+    else:
+      os.makedirs(logdir, exist_ok=True)
+      self._writer = EventFileWriter(logdir, flush_secs=30)
     self._synced_dir = False
     self._closed = False
 
@@ -227,7 +243,9 @@ class TensorBoardWriter(MetricWriter):
       return
     self._writer.flush()
     path = self.event_file
-    if fsync and path and os.path.exists(path):
+    if fsync and isinstance(self._writer, _BucketEventFile):
+      self._writer.sync()
+    elif fsync and path and os.path.exists(path):
       _fsync_path(path)
       if not self._synced_dir:
         _fsync_path(self.logdir)
@@ -239,6 +257,36 @@ class TensorBoardWriter(MetricWriter):
     self.flush(fsync=True)
     self._writer.close()
     self._closed = True
+
+
+class _BucketEventFile:
+  """An event file in a bucket, with the calls TensorBoardWriter makes of tensorboard's
+  EventFileWriter (whose TensorFlow-free file layer cannot write to `gs://`).
+
+  The records (TFRecord framing, tensorboard's `RecordWriter`) collect in a
+  `storage.BufferedObject`, uploaded whole at each `sync()` (every checkpoint).
+  """
+
+  def __init__(self, logdir: str, event_pb2):
+    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+    # The name TensorBoard looks for, as its own writer makes it.
+    self._file_name = storage.join(logdir, 'events.out.tfevents.%010d.%s.%s.0' % (
+        time.time(), socket.gethostname(), os.getpid()))
+    self._object = storage.BufferedObject(self._file_name)
+    self._records = RecordWriter(self._object)
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def add_event(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def flush(self) -> None:
+    """Nothing: the object is written whole, at `sync()`."""
+
+  def sync(self) -> None:
+    self._object.sync()
+
+  def close(self) -> None:
+    self._object.close()
 
 
 class MultiWriter(MetricWriter):
@@ -278,19 +326,16 @@ def create_default_writer(workdir: Optional[str], total_steps: Optional[int] = N
     writers.append(JsonLinesWriter(os.path.join(workdir, 'metrics.jsonl')))
     if tensorboard:
       try:
-        writers.append(TensorBoardWriter(workdir))
+        writers.append(TensorBoardWriter(storage.resolve(workdir)))
       except ImportError as e:
         logging.warning('No TensorBoard event files (%s); console and JSON only.', e)
   return MultiWriter(writers)
 
 
 def write_json(path: str, data: Mapping[str, Any]) -> None:
-  """Writes `data` as JSON atomically (temporary file, then rename)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(dict(data), f, indent=2, sort_keys=True, default=_json_default)
-    f.write('\n')
-  os.replace(tmp, path)
+  """Writes `data` as JSON atomically (temporary file, then rename; one object in a bucket)."""
+  storage.write_text(path, json.dumps(dict(data), indent=2, sort_keys=True,
+                                      default=_json_default) + '\n')
 
 
 def _json_default(value):

@@ -16,10 +16,11 @@ import math
 import os
 import zipfile
 import zlib
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.checkpoint_layouts import (
     BIG_VISION_PREFIX, OPT_TARGET_PREFIX, _normalize_names, _strip_prefixes)
 from vit_jax.model_fit import check_params
@@ -36,9 +37,19 @@ from vit_jax.param_trees import Params, PathLike, _as_flat, _to_numpy, unflatten
 # refused at that point, with a message naming the file and the array, instead
 # of ending in a MemoryError, an OOM kill or a silently wrong model.
 MAX_NPZ_BYTES_ENV = 'VIT_JAX_MAX_NPZ_BYTES'
-# ViT-H/14 is 2.5 GB in float32; 8 GiB leaves room for the largest published
-# files while keeping a bad file from exhausting an ordinary machine.
-DEFAULT_MAX_NPZ_BYTES = 8 * 2**30
+# The cap follows the machine (half its physical memory, as predict's image-size
+# limit does): ViT-H/14 is 2.5 GB in float32, and a bad file must not exhaust an
+# ordinary machine.
+DEFAULT_MAX_NPZ_BYTES = 8 * 2**30  # where the machine's memory cannot be read
+
+
+def machine_memory_limit() -> int:
+  """Half of this machine's physical memory: the default cap of one load, and of the
+  memory `vit_jax.predict` lets one attention layer take."""
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
+  except (ValueError, OSError, AttributeError):
+    return DEFAULT_MAX_NPZ_BYTES
 # No limit is put on the compression ratio: the memory a load takes is bounded
 # by the declared sizes, which must equal what the zip holds and stay under the
 # limit above, and legitimate arrays (zero-initialised heads, all-zero test
@@ -105,13 +116,14 @@ def _limit(value: Optional[float], env: str, default: float, parse) -> float:
 
 
 def max_npz_bytes(value: Optional[int] = None) -> int:
-  """The load size limit: `value`, else $VIT_JAX_MAX_NPZ_BYTES ('16G' works), else 8 GiB."""
-  return int(_limit(value, MAX_NPZ_BYTES_ENV, DEFAULT_MAX_NPZ_BYTES, _parse_bytes))
+  """The load size limit: `value`, else $VIT_JAX_MAX_NPZ_BYTES ('16G' works), else half the
+  machine's physical memory (`machine_memory_limit`)."""
+  return int(_limit(value, MAX_NPZ_BYTES_ENV, machine_memory_limit(), _parse_bytes))
 
 
 def _not_a_zip_reason(path: str) -> str:
   """Why `path` is not a readable zip, from its first bytes."""
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     head = f.read(16)
   if not head:
     return 'the file is empty'
@@ -127,11 +139,13 @@ def _not_a_zip_reason(path: str) -> str:
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'Checkpoint file {path!r} does not exist')
-  if os.path.isdir(path):
+  if storage.isdir(path):
     raise ValueError(f'Cannot read checkpoint {path!r}: it is a directory, not an .npz file')
   try:
+    if storage.is_remote(path):  # seekable: the directory and each array are ranged reads
+      return storage.ObjectZipFile(path)
     return zipfile.ZipFile(path)
   except (zipfile.BadZipFile, EOFError):
     raise ValueError(f'Cannot read checkpoint {path!r}: {_not_a_zip_reason(path)}') from None
@@ -173,11 +187,16 @@ def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
   return _Member(info, ArraySpec(tuple(shape), dtype), fortran_order, offset)
 
 
-def _scan_npz(zf: zipfile.ZipFile, where: str, max_bytes: int) -> dict[str, _Member]:
-  """Every array's header, with the sizes checked; reads no array data."""
+def _scan_npz(zf: zipfile.ZipFile, where: str, max_bytes: int,
+              skip: Optional[Callable[[str], bool]] = None) -> dict[str, _Member]:
+  """Every array's header, with the sizes checked; reads no array data. Arrays whose
+  key `skip` accepts are left out (their data will not be read)."""
   members: dict[str, _Member] = {}
   for info in zf.infolist():
     name = info.filename
+    if skip is not None and name.endswith('.npy') and skip(
+        name[:-len('.npy')].split(OPT_TARGET_PREFIX, 1)[-1]):
+      continue
     if info.is_dir() or not name.endswith('.npy'):
       if name.endswith('data.pkl'):
         # torch.save's zip: its member names are internal (an archive folder named
@@ -307,12 +326,14 @@ def _placeholder(spec: ArraySpec) -> np.ndarray:
                                          strides=(0,) * spec.ndim, writeable=False)
 
 
-def _scan_checkpoint(path: str, max_bytes: Optional[int]) -> tuple[zipfile.ZipFile, dict[str, _Member], bool]:
+def _scan_checkpoint(path: str, max_bytes: Optional[int], without_head: bool = False
+                     ) -> tuple[zipfile.ZipFile, dict[str, _Member], bool]:
   """(open zip, the members kept after the layout's prefixes, big_vision?); no data read."""
   where = f'Checkpoint {path!r}'
   zf = _open_zip(path)
   try:
-    members = _scan_npz(zf, where, max_npz_bytes(max_bytes))
+    members = _scan_npz(zf, where, max_npz_bytes(max_bytes),
+                        skip=_is_head if without_head else None)
     if not members:
       raise ValueError(f'{where} contains no arrays')
     kept, big_vision = _strip_prefixes(members, path)
@@ -346,20 +367,29 @@ def read_npz_specs(path: PathLike, *,
     return _specs_of(kept, path, big_vision)
 
 
+def _is_head(key: str) -> bool:
+  """A classification-head array, in the published, big_vision or BiT layout."""
+  parts = key.split('/')
+  return 'head' in parts[:-1]
+
+
 def load_flat(path: PathLike, expected: Optional[Mapping] = None, *,
-              max_bytes: Optional[int] = None) -> dict[str, np.ndarray]:
+              max_bytes: Optional[int] = None,
+              without_head: bool = False) -> dict[str, np.ndarray]:
   """The checkpoint at `path` as {'/'-joined path: array}, in the published layout.
 
   Before any array data is read, the .npy headers and the zip directory are
   checked: each array's declared size (shape x itemsize) must equal its stored
   size in the zip directory (which bounds what decompression can produce); the
   total must be at most `max_bytes` (default: $VIT_JAX_MAX_NPZ_BYTES, else
-  8 GiB); every array must be floating point (int/bool refused); and with
+  half the machine's memory); every array must be floating point (int/bool refused); and with
   `expected` (a tree of anything with a `.shape`, e.g. `abstract_params`), every
   key and shape must match it (`check_params`). The data is then read in 16 MiB
   pieces straight into the arrays and checked finite, so peak memory is the
   arrays plus one piece. Arrays that the layout drops (an optimizer state
-  beside `opt/target/`) are never read.
+  beside `opt/target/`) are never read, nor, with `without_head`, the
+  classification head (fine-tuning with a new head): neither counts towards
+  `max_bytes`.
 
   Raises:
     FileNotFoundError: no such file.
@@ -369,7 +399,7 @@ def load_flat(path: PathLike, expected: Optional[Mapping] = None, *,
   """
   path = os.fspath(path)
   where = f'Checkpoint {path!r}'
-  zf, kept, big_vision = _scan_checkpoint(path, max_bytes)
+  zf, kept, big_vision = _scan_checkpoint(path, max_bytes, without_head)
   with zf:
     if expected is not None:
       try:

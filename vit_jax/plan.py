@@ -359,10 +359,11 @@ def make_plan(config, target, devices, *, mfu: float = 0.5, gpu_memory_fraction:
   """Compiles `config`'s step for `devices` of `target`; the plan as a JSON-able dict."""
   base_result = compile_step(config, devices, {})
   plan = analyse(base_result, target, mfu=mfu, gpu_memory_fraction=gpu_memory_fraction)
-  plan.update(suggested_overrides=[], suggested_plan=None)
+  plan.update(suggested_overrides=[], suggested_plan=None, searched=False)
   if not plan['fits'] and do_search:
     log(f'Does not fit ({_gib(plan["per_chip_bytes"]["total"])} GiB needed per chip, '
         f'{_gib(plan["usable_bytes"])} GiB usable); searching ...')
+    plan['searched'] = True
     found, _ = search(config, devices, target, plan, mfu=mfu,
                       gpu_memory_fraction=gpu_memory_fraction, log=log)
     if found is not None:
@@ -411,8 +412,10 @@ def report(plan: dict) -> str:
     lines.append('collectives per step per chip: ' + ', '.join(parts))
   if plan.get('suggested_overrides'):
     lines.append('fits with: ' + ' '.join(_quoted(o) for o in plan['suggested_overrides']))
-  elif not plan['fits'] and 'suggested_overrides' in plan:
+  elif not plan['fits'] and plan.get('searched'):
     lines.append('no override searched fits')
+  elif not plan['fits'] and 'searched' in plan:
+    lines.append('no override searched (--nosearch)')
   return '\n'.join(lines)
 
 
@@ -447,6 +450,11 @@ def _target_from_flags():
   if bool(FLAGS.topology) == bool(FLAGS.gpu):
     raise cli.UserError('give one target: --topology=v5e:4x4 (Cloud TPU) or --gpu=h100 '
                         '--gpus_per_node=8 [--nodes=N]')
+  given = [name for name in ('num_slices', 'gpus_per_node', 'nodes') if FLAGS[name].present]
+  other = [name for name in given if (name == 'num_slices') == bool(FLAGS.gpu)]
+  if other:
+    raise cli.UserError(f'--{other[0]} does not apply to --{"gpu" if FLAGS.gpu else "topology"}'
+                        ' (TPU: --num_slices; GPU: --gpus_per_node, --nodes)')
   if FLAGS.topology:
     target = accelerators.tpu_target(FLAGS.topology, FLAGS.num_slices)
     devices = accelerators.tpu_devices(FLAGS.topology, FLAGS.num_slices)
@@ -458,14 +466,20 @@ def _target_from_flags():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.refuse_positional(argv[1:])
   if FLAGS.config is None:
-    raise app.UsageError('--config is required.')
+    sys.exit(cli.report_user_error(cli.UserError('--config is required (see --help)')))
   try:
     if not 0 < FLAGS.mfu <= 1:
       raise cli.UserError(f'--mfu must be in (0, 1], got {FLAGS.mfu}')
-    if FLAGS.json:
-      cli.check_writable_dir(os.path.dirname(os.path.abspath(FLAGS.json)), '--json')
+    if not 0 < FLAGS.gpu_memory_fraction <= 1:
+      raise cli.UserError('--gpu_memory_fraction must be in (0, 1], got '
+                          f'{FLAGS.gpu_memory_fraction}')
+    if FLAGS.json:  # before minutes of compiling, not after
+      if os.path.isdir(FLAGS.json):
+        raise cli.UserError(f'--json {FLAGS.json!r} is a directory; name the file to write')
+      os.makedirs(cli.check_writable_dir(os.path.dirname(os.path.abspath(FLAGS.json)),
+                                         '--json'), exist_ok=True)
     from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
     config = schema.resolve(FLAGS.config)
     target, devices = _target_from_flags()
@@ -489,5 +503,6 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
+  flags.mark_flags_as_required(['config'])
   cli.quiet_console()
   app.run(main, flags_parser=cli.parse_absl_flags)

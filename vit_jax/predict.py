@@ -78,6 +78,10 @@ def _positive_int(text: str) -> int:
   return value
 
 
+# Classes a checkpoint's head may declare: 2^20, 35x the largest published label space.
+MAX_CLASSES = 1 << 20
+
+
 def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
                image_size: Union[None, int, Sequence[int]] = None,
                source_grid: Optional[Sequence[int]] = None):
@@ -102,6 +106,10 @@ def load_model(model_name: str, checkpoint_path: Union[str, os.PathLike],
     raise ValueError(f'Checkpoint {path!r} has no classification head')
   config = _config_for_checkpoint(model_name, specs)
   num_classes = int(specs['head/kernel'].shape[-1])
+  if num_classes > MAX_CLASSES:  # refused from the header, before its data is read
+    raise ValueError(f'{source}: its head declares {num_classes:,} classes; a classifier '
+                     f'head has at most {MAX_CLASSES:,} (the largest published label '
+                     'spaces, JFT\'s, have ~30k)')
   has_posemb = checkpoint.POSEMB_KEY in specs
   if has_posemb:
     prefix = checkpoint.num_prefix_tokens(specs, config)
@@ -176,10 +184,7 @@ def attention_bytes(config: Any, image_size: Sequence[int], batch: int = 1) -> i
 
 def memory_limit_bytes() -> int:
   """Half of this machine's physical memory: the most one attention layer may take."""
-  try:
-    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
-  except (ValueError, OSError, AttributeError):
-    return 8 << 30
+  return checkpoint.machine_memory_limit()
 
 
 def check_input_size(config: Any, image_size: Sequence[int], batch: int = 1,

@@ -42,6 +42,7 @@ from vit_jax import optimizers
 from vit_jax import parallel
 from vit_jax import periodic
 from vit_jax import run_history
+from vit_jax import storage
 from vit_jax import train_checkpoints
 from vit_jax import validation
 from vit_jax import workdir_lock
@@ -181,8 +182,8 @@ def _pretrained_state(config, abstract_state, model_config, state_sharding, init
   """Fine-tuning start: pre-trained weights adapted to this model, fresh optimizer."""
   path = os.path.expanduser(str(config.pretrained_path))
   source: Any = path
-  if config.reset_head:
-    flat = checkpoint.load_flat(path)
+  if config.reset_head:  # the head is never read: it would only be discarded
+    flat = checkpoint.load_flat(path, without_head=True)
     source = checkpoint.unflatten({k: v for k, v in flat.items() if not k.startswith('head/')})
   params = checkpoint.load_pretrained(source, abstract_state.params, model_config,
                                       image_size=image_hw(config.image_size),
@@ -391,25 +392,34 @@ def _checkpoint_meta(run: _Run, step: int, history: run_history.History,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: Optional[list] = None) -> dict:
+                       devices: Optional[list] = None,
+                       on_start: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+                       ) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final metrics.
 
   The final metrics are also written to `workdir/final_metrics.json`. A run
   stopped by SIGTERM saves a checkpoint and returns with `preempted=True`.
   `devices` (default: every device of every process) are laid out as
-  `config.mesh` says.
+  `config.mesh` says. `on_start(config)` runs on process 0 once the run is set
+  up (config validated, data found, the resume or the pre-trained weights
+  accepted) and before its first step: `main` records the config there, so a
+  refused run never rewrites a run's record.
   """
   config = schema.resolve(config)
   mesh = run_mesh(config, devices)
   config = validate_config(config, num_devices=mesh.devices.size,
                            num_processes=jax.process_count())
   is_main = jax.process_index() == 0
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_count() > 1:  # checkpoints are written and read by all processes
+  workdir = storage.resolve(workdir)
+  storage.makedirs(workdir)
+  # Checkpoints are written and read by all processes: a local workdir must be one
+  # that every host mounts (a bucket is seen by all of them).
+  if jax.process_count() > 1 and not storage.is_remote(workdir):
     parallel.check_shared_workdir(workdir)
   with workdir_lock.hold(workdir, enabled=is_main):  # one run per workdir
     run = _set_up(config, workdir, mesh)
+    if is_main and on_start is not None:
+      on_start(config)
     writer = metric_writers.create_default_writer(
         workdir if is_main else None, config.total_steps, run.start_step, just_logging=not is_main)
     if is_main and run.start_step == 0:
@@ -432,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.export_params and not preempted:
       params = parallel.gather(run.state.params, mesh)
       if is_main:
-        checkpoint.save(params, os.path.join(workdir, 'params.npz'))
+        checkpoint.save(params, storage.join(workdir, 'params.npz'))
     final.update({
         'step': int(step), 'preempted': preempted,
         # Over the run's whole history: a rerun that only evaluates or exports keeps them.
@@ -441,6 +451,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'num_processes': int(jax.process_count()),
     })
     if is_main and not preempted:
-      metric_writers.write_json(os.path.join(workdir, 'final_metrics.json'), final)
+      metric_writers.write_json(storage.join(workdir, 'final_metrics.json'), final)
     logging.info('Final metrics: %s', final)
     return final

@@ -11,7 +11,10 @@ A run's checkpoints live in `workdir/checkpoints/<step>/` with two items:
 Saves are asynchronous: `save` returns once the arrays are copied off the
 devices, and the files are written while training continues. An interrupted
 save leaves only a temporary directory that Orbax ignores and cleans up, so the
-latest complete checkpoint is always a good one.
+latest complete checkpoint is always a good one. The workdir may be a `gs://`
+bucket (vit_jax.storage): there Orbax marks a complete checkpoint with a commit
+file instead of a rename, and a save the bucket stops answering during raises
+`storage.StorageError` naming its step, the earlier checkpoints intact.
 
 Every save records a SHA-256 digest of each array's bytes in `meta`
 (`checksums`), computed on the host from the state being saved, and a restore
@@ -53,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from vit_jax import storage
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
@@ -145,16 +150,7 @@ def _verify_checksums(state: Any, meta: dict) -> None:
 # -- disk full -------------------------------------------------------------------
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-  """`error`, its causes and contexts, and the members of exception groups."""
-  todo, seen = [error], set()
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    yield e
-    todo += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+_chain = storage.exception_chain  # `error`, its causes, contexts and group members
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -168,8 +164,9 @@ class _DropOrbaxDiskFull(std_logging.Filter):
   one full disk); the `CheckpointDiskFullError` raised instead says it in one."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
-      return False
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and (is_disk_full(error) or storage.is_storage_failure(error)):
+      return False  # the same for a bucket that stopped answering (StorageError)
     # Orbax's own records, and asyncio's "Task exception was never retrieved" for
     # a write coroutine of the failed save (its message holds the exception's text).
     if '/orbax/' in record.pathname or record.name == 'asyncio':
@@ -208,14 +205,15 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.workdir = storage.resolve(workdir)  # a local path or a gs:// URL
+    self.directory = storage.join(self.workdir, CHECKPOINT_DIR)
     self._max_to_keep = max_to_keep
     self._async = async_save
     self._failed = False  # A save failed and its error was raised.
     self._pending: Optional[int] = None  # The step of a save that may still be writing.
     self.restored_meta: Optional[dict] = None  # The meta of the checkpoint resumed from.
     _install_log_filter()
+    storage.configure()  # TensorStore's retries on gs://
     self._manager = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
@@ -271,8 +269,8 @@ class RunCheckpointer:
 
     Raises CheckpointDiskFullError before writing when the arrays alone cannot fit
     (a save takes more: Orbax's metadata, the checksums)."""
-    if jax.process_count() > 1:  # Each process writes only its part.
-      return False
+    if jax.process_count() > 1 or storage.is_remote(self.directory):
+      return False  # Each process writes only its part; a bucket has no free space.
     need = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
     try:
       free = shutil.disk_usage(self.directory).free
@@ -318,11 +316,19 @@ class RunCheckpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      path = self.directory if step is None else storage.join(self.directory, str(step))
+      if storage.is_remote(self.directory) and storage.is_storage_failure(e):
+        self._failed = True
+        storage.mark_down(self.directory)
+        # Orbax commits a save only once complete: the earlier ones are intact.
+        raise storage.StorageError(
+            errno.EIO, f'Cloud Storage failed while saving the checkpoint {path} '
+            f'({storage.describe(e, path)}); the checkpoints saved before it are intact: '
+            'rerun the same command to resume once the bucket answers', path) from None
       if not is_disk_full(e):
         raise
       self._failed = True
       # Orbax renames a save into place only once complete: the earlier ones are intact.
-      path = self.directory if step is None else os.path.join(self.directory, str(step))
       raise CheckpointDiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
 
   # -- restoring -------------------------------------------------------------
@@ -397,12 +403,15 @@ class RunCheckpointer:
     """Moves a bad step directory aside, so that the run can save that step again."""
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
-      src = os.path.join(self.directory, str(step))
-      if os.path.isdir(src):
-        dst_root = os.path.join(self.workdir, CORRUPT_DIR)
-        os.makedirs(dst_root, exist_ok=True)
-        dst = os.path.join(dst_root, f'{step}-{int(time.time() * 1000)}')
-        shutil.move(src, dst)
+      src = storage.join(self.directory, str(step))
+      if storage.isdir(src):
+        dst_root = storage.join(self.workdir, CORRUPT_DIR)
+        storage.makedirs(dst_root)
+        dst = storage.join(dst_root, f'{step}-{int(time.time() * 1000)}')
+        if storage.is_remote(src):
+          storage.rename(src, dst)
+        else:
+          shutil.move(src, dst)
         logging.warning('Moved the unusable checkpoint to %s', dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -8,7 +8,6 @@ need the model (does `image_size` fit the patch size?) build it abstractly with
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from absl import logging
@@ -22,6 +21,7 @@ from vit_jax import optimizers
 from vit_jax import randaugment
 from vit_jax import release_names
 from vit_jax import remat
+from vit_jax import run_history
 from vit_jax.configs import models
 from vit_jax.configs import schema
 from vit_jax.configs.image_size import image_hw
@@ -67,6 +67,9 @@ def validate_config(config: schema.Config, num_devices: Optional[int] = None,
   dataset = config.dataset
   if not dataset or not isinstance(dataset, str):
     raise ValueError(f'config.dataset must be a non-empty string, got {dataset!r}')
+  if config.get('resume_changes', 'refuse') not in run_history.RESUME_CHANGES:
+    raise ValueError(f'Unknown config.resume_changes={config.resume_changes!r}; expected one '
+                     f'of {run_history.RESUME_CHANGES}')
   if config.bad_images not in input_pipeline.BAD_IMAGE_POLICIES:  # importing it needs no TF
     raise ValueError(f'Unknown config.bad_images={config.bad_images!r}; expected one of '
                      f'{input_pipeline.BAD_IMAGE_POLICIES}')
@@ -128,7 +131,8 @@ def validate_config(config: schema.Config, num_devices: Optional[int] = None,
     if not _is_int(classes) or classes < 1:
       raise ValueError(f'config.num_classes must be a positive integer, got {classes!r}')
   path = config.pretrained_path
-  if path and not os.path.exists(os.path.expanduser(str(path))):
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if path and not storage.exists(str(path)):
     raise ValueError(f'config.pretrained_path={path!r} does not exist')
   if path:
     # A release file's name and arrays say which preset it is for: refused here, not

@@ -55,6 +55,7 @@ from PIL import Image
 from vit_jax import attention_maps
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import evaluate
 from vit_jax import images as images_lib
 
 from vit_jax import predict
@@ -531,10 +532,11 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
   newest run checkpoint; the metadata (model_name, dataset, step) comes from
   that checkpoint when there is one.
   """
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
   meta: dict = {}
   params = None
-  exported = os.path.join(workdir, 'params.npz')
-  if os.path.isdir(os.path.join(workdir, train_checkpoints.CHECKPOINT_DIR)):
+  exported = storage.join(workdir, 'params.npz')
+  if storage.isdir(storage.join(workdir, train_checkpoints.CHECKPOINT_DIR)):
     checkpointer = train_checkpoints.RunCheckpointer(workdir, max_to_keep=None,
                                                      async_save=False)
     try:
@@ -542,9 +544,9 @@ def params_from_workdir(workdir: str) -> tuple[dict, dict]:
     finally:
       checkpointer.close()
     meta = dict(meta or {})
-    if state is not None and not os.path.exists(exported):
+    if state is not None and not storage.exists(exported):
       params = state['params'] if isinstance(state, dict) else state.params
-  if os.path.exists(exported):
+  if storage.exists(exported):
     params = load_params(exported)
   if params is None:
     raise SystemExit(f'{workdir} holds neither params.npz nor a run checkpoint')
@@ -567,7 +569,13 @@ def build_from_args(args) -> tuple[Any, dict, tuple[int, int], Optional[str]]:
     dataset = config.dataset
   if args.workdir:
     params, meta = params_from_workdir(args.workdir)
-    if model_config is None and meta.get('model_name') and not args.model:
+    run = evaluate.run_model_fields(args.workdir)
+    if model_config is None and not args.model and run is not None:
+      # The run's preset with its overrides (e.g. a Mixer's token MLP widened for its grid).
+      config = schema.resolve(run)
+      model_config = schema.model_config(config)
+      image_size = image_size or tuple(config.image_size)
+    elif model_config is None and meta.get('model_name') and not args.model:
       model_config = model_configs.get_config(meta['model_name'])
     dataset = dataset or meta.get('dataset')
   if args.checkpoint and (args.model or model_config is None):

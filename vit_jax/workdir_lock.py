@@ -153,7 +153,15 @@ _WORKDIR_LOCKS: dict[tuple[str, int], DirectoryLock] = {}
 
 
 def workdir_lock(workdir: str) -> DirectoryLock:
-  """This thread's lock object of `workdir` (reentrant)."""
+  """This thread's lock object of `workdir` (reentrant); a lock object in a bucket
+  for a `gs://` workdir (vit_jax.bucket_lock)."""
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(workdir):
+    from vit_jax import bucket_lock  # pylint: disable=g-import-not-at-top
+    key = (storage.resolve(workdir), threading.get_ident())
+    if key not in _WORKDIR_LOCKS:
+      _WORKDIR_LOCKS[key] = bucket_lock.BucketLock(key[0], LOCK_NAME, purpose='run')
+    return _WORKDIR_LOCKS[key]
   key = (os.path.realpath(os.path.abspath(os.path.expanduser(workdir))), threading.get_ident())
   return _WORKDIR_LOCKS.setdefault(key, DirectoryLock(key[0], purpose='run'))
 
