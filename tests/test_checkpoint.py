@@ -250,6 +250,7 @@ def test_load_pretrained_new_resolution_and_classes(tmp_path, vit_test, caplog):
   init['head'] = {'kernel': np.zeros((32, 10), np.float32),
                   'bias': np.full((10,), -2.0, np.float32)}
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')  # a command run in-process may have quieted absl
   params = checkpoint.load_pretrained(str(path), init, config)
 
   src, new, fresh = (checkpoint.flatten(t) for t in (source, params, init))

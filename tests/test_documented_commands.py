@@ -883,7 +883,8 @@ CHECKS = {
 # C++ included) of files outside vit_jax/, Python tracebacks and warnings, and the
 # banners of JAX's plugins and libtpu.
 _LOG_RECORD = re.compile(r'^[IWEF]\d{4} [\d:.]+\s+\d+ ([^:\]\s]+):\d+\]')
-_FOREIGN = re.compile(r'^(Traceback \(most recent call last\)|WARNING:|Jax plugin '
+# `WARNING:absl:` lines are the commands' own warnings (absl logging without its handler).
+_FOREIGN = re.compile(r'^(Traceback \(most recent call last\)|WARNING:(?!absl:)|Jax plugin '
                       r'configuration error|=== Source Location Trace|\S+:\d+: \w*Warning: )')
 _OWN_FILES = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'vit_jax', '**', '*.py'),
                                                      recursive=True)}

@@ -64,7 +64,7 @@ def test_finetune_beats_scratch_at_new_resolution(tmp_path):
 
   # The paper's fine-tuning recipe (SGD momentum, no weight decay), a few steps.
   finetune = dict(optimizer='sgd', learning_rate=0.03, momentum=0.9, warmup_steps=3,
-                  total_steps=40, weight_decay=0.0, log_every=40)
+                  total_steps=60, weight_decay=0.0, log_every=40)
   tuned = train.train_and_evaluate(
       config_for(task_b, 24, pretrained_path=pretrained, **finetune), str(tmp_path / 'tuned'))
   scratch = train.train_and_evaluate(
